@@ -1,0 +1,235 @@
+//! Loads the embedded eBPF object, pins its maps and program links under a bpffs directory and
+//! attaches the programs to a cgroup v2 directory.
+//!
+//! Pin layout under `--bpffs DIR`:
+//! - `DIR/maps/<MAP>`: the maps (reused on restart, so the datapath state survives the agent);
+//! - `DIR/links/<program>-<object hash>`: one cgroup link per program.
+//!
+//! On start, a link pinned by an agent with the same object is adopted as is (no detach, no
+//! re-attach: traffic is never unprotected). A link of another object version is replaced
+//! hitlessly: the new program is attached next to it first (cgroup links run as a list; the old
+//! and new programs compose because a translated address is no longer a ClusterIP), then the old
+//! link is unpinned and released.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink};
+use aya::{Ebpf, EbpfLoader};
+use tracing::{info, warn};
+
+use super::maps::AyaMaps;
+
+/// The eBPF object built by `build.rs` from `proxy-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// The programs of the object, all attached to the cgroup.
+pub const PROGRAMS: [&str; 8] = [
+    "pxa_connect4",
+    "pxa_connect6",
+    "pxa_sendmsg4",
+    "pxa_sendmsg6",
+    "pxa_recvmsg4",
+    "pxa_recvmsg6",
+    "pxa_getpeername4",
+    "pxa_getpeername6",
+];
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Why the datapath could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// `--cgroup` is not a cgroup v2 directory.
+    #[error("{0} is not a cgroup v2 directory: pass a directory under the cgroup2 mount (see /proc/mounts)")]
+    NotCgroup2(PathBuf),
+    /// `--bpffs` is not on a bpf filesystem.
+    #[error("{0} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs(PathBuf),
+    /// A file-system operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The kernel refused the object or a program.
+    #[error("loading the eBPF object failed (is this a kernel >= 5.19 with BTF, and are we root?): {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// The error.
+        source: aya::programs::ProgramError,
+    },
+    /// A link could not be pinned or opened.
+    #[error("link pin {path}: {detail}")]
+    Link {
+        /// Pin path.
+        path: PathBuf,
+        /// The error.
+        detail: String,
+    },
+    /// A map is missing from the object or has an unexpected type.
+    #[error("map {0}: {1}")]
+    Map(&'static str, String),
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError {
+    let path = path.to_path_buf();
+    move |source| DatapathError::Io { what, path, source }
+}
+
+fn fs_magic(path: &Path) -> Result<i64, DatapathError> {
+    let st = nix::sys::statfs::statfs(path)
+        .map_err(|e| io("statfs", path)(std::io::Error::from_raw_os_error(e as i32)))?;
+    Ok(st.filesystem_type().0 as i64)
+}
+
+/// A short, stable hash of the embedded object (FNV-1a), naming the link pins.
+pub fn object_hash() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in OBJECT {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:08x}", h as u32)
+}
+
+/// The loaded datapath: maps open, programs attached and pinned.
+pub struct Datapath {
+    /// Keeps the object (and its map fds) alive.
+    _ebpf: Ebpf,
+    /// Where everything is pinned.
+    pub bpffs: PathBuf,
+    /// Whether the links were adopted from a previous agent rather than attached now.
+    pub adopted: bool,
+}
+
+impl Datapath {
+    /// Loads the object with its maps pinned under `bpffs/maps`, and attaches (or adopts) one
+    /// link per program on `cgroup`. Returns the datapath and its maps.
+    pub fn open(cgroup: &Path, bpffs: &Path) -> Result<(Self, AyaMaps), DatapathError> {
+        if fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
+            return Err(DatapathError::NotCgroup2(cgroup.to_path_buf()));
+        }
+        fs::create_dir_all(bpffs).map_err(io("create", bpffs))?;
+        if fs_magic(bpffs)? != BPF_FS_MAGIC {
+            return Err(DatapathError::NotBpffs(bpffs.to_path_buf()));
+        }
+        let maps_dir = bpffs.join("maps");
+        let links_dir = bpffs.join("links");
+        fs::create_dir_all(&maps_dir).map_err(io("create", &maps_dir))?;
+        fs::create_dir_all(&links_dir).map_err(io("create", &links_dir))?;
+
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(OBJECT)?;
+        let hash = object_hash();
+        let cgroup_fd = File::open(cgroup).map_err(io("open", cgroup))?;
+        let mut adopted_all = true;
+        for name in PROGRAMS {
+            let pin = links_dir.join(format!("{name}-{hash}"));
+            let stale: Vec<PathBuf> = fs::read_dir(&links_dir)
+                .map_err(io("list", &links_dir))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n.rsplit_once('-').is_some_and(|(prog, h)| prog == name && h != hash)
+                    })
+                })
+                .collect();
+            if pin.exists() {
+                // Same object already attached by an earlier agent: keep it.
+                PinnedLink::from_pin(&pin).map_err(|e| DatapathError::Link { path: pin.clone(), detail: e.to_string() })?;
+            } else {
+                adopted_all = false;
+                let prog: &mut CgroupSockAddr = ebpf
+                    .program_mut(name)
+                    .ok_or(DatapathError::Map(name, "program missing from the object".into()))?
+                    .try_into()
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                prog.load().map_err(|source| DatapathError::Program { name, source })?;
+                let id = prog
+                    .attach(&cgroup_fd, CgroupAttachMode::AllowMultiple)
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                let link = prog.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
+                let fd_link: FdLink = link
+                    .try_into()
+                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Link { path: pin.clone(), detail: e.to_string() })?;
+                fd_link.pin(&pin).map_err(|e| DatapathError::Link { path: pin.clone(), detail: e.to_string() })?;
+            }
+            for old in stale {
+                // The new link is in place; releasing the old pin detaches the old program.
+                match PinnedLink::from_pin(&old).map(PinnedLink::unpin) {
+                    Ok(Ok(_fd_link)) => info!(pin = %old.display(), "replaced a link of another agent version"),
+                    Ok(Err(e)) => warn!(pin = %old.display(), error = %e, "cannot unpin an old link"),
+                    Err(e) => warn!(pin = %old.display(), error = %e, "cannot open an old link"),
+                }
+            }
+        }
+        let maps = AyaMaps {
+            services: take_hash(&mut ebpf, proxy_common::MAP_SERVICES)?,
+            backends: take_hash(&mut ebpf, proxy_common::MAP_BACKENDS)?,
+            affinity_match: take_hash(&mut ebpf, proxy_common::MAP_AFFINITY_MATCH)?,
+        };
+        info!(
+            cgroup = %cgroup.display(),
+            bpffs = %bpffs.display(),
+            object = %hash,
+            adopted = adopted_all,
+            "datapath attached"
+        );
+        Ok((Self { _ebpf: ebpf, bpffs: bpffs.to_path_buf(), adopted: adopted_all }, maps))
+    }
+}
+
+fn take_hash<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<AyaHashMap<MapData, K, V>, DatapathError> {
+    let map: Map = ebpf.take_map(name).ok_or(DatapathError::Map(name, "missing from the object".into()))?;
+    AyaHashMap::try_from(map).map_err(|e| DatapathError::Map(name, e.to_string()))
+}
+
+/// Opens the pinned maps of a running (or stopped) agent read-write, without loading programs.
+pub fn open_pinned_maps(bpffs: &Path) -> Result<AyaMaps, DatapathError> {
+    fn open<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<AyaHashMap<MapData, K, V>, DatapathError> {
+        let path = dir.join(name);
+        let data = MapData::from_pin(&path).map_err(|e| DatapathError::Map(name, format!("{}: {e}", path.display())))?;
+        AyaHashMap::try_from(Map::HashMap(data)).map_err(|e| DatapathError::Map(name, e.to_string()))
+    }
+    let dir = bpffs.join("maps");
+    Ok(AyaMaps {
+        services: open(&dir, proxy_common::MAP_SERVICES)?,
+        backends: open(&dir, proxy_common::MAP_BACKENDS)?,
+        affinity_match: open(&dir, proxy_common::MAP_AFFINITY_MATCH)?,
+    })
+}
+
+/// Detaches and removes everything pinned under `bpffs` (links first, then maps).
+///
+/// Returns the number of pins removed. Safe to run when nothing is pinned.
+pub fn cleanup(bpffs: &Path) -> Result<usize, DatapathError> {
+    let mut removed = 0;
+    if !bpffs.exists() {
+        return Ok(0);
+    }
+    for sub in ["links", "maps"] {
+        let dir = bpffs.join(sub);
+        if !dir.exists() {
+            continue;
+        }
+        for entry in fs::read_dir(&dir).map_err(io("list", &dir))? {
+            let path = entry.map_err(io("list", &dir))?.path();
+            // Removing the last reference to a link detaches its program; for maps it frees them.
+            fs::remove_file(&path).map_err(io("remove", &path))?;
+            removed += 1;
+        }
+        fs::remove_dir(&dir).map_err(io("remove", &dir))?;
+    }
+    fs::remove_dir(bpffs).map_err(io("remove", bpffs))?;
+    Ok(removed)
+}

@@ -1,0 +1,507 @@
+//! Turns desired [`Frontend`]s into map writes, in an order that keeps every intermediate state
+//! valid for the datapath.
+//!
+//! Order (Cilium's lesson): backends first, then the slots of a service, then its master entry
+//! (slot 0) that makes the new count visible; shrinking and removal go the other way (master
+//! first, then slots, then backends nobody references). The in-memory view is updated only after
+//! each write succeeded, so a failed apply is simply retried by the next one.
+//!
+//! On start the reconciler is rebuilt from the pinned maps ([`Reconciler::restore`]): backend and
+//! service ids are kept, so applying an unchanged state after an agent restart writes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+
+use proxy_common::{
+    AffinityMatchKey, BackendValue, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_TERMINATING,
+    SVC_F_AFFINITY,
+};
+use tracing::warn;
+
+use super::maps::{LbMaps, MapError};
+use crate::model::Frontend;
+
+/// (ClusterIP, port, protocol number).
+type FrontendKey = (Ipv4Addr, u16, u8);
+/// (pod address, port, protocol number).
+type BackendAddr = (Ipv4Addr, u16, u8);
+
+#[derive(Debug, Clone, Default)]
+struct Applied {
+    master: Option<ServiceValue>,
+    /// Backend id per slot (index 0 = slot 1), as written to the map.
+    slots: Vec<u32>,
+    /// Slots present in the map beyond `slots` (left by an interrupted write), to delete.
+    extra_slots: BTreeSet<u16>,
+    /// Affinity membership entries written.
+    members: BTreeSet<u32>,
+}
+
+/// What one [`Reconciler::apply`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyStats {
+    /// Frontends now programmed.
+    pub frontends: usize,
+    /// Backends now programmed.
+    pub backends: usize,
+    /// Map writes (inserts and removals) performed.
+    pub writes: usize,
+}
+
+/// Keeps the datapath maps equal to the desired frontends.
+pub struct Reconciler<M: LbMaps> {
+    maps: M,
+    backends: HashMap<BackendAddr, (u32, BackendValue)>,
+    next_backend_id: u32,
+    frontends: BTreeMap<FrontendKey, Applied>,
+    service_ids: HashMap<FrontendKey, u32>,
+    next_service_id: u32,
+    /// Entries found at restore that belong to no frontend (interrupted create or delete).
+    orphan_slots: Vec<ServiceKey>,
+    orphan_members: Vec<AffinityMatchKey>,
+    writes: usize,
+}
+
+fn fkey(k: &ServiceKey) -> FrontendKey {
+    (Ipv4Addr::from(u32::from_be(k.addr_be)), u16::from_be(k.port_be), k.proto)
+}
+
+fn skey(k: FrontendKey, slot: u16) -> ServiceKey {
+    ServiceKey::new(u32::from(k.0), k.1, k.2, slot)
+}
+
+impl<M: LbMaps> Reconciler<M> {
+    /// Rebuilds the reconciler's view from what is already in the maps (pinned state of an
+    /// earlier agent), keeping every backend and service id.
+    pub fn restore(maps: M) -> Result<Self, MapError> {
+        let mut r = Self {
+            backends: HashMap::new(),
+            next_backend_id: 1,
+            frontends: BTreeMap::new(),
+            service_ids: HashMap::new(),
+            next_service_id: 1,
+            orphan_slots: Vec::new(),
+            orphan_members: Vec::new(),
+            writes: 0,
+            maps,
+        };
+        for (id, v) in r.maps.backends()? {
+            let addr = (Ipv4Addr::from(u32::from_be(v.addr_be)), u16::from_be(v.port_be), v.proto);
+            r.next_backend_id = r.next_backend_id.max(id.wrapping_add(1));
+            // A duplicate (same address twice) is left unreferenced and collected by apply.
+            r.backends.entry(addr).or_insert((id, v));
+        }
+        let services = r.maps.services()?;
+        let masters: HashMap<FrontendKey, ServiceValue> =
+            services.iter().filter(|(k, _)| k.slot == 0).map(|(k, v)| (fkey(k), *v)).collect();
+        let mut slots: BTreeMap<FrontendKey, BTreeMap<u16, u32>> = BTreeMap::new();
+        for (k, v) in &services {
+            if k.slot == 0 {
+                continue;
+            }
+            if masters.contains_key(&fkey(k)) {
+                slots.entry(fkey(k)).or_default().insert(k.slot, v.backend_id);
+            } else {
+                r.orphan_slots.push(*k);
+            }
+        }
+        let mut by_service_id = HashMap::new();
+        for (key, master) in masters {
+            let n = (master.count + master.terminating_count) as usize;
+            let present = slots.remove(&key).unwrap_or_default();
+            let mut applied = Applied { master: Some(master), ..Default::default() };
+            for slot in 1..=n as u16 {
+                // A missing slot is recorded as id 0, which no backend has: apply rewrites it.
+                applied.slots.push(present.get(&slot).copied().unwrap_or(0));
+            }
+            applied.extra_slots = present.keys().copied().filter(|&s| s as usize > n).collect();
+            r.next_service_id = r.next_service_id.max(master.service_id.wrapping_add(1));
+            r.service_ids.insert(key, master.service_id);
+            by_service_id.insert(master.service_id, key);
+            r.frontends.insert(key, applied);
+        }
+        for m in r.maps.affinity_matches()? {
+            match by_service_id.get(&m.service_id).and_then(|k| r.frontends.get_mut(k)) {
+                Some(a) => {
+                    a.members.insert(m.backend_id);
+                }
+                None => r.orphan_members.push(m),
+            }
+        }
+        Ok(r)
+    }
+
+    /// The maps, for dumps.
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    /// Number of frontends programmed.
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    /// Makes the maps equal to `desired`.
+    pub fn apply(&mut self, desired: &[Frontend]) -> Result<ApplyStats, MapError> {
+        self.writes = 0;
+        let wanted: BTreeSet<FrontendKey> =
+            desired.iter().map(|f| (f.vip, f.port, f.protocol.number())).collect();
+        let gone: Vec<FrontendKey> = self.frontends.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        for key in gone {
+            self.remove_frontend(key)?;
+        }
+        for fe in desired {
+            self.upsert(fe)?;
+        }
+        while let Some(k) = self.orphan_slots.pop() {
+            if let Err(e) = self.maps.del_service(&k) {
+                self.orphan_slots.push(k);
+                return Err(e);
+            }
+            self.writes += 1;
+        }
+        while let Some(m) = self.orphan_members.pop() {
+            if let Err(e) = self.maps.del_affinity_match(&m) {
+                self.orphan_members.push(m);
+                return Err(e);
+            }
+            self.writes += 1;
+        }
+        self.collect_backends()?;
+        Ok(ApplyStats { frontends: self.frontends.len(), backends: self.backends.len(), writes: self.writes })
+    }
+
+    fn service_id(&mut self, key: FrontendKey) -> u32 {
+        if let Some(id) = self.service_ids.get(&key) {
+            return *id;
+        }
+        let id = self.next_service_id;
+        self.next_service_id = self.next_service_id.wrapping_add(1).max(1);
+        self.service_ids.insert(key, id);
+        id
+    }
+
+    fn backend_id(&mut self, addr: BackendAddr, terminating: bool) -> Result<u32, MapError> {
+        let value = BackendValue {
+            addr_be: u32::from(addr.0).to_be(),
+            port_be: addr.1.to_be(),
+            proto: addr.2,
+            state: if terminating { BACKEND_TERMINATING } else { BACKEND_ACTIVE },
+        };
+        let id = match self.backends.get(&addr) {
+            Some((id, v)) if *v == value => return Ok(*id),
+            Some((id, _)) => *id,
+            None => self.next_backend_id,
+        };
+        self.maps.put_backend(id, &value)?;
+        if id == self.next_backend_id {
+            self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+        }
+        self.writes += 1;
+        self.backends.insert(addr, (id, value));
+        Ok(id)
+    }
+
+    fn upsert(&mut self, fe: &Frontend) -> Result<(), MapError> {
+        let proto = fe.protocol.number();
+        let key = (fe.vip, fe.port, proto);
+        if fe.backends.len() > u16::MAX as usize - 1 {
+            return Err(MapError {
+                op: "insert",
+                map: proxy_common::MAP_SERVICES,
+                detail: format!("{}:{} has {} backends; at most 65534 are supported", fe.vip, fe.port, fe.backends.len()),
+            });
+        }
+        // 1. Backends.
+        let mut ids = Vec::with_capacity(fe.backends.len());
+        for b in &fe.backends {
+            ids.push(self.backend_id((b.addr, b.port, proto), b.terminating)?);
+        }
+        let service_id = self.service_id(key);
+        let active = fe.backends.iter().filter(|b| !b.terminating).count() as u16;
+        let master = ServiceValue {
+            backend_id: 0,
+            service_id,
+            affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
+            count: active,
+            terminating_count: ids.len() as u16 - active,
+            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
+            _pad: 0,
+        };
+        let applied = self.frontends.entry(key).or_default();
+        // 2. Slots.
+        for (i, &id) in ids.iter().enumerate() {
+            if applied.slots.get(i) == Some(&id) {
+                continue;
+            }
+            let v = ServiceValue { backend_id: id, service_id, ..Default::default() };
+            self.maps.put_service(&skey(key, i as u16 + 1), &v)?;
+            self.writes += 1;
+            if i < applied.slots.len() {
+                applied.slots[i] = id;
+            } else {
+                applied.slots.push(id);
+            }
+        }
+        // 3. Affinity membership before the master makes the backends selectable.
+        if fe.affinity_timeout_s.is_some() {
+            for &id in &ids {
+                if applied.members.insert(id) {
+                    if let Err(e) = self.maps.put_affinity_match(&AffinityMatchKey { service_id, backend_id: id }) {
+                        applied.members.remove(&id);
+                        return Err(e);
+                    }
+                    self.writes += 1;
+                }
+            }
+        }
+        // 4. The master entry.
+        if applied.master != Some(master) {
+            self.maps.put_service(&skey(key, 0), &master)?;
+            self.writes += 1;
+            applied.master = Some(master);
+        }
+        // 5. Shrink: slots past the new count, then memberships no longer valid.
+        while applied.slots.len() > ids.len() {
+            let slot = applied.slots.len() as u16;
+            self.maps.del_service(&skey(key, slot))?;
+            self.writes += 1;
+            applied.slots.pop();
+        }
+        while let Some(slot) = applied.extra_slots.pop_last() {
+            if let Err(e) = self.maps.del_service(&skey(key, slot)) {
+                applied.extra_slots.insert(slot);
+                return Err(e);
+            }
+            self.writes += 1;
+        }
+        let keep: BTreeSet<u32> = if fe.affinity_timeout_s.is_some() { ids.iter().copied().collect() } else { BTreeSet::new() };
+        let stale: Vec<u32> = applied.members.difference(&keep).copied().collect();
+        for id in stale {
+            self.maps.del_affinity_match(&AffinityMatchKey { service_id, backend_id: id })?;
+            self.writes += 1;
+            applied.members.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn remove_frontend(&mut self, key: FrontendKey) -> Result<(), MapError> {
+        let Some(applied) = self.frontends.get_mut(&key) else { return Ok(()) };
+        let service_id = applied.master.map(|m| m.service_id).or(self.service_ids.get(&key).copied());
+        if applied.master.is_some() {
+            self.maps.del_service(&skey(key, 0))?;
+            self.writes += 1;
+            applied.master = None;
+        }
+        while let Some(_id) = applied.slots.last() {
+            self.maps.del_service(&skey(key, applied.slots.len() as u16))?;
+            self.writes += 1;
+            applied.slots.pop();
+        }
+        while let Some(slot) = applied.extra_slots.pop_last() {
+            if let Err(e) = self.maps.del_service(&skey(key, slot)) {
+                applied.extra_slots.insert(slot);
+                return Err(e);
+            }
+            self.writes += 1;
+        }
+        if let Some(service_id) = service_id {
+            while let Some(id) = applied.members.pop_last() {
+                if let Err(e) = self.maps.del_affinity_match(&AffinityMatchKey { service_id, backend_id: id }) {
+                    applied.members.insert(id);
+                    return Err(e);
+                }
+                self.writes += 1;
+            }
+        }
+        self.frontends.remove(&key);
+        self.service_ids.remove(&key);
+        Ok(())
+    }
+
+    /// Removes backends no slot references any more.
+    fn collect_backends(&mut self) -> Result<(), MapError> {
+        let used: BTreeSet<u32> = self.frontends.values().flat_map(|a| a.slots.iter().copied()).collect();
+        let unused: Vec<(BackendAddr, u32)> =
+            self.backends.iter().filter(|(_, (id, _))| !used.contains(id)).map(|(a, (id, _))| (*a, *id)).collect();
+        for (addr, id) in unused {
+            self.maps.del_backend(id)?;
+            self.writes += 1;
+            self.backends.remove(&addr);
+        }
+        // Duplicates of an address seen at restore are not in `self.backends`; find them.
+        let known: BTreeSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
+        for (id, _) in self.maps.backends()? {
+            if !known.contains(&id) {
+                warn!(backend_id = id, "removing a backend entry no service references");
+                self.maps.del_backend(id)?;
+                self.writes += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::maps::{dump, MemMaps};
+    use crate::model::{Backend, ObjectRef, Protocol};
+
+    fn fe(vip: u8, port: u16, backends: &[(u8, bool)]) -> Frontend {
+        Frontend {
+            service: ObjectRef::new("default", format!("svc{vip}")),
+            port_name: String::new(),
+            vip: Ipv4Addr::new(198, 19, 0, vip),
+            port,
+            protocol: Protocol::Tcp,
+            affinity_timeout_s: None,
+            backends: backends
+                .iter()
+                .map(|&(last, terminating)| Backend { addr: Ipv4Addr::new(198, 18, 0, last), port: 8080, terminating })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn programs_services_in_a_safe_order() {
+        let mut r = Reconciler::restore(MemMaps::default()).unwrap();
+        let stats = r.apply(&[fe(10, 80, &[(2, false), (3, false), (4, true)])]).unwrap();
+        assert_eq!((stats.frontends, stats.backends), (1, 3));
+        assert_eq!(
+            dump(r.maps()).unwrap(),
+            "SVC 198.19.0.10:80/TCP id=1 count=2 terminating=1 flags=0x0 affinity=0s\n\
+             \x20 slot 1 -> backend 1 198.18.0.2:8080 active\n\
+             \x20 slot 2 -> backend 2 198.18.0.3:8080 active\n\
+             \x20 slot 3 -> backend 3 198.18.0.4:8080 terminating\n\
+             BACKENDS 3\n"
+        );
+        assert_eq!(
+            r.maps().journal,
+            [
+                "put backend 1",
+                "put backend 2",
+                "put backend 3",
+                "put 198.19.0.10:80/TCP slot 1",
+                "put 198.19.0.10:80/TCP slot 2",
+                "put 198.19.0.10:80/TCP slot 3",
+                "put 198.19.0.10:80/TCP slot 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn shrinking_writes_the_master_before_deleting_slots_and_backends() {
+        let mut r = Reconciler::restore(MemMaps::default()).unwrap();
+        r.apply(&[fe(10, 80, &[(2, false), (3, false), (4, false)])]).unwrap();
+        let mut maps = r.maps().clone();
+        maps.journal.clear();
+        let mut r = Reconciler::restore(maps).unwrap();
+        r.apply(&[fe(10, 80, &[(2, false), (4, false)])]).unwrap();
+        assert_eq!(
+            r.maps().journal,
+            [
+                "put 198.19.0.10:80/TCP slot 2",
+                "put 198.19.0.10:80/TCP slot 0",
+                "del 198.19.0.10:80/TCP slot 3",
+                "del backend 2",
+            ]
+        );
+    }
+
+    #[test]
+    fn removal_deletes_master_first_and_unused_backends_last() {
+        let mut r = Reconciler::restore(MemMaps::default()).unwrap();
+        r.apply(&[fe(10, 80, &[(2, false)]), fe(11, 80, &[(2, false), (3, false)])]).unwrap();
+        let n = r.maps().journal.len();
+        r.apply(&[fe(11, 80, &[(2, false), (3, false)])]).unwrap();
+        assert_eq!(r.maps().journal[n..], ["del 198.19.0.10:80/TCP slot 0", "del 198.19.0.10:80/TCP slot 1"]);
+        // Backend 198.18.0.2 is still used by the other service.
+        assert_eq!(r.maps().backends.len(), 2);
+        let n = r.maps().journal.len();
+        r.apply(&[]).unwrap();
+        let tail = &r.maps().journal[n..];
+        assert_eq!(tail[..3], ["del 198.19.0.11:80/TCP slot 0", "del 198.19.0.11:80/TCP slot 2", "del 198.19.0.11:80/TCP slot 1"]);
+        let mut rest: Vec<_> = tail[3..].to_vec();
+        rest.sort();
+        assert_eq!(rest, ["del backend 1", "del backend 2"]);
+        assert!(r.maps().services.is_empty() && r.maps().backends.is_empty());
+    }
+
+    #[test]
+    fn restore_keeps_ids_and_rewrites_nothing() {
+        let desired = [fe(10, 80, &[(2, false), (3, false)]), fe(12, 53, &[(5, false)])];
+        let mut r = Reconciler::restore(MemMaps::default()).unwrap();
+        r.apply(&desired).unwrap();
+        let before = dump(r.maps()).unwrap();
+        let mut maps = r.maps().clone();
+        maps.journal.clear();
+        let mut r = Reconciler::restore(maps).unwrap();
+        let stats = r.apply(&desired).unwrap();
+        assert_eq!(stats.writes, 0, "{:?}", r.maps().journal);
+        assert_eq!(dump(r.maps()).unwrap(), before);
+        // New ids continue after the restored ones.
+        r.apply(&[fe(10, 80, &[(2, false), (3, false), (9, false)]), fe(12, 53, &[(5, false)]), fe(13, 80, &[])])
+            .unwrap();
+        let d = dump(r.maps()).unwrap();
+        assert!(d.contains("slot 3 -> backend 4 198.18.0.9:8080"), "{d}");
+        assert!(d.contains("SVC 198.19.0.13:80/TCP id=3 count=0"), "{d}");
+    }
+
+    #[test]
+    fn a_failed_apply_is_completed_by_the_next_one() {
+        let desired = [fe(10, 80, &[(2, false), (3, false)])];
+        // The apply takes 5 writes (2 backends, 2 slots, the master); fail at each of them.
+        for fail_after in 0..5 {
+            let mut r = Reconciler::restore(MemMaps { fail_after: Some(fail_after), ..Default::default() }).unwrap();
+            assert!(r.apply(&desired).is_err(), "fail_after={fail_after}");
+            // Whatever was written is consistent: a master never counts a missing slot.
+            for (k, v) in &r.maps().services {
+                if k.slot == 0 {
+                    for s in 1..=v.count {
+                        assert!(r.maps().services.contains_key(&ServiceKey { slot: s, ..*k }));
+                    }
+                }
+            }
+            let mut maps = r.maps.clone();
+            maps.fail_after = None;
+            r.maps = maps;
+            r.apply(&desired).unwrap();
+            let mut fresh = Reconciler::restore(MemMaps::default()).unwrap();
+            fresh.apply(&desired).unwrap();
+            assert_eq!(dump(r.maps()).unwrap(), dump(fresh.maps()).unwrap(), "fail_after={fail_after}");
+        }
+    }
+
+    #[test]
+    fn restore_cleans_up_an_interrupted_write() {
+        let mut maps = MemMaps::default();
+        // A slot without master (interrupted create) and a slot past the count.
+        maps.services.insert(ServiceKey::new(0xc613_0063, 80, 6, 1), ServiceValue { backend_id: 7, ..Default::default() });
+        maps.backends.insert(7, BackendValue { addr_be: 0xc612_0007u32.to_be(), port_be: 80u16.to_be(), proto: 6, state: 0 });
+        let mut r = Reconciler::restore(maps).unwrap();
+        r.apply(&[fe(10, 80, &[(2, false)])]).unwrap();
+        let d = dump(r.maps()).unwrap();
+        assert_eq!(
+            d,
+            "SVC 198.19.0.10:80/TCP id=1 count=1 terminating=0 flags=0x0 affinity=0s\n\
+             \x20 slot 1 -> backend 8 198.18.0.2:8080 active\nBACKENDS 1\n"
+        );
+    }
+
+    #[test]
+    fn affinity_membership_follows_the_backends() {
+        let mut a = fe(10, 80, &[(2, false), (3, false)]);
+        a.affinity_timeout_s = Some(30);
+        let mut r = Reconciler::restore(MemMaps::default()).unwrap();
+        r.apply(std::slice::from_ref(&a)).unwrap();
+        assert_eq!(r.maps().affinity_match.len(), 2);
+        a.backends.pop();
+        r.apply(std::slice::from_ref(&a)).unwrap();
+        let members: Vec<_> = r.maps().affinity_match.keys().map(|k| k.backend_id).collect();
+        assert_eq!(members, [1]);
+        a.affinity_timeout_s = None;
+        r.apply(std::slice::from_ref(&a)).unwrap();
+        assert!(r.maps().affinity_match.is_empty());
+    }
+}

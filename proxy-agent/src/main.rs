@@ -1,0 +1,98 @@
+//! The `proxy-agent` binary: `run` the node proxy, `dump` its maps, `cleanup` its pins.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use proxy_agent::agent::{self, RunConfig};
+use proxy_agent::datapath;
+
+/// Node-level Kubernetes service proxy with an eBPF datapath.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the Services of a manifests directory until SIGTERM/SIGINT.
+    Run {
+        /// Directory of Kubernetes YAML (v1 Service, discovery.k8s.io/v1 EndpointSlice).
+        #[arg(long)]
+        manifests: PathBuf,
+        /// cgroup v2 directory to attach to (default: the root of the cgroup2 mount).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// bpffs directory for the pinned maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/proxy-agent")]
+        bpffs: PathBuf,
+        /// Interval between checks of the manifests directory, in milliseconds.
+        #[arg(long, default_value_t = 200)]
+        poll_ms: u64,
+    },
+    /// Print the datapath maps as text.
+    Dump {
+        /// bpffs directory of the agent.
+        #[arg(long, default_value = "/sys/fs/bpf/proxy-agent")]
+        bpffs: PathBuf,
+    },
+    /// Detach the programs and remove everything pinned under the bpffs directory.
+    Cleanup {
+        /// bpffs directory of the agent.
+        #[arg(long, default_value = "/sys/fs/bpf/proxy-agent")]
+        bpffs: PathBuf,
+    },
+}
+
+/// The cgroup2 mount point, from /proc/mounts.
+fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .context("no cgroup2 file system is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup")
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { manifests, cgroup, bpffs, poll_ms } => {
+            let cgroup = match cgroup {
+                Some(c) => c,
+                None => cgroup2_root()?,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(agent::run(RunConfig { manifests, cgroup, bpffs, poll: Duration::from_millis(poll_ms) }))
+        }
+        Command::Dump { bpffs } => {
+            let maps = datapath::loader::open_pinned_maps(&bpffs)
+                .with_context(|| format!("opening the maps pinned under {}", bpffs.display()))?;
+            print!("{}", datapath::dump(&maps)?);
+            Ok(())
+        }
+        Command::Cleanup { bpffs } => {
+            let n = datapath::cleanup(Path::new(&bpffs))
+                .with_context(|| format!("removing the pins under {}", bpffs.display()))?;
+            eprintln!("removed {n} pins under {}", bpffs.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! The desired-state model: the one representation of "what the node should serve".
+//!
+//! Sources (the manifests directory, later the API server) produce a [`State`]; the map
+//! reconciler and the L7 proxy consume only this model, never source-specific types.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// Namespace and name of a Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// Namespace (`default` when the manifest has none).
+    pub namespace: String,
+    /// Object name.
+    pub name: String,
+}
+
+impl ObjectRef {
+    /// Builds a reference.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Transport protocol of a Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IANA protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => proxy_common::PROTO_TCP,
+            Protocol::Udp => proxy_common::PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// One port of a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Port name; matches the EndpointSlice port of the same name ("" for unnamed).
+    pub name: String,
+    /// The port on the ClusterIP.
+    pub port: u16,
+    /// Transport protocol.
+    pub protocol: Protocol,
+    /// `appProtocol`, if set.
+    pub app_protocol: Option<String>,
+}
+
+/// A Service as the datapath needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace/name.
+    pub id: ObjectRef,
+    /// The ClusterIP (IPv4).
+    pub cluster_ip: Ipv4Addr,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// sessionAffinity ClientIP timeout in seconds, if affinity is on.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// Readiness of an endpoint (EndpointSlice conditions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EndpointState {
+    /// Ready: takes new connections.
+    Ready,
+    /// Terminating but still serving: used only when no endpoint is ready (KEP-1669).
+    ServingTerminating,
+    /// Neither: never used.
+    NotServing,
+}
+
+/// One endpoint address with the ports of its slice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Pod address.
+    pub addr: Ipv4Addr,
+    /// Condition.
+    pub state: EndpointState,
+    /// Name of the node hosting it, if known.
+    pub node_name: Option<String>,
+}
+
+/// A port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointPort {
+    /// Port name, matched against [`ServicePort::name`].
+    pub name: String,
+    /// Target port number on the pod.
+    pub port: u16,
+    /// Transport protocol.
+    pub protocol: Protocol,
+}
+
+/// An EndpointSlice belonging to a Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// Namespace/name of the slice.
+    pub id: ObjectRef,
+    /// The Service it belongs to (label `kubernetes.io/service-name`).
+    pub service: ObjectRef,
+    /// Ports.
+    pub ports: Vec<EndpointPort>,
+    /// Endpoints.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything the node should serve.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct State {
+    /// Services by namespace/name.
+    pub services: BTreeMap<ObjectRef, Service>,
+    /// EndpointSlices by namespace/name.
+    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+}
+
+/// A backend of one frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    /// Pod address.
+    pub addr: Ipv4Addr,
+    /// Target port.
+    pub port: u16,
+    /// Whether it only serves while terminating.
+    pub terminating: bool,
+}
+
+/// One (ClusterIP, port, protocol) with its backends: the unit the datapath balances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// The Service it comes from.
+    pub service: ObjectRef,
+    /// Service port name.
+    pub port_name: String,
+    /// ClusterIP.
+    pub vip: Ipv4Addr,
+    /// Service port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// sessionAffinity ClientIP timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    /// Backends, sorted and deduplicated: ready ones, or if none is ready the serving+terminating
+    /// ones are kept with `terminating = true`.
+    pub backends: Vec<Backend>,
+}
+
+impl State {
+    /// Flattens the state into frontends, sorted by (vip, port, protocol).
+    pub fn frontends(&self) -> Vec<Frontend> {
+        let mut by_service: BTreeMap<&ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
+        for slice in self.slices.values() {
+            by_service.entry(&slice.service).or_default().push(slice);
+        }
+        let mut out = Vec::new();
+        for svc in self.services.values() {
+            let slices = by_service.get(&svc.id).map(Vec::as_slice).unwrap_or(&[]);
+            for sp in &svc.ports {
+                let mut ready = Vec::new();
+                let mut terminating = Vec::new();
+                for slice in slices {
+                    let Some(ep_port) = slice
+                        .ports
+                        .iter()
+                        .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+                    else {
+                        continue;
+                    };
+                    for ep in &slice.endpoints {
+                        let b = Backend { addr: ep.addr, port: ep_port.port, terminating: false };
+                        match ep.state {
+                            EndpointState::Ready => ready.push(b),
+                            EndpointState::ServingTerminating => {
+                                terminating.push(Backend { terminating: true, ..b })
+                            }
+                            EndpointState::NotServing => {}
+                        }
+                    }
+                }
+                ready.sort();
+                ready.dedup();
+                terminating.sort();
+                terminating.dedup();
+                terminating.retain(|t| !ready.iter().any(|r| r.addr == t.addr && r.port == t.port));
+                out.push(Frontend {
+                    service: svc.id.clone(),
+                    port_name: sp.name.clone(),
+                    vip: svc.cluster_ip,
+                    port: sp.port,
+                    protocol: sp.protocol,
+                    affinity_timeout_s: svc.affinity_timeout_s,
+                    backends: ready.into_iter().chain(terminating).collect(),
+                });
+            }
+        }
+        out.sort_by_key(|f| (f.vip, f.port, f.protocol));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc() -> Service {
+        Service {
+            id: ObjectRef::new("default", "web"),
+            cluster_ip: Ipv4Addr::new(198, 19, 0, 10),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                app_protocol: None,
+            }],
+            affinity_timeout_s: None,
+        }
+    }
+
+    fn slice(name: &str, eps: &[(u8, EndpointState)]) -> EndpointSlice {
+        EndpointSlice {
+            id: ObjectRef::new("default", name),
+            service: ObjectRef::new("default", "web"),
+            ports: vec![EndpointPort { name: "http".into(), port: 8080, protocol: Protocol::Tcp }],
+            endpoints: eps
+                .iter()
+                .map(|&(last, state)| Endpoint {
+                    addr: Ipv4Addr::new(198, 18, 0, last),
+                    state,
+                    node_name: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn ready_endpoints_of_all_slices_are_merged() {
+        let mut st = State::default();
+        st.services.insert(svc().id.clone(), svc());
+        let a = slice("web-a", &[(2, EndpointState::Ready), (3, EndpointState::NotServing)]);
+        let b = slice("web-b", &[(4, EndpointState::Ready), (2, EndpointState::Ready)]);
+        st.slices.insert(a.id.clone(), a);
+        st.slices.insert(b.id.clone(), b);
+        let fe = st.frontends();
+        assert_eq!(fe.len(), 1);
+        let addrs: Vec<_> = fe[0].backends.iter().map(|b| (b.addr.octets()[3], b.terminating)).collect();
+        assert_eq!(addrs, vec![(2, false), (4, false)]);
+    }
+
+    #[test]
+    fn terminating_endpoints_follow_ready_ones() {
+        let mut st = State::default();
+        st.services.insert(svc().id.clone(), svc());
+        let a = slice("web-a", &[(5, EndpointState::ServingTerminating), (2, EndpointState::Ready)]);
+        st.slices.insert(a.id.clone(), a);
+        let fe = st.frontends();
+        let addrs: Vec<_> = fe[0].backends.iter().map(|b| (b.addr.octets()[3], b.terminating)).collect();
+        assert_eq!(addrs, vec![(2, false), (5, true)]);
+    }
+
+    #[test]
+    fn unmatched_port_names_give_no_backends() {
+        let mut st = State::default();
+        st.services.insert(svc().id.clone(), svc());
+        let mut a = slice("web-a", &[(2, EndpointState::Ready)]);
+        a.ports[0].name = "metrics".into();
+        st.slices.insert(a.id.clone(), a);
+        assert!(st.frontends()[0].backends.is_empty());
+    }
+}

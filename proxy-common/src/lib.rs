@@ -1,0 +1,305 @@
+//! Types shared by the kernel datapath (`proxy-ebpf`) and userspace (`proxy-agent`).
+//!
+//! Everything here is `#![no_std]`, `#[repr(C)]` with explicit padding, and the byte order of
+//! every address or port field is in its name (`_be` = network byte order). Each map key and
+//! value has a compile-time size assertion, so a layout change is a build error rather than a
+//! silent kernel/userspace mismatch. Map names carry a schema version (`_V1`) so a later agent
+//! can tell old pinned maps apart during an upgrade.
+//!
+//! The design follows Cilium's lb4 maps: a service map keyed by (VIP, port, protocol, slot) whose
+//! slot 0 is the master entry and whose slots 1..=n hold backend ids, a backend map shared by all
+//! services, a reverse map keyed by socket cookie and an LRU affinity map.
+#![no_std]
+
+use core::mem::size_of;
+
+/// IANA protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IANA protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Name of the service map (see [`ServiceKey`]).
+pub const MAP_SERVICES: &str = "PXA_SVC_V1";
+/// Name of the backend map (see [`BackendValue`]).
+pub const MAP_BACKENDS: &str = "PXA_BACKEND_V1";
+/// Name of the reverse-translation map keyed by socket cookie (see [`RevKey`]).
+pub const MAP_REVERSE: &str = "PXA_REVNAT_V1";
+/// Name of the session-affinity map (see [`AffinityKey`]).
+pub const MAP_AFFINITY: &str = "PXA_AFFIN_V1";
+/// Name of the affinity membership map (see [`AffinityMatchKey`]).
+pub const MAP_AFFINITY_MATCH: &str = "PXA_AFFMATCH_V1";
+
+/// Capacity of the service map (entries, i.e. slots over all services).
+pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
+/// Capacity of the backend map.
+pub const BACKENDS_MAX_ENTRIES: u32 = 262_144;
+/// Capacity of the reverse-translation LRU map.
+pub const REVERSE_MAX_ENTRIES: u32 = 262_144;
+/// Capacity of the session-affinity LRU map.
+pub const AFFINITY_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of the affinity membership map.
+pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = 65_536;
+
+/// Service flag: sessionAffinity ClientIP is on; see [`ServiceValue::affinity_timeout_s`].
+pub const SVC_F_AFFINITY: u16 = 1 << 0;
+
+/// Backend state: ready, takes new connections.
+pub const BACKEND_ACTIVE: u8 = 0;
+/// Backend state: terminating but still serving (KEP-1669); used only when no backend is active.
+pub const BACKEND_TERMINATING: u8 = 1;
+
+/// Key of the service map.
+///
+/// Slot 0 is the master entry of a service: its value carries the backend counts, flags and the
+/// service id. Slots `1..=count + terminating_count` carry backend ids: first the active
+/// backends, then the terminating-but-serving ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// The ClusterIP, network byte order.
+    pub addr_be: u32,
+    /// The Service port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Explicit padding; always 0.
+    pub _pad0: u8,
+    /// 0 for the master entry, 1..=n for backend slots.
+    pub slot: u16,
+    /// Explicit padding; always 0.
+    pub _pad1: u16,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 12);
+
+impl ServiceKey {
+    /// Builds a key from host-order values.
+    pub const fn new(addr: u32, port: u16, proto: u8, slot: u16) -> Self {
+        Self {
+            addr_be: addr.to_be(),
+            port_be: port.to_be(),
+            proto,
+            _pad0: 0,
+            slot,
+            _pad1: 0,
+        }
+    }
+}
+
+/// Value of the service map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceValue {
+    /// Slot > 0: the backend id in the backend map. Slot 0: unused (0).
+    pub backend_id: u32,
+    /// Stable id of the service (slot 0 and all slots carry it); keys the affinity map and is
+    /// recorded in the reverse map so a stale reverse entry can be detected.
+    pub service_id: u32,
+    /// Slot 0 with [`SVC_F_AFFINITY`]: ClientIP affinity timeout in seconds.
+    pub affinity_timeout_s: u32,
+    /// Slot 0: number of active backends (slots `1..=count`).
+    pub count: u16,
+    /// Slot 0: number of terminating-but-serving backends after the active ones.
+    pub terminating_count: u16,
+    /// Slot 0: `SVC_F_*` flags.
+    pub flags: u16,
+    /// Explicit padding; always 0.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 20);
+
+/// Value of the backend map, keyed by a `u32` backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendValue {
+    /// Pod address, network byte order.
+    pub addr_be: u32,
+    /// Target port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    pub state: u8,
+}
+const _: () = assert!(size_of::<BackendValue>() == 8);
+
+/// Key of the reverse-translation map: which VIP a translated socket believes it talks to.
+///
+/// The backend address and port are part of the key so an entry left over from a reused socket
+/// cookie or a reconnected UDP socket cannot match a different peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevKey {
+    /// Socket cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// Backend address the socket was sent to, network byte order.
+    pub addr_be: u32,
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    /// Explicit padding; always 0.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<RevKey>() == 16);
+
+/// Value of the reverse-translation map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevValue {
+    /// The ClusterIP the application asked for, network byte order.
+    pub addr_be: u32,
+    /// The Service port, network byte order.
+    pub port_be: u16,
+    /// Explicit padding; always 0.
+    pub _pad: u16,
+    /// The service id at translation time.
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<RevValue>() == 12);
+
+/// Key of the session-affinity LRU map.
+///
+/// A pod is a network namespace, so the netns cookie identifies the client: the socket-level
+/// equivalent of kube-proxy's ClientIP affinity (the source address is not bound yet at connect).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// `bpf_get_netns_cookie` of the client socket.
+    pub netns_cookie: u64,
+    /// [`ServiceValue::service_id`].
+    pub service_id: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<AffinityKey>() == 16);
+
+/// Value of the session-affinity LRU map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityValue {
+    /// Backend chosen for this client.
+    pub backend_id: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` of the last use.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+
+/// Key of the affinity membership map: present while `backend_id` is a backend of the service.
+///
+/// The affinity map may remember a backend that has since left the service (or moved to another
+/// service sharing the same backend id); the datapath only honours an affinity entry whose pair is
+/// present here. Written for services with affinity only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityMatchKey {
+    /// [`ServiceValue::service_id`].
+    pub service_id: u32,
+    /// Backend id.
+    pub backend_id: u32,
+}
+const _: () = assert!(size_of::<AffinityMatchKey>() == 8);
+
+/// Picks a backend slot in `1..=count` from a 32-bit random or hash value without a division.
+///
+/// Returns 0 when `count` is 0 (no backend).
+#[inline(always)]
+pub const fn pick_slot(random: u32, count: u16) -> u16 {
+    if count == 0 {
+        return 0;
+    }
+    (((random as u64) * (count as u64)) >> 32) as u16 + 1
+}
+
+/// The slot range to balance over, from a master entry: the active backends if any, else the
+/// terminating-but-serving ones (KEP-1669). Returns `(first_slot, len)`; `len == 0` means none.
+#[inline(always)]
+pub const fn usable_slots(master: &ServiceValue) -> (u16, u16) {
+    if master.count > 0 {
+        (1, master.count)
+    } else {
+        (master.count + 1, master.terminating_count)
+    }
+}
+
+/// A 32-bit mix of a 64-bit value (splitmix64 finaliser), for stable per-socket choices.
+#[inline(always)]
+pub const fn mix64(mut x: u64) -> u32 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    x as u32
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are `repr(C)`, `Copy`, made only of integers with explicit padding, so
+    // every bit pattern is valid and there are no uninitialised bytes.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for RevKey {}
+    unsafe impl aya::Pod for RevValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for AffinityMatchKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pick_slot_covers_the_range_evenly() {
+        for count in [1u16, 2, 3, 7, 10, 1000] {
+            let mut hits = [0u32; 1001];
+            // A uniform sweep of the 32-bit input space.
+            let steps = 100_000u64;
+            for i in 0..steps {
+                let r = ((i * (u32::MAX as u64 + 1)) / steps) as u32;
+                let s = pick_slot(r, count);
+                assert!(s >= 1 && s <= count, "slot {s} out of 1..={count}");
+                hits[s as usize] += 1;
+            }
+            let expect = steps as f64 / count as f64;
+            for s in 1..=count as usize {
+                // A uniform sweep may only be off by the rounding of one step.
+                let dev = (hits[s] as f64 - expect).abs();
+                assert!(dev <= 1.0, "count={count} slot={s} hits={} expect={expect}", hits[s]);
+            }
+        }
+        assert_eq!(pick_slot(u32::MAX, 0), 0);
+        assert_eq!(pick_slot(u32::MAX, 3), 3);
+        assert_eq!(pick_slot(0, 3), 1);
+    }
+
+    #[test]
+    fn terminating_backends_are_used_only_without_active_ones() {
+        let mut m = ServiceValue { count: 2, terminating_count: 1, ..Default::default() };
+        assert_eq!(usable_slots(&m), (1, 2));
+        m.count = 0;
+        assert_eq!(usable_slots(&m), (1, 1));
+        m.terminating_count = 0;
+        assert_eq!(usable_slots(&m), (1, 0));
+    }
+
+    #[test]
+    fn key_is_network_order() {
+        let k = ServiceKey::new(0xc613_000a, 80, PROTO_TCP, 0);
+        assert_eq!(k.addr_be.to_ne_bytes(), [198, 19, 0, 10]);
+        assert_eq!(k.port_be.to_ne_bytes(), [0, 80]);
+    }
+
+    #[test]
+    fn mix_spreads_sequential_cookies() {
+        let mut hits = [0u32; 3];
+        for c in 0..30_000u64 {
+            hits[(pick_slot(mix64(c), 3) - 1) as usize] += 1;
+        }
+        for h in hits {
+            assert!((9_000..11_000).contains(&h), "{hits:?}");
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Socket-level Service translation on a cgroup v2 subtree.
+//!
+//! `connect4/6` and `sendmsg4/6` rewrite a ClusterIP:port destination to a backend chosen from the
+//! service map before the kernel routes anything, so there is no per-packet NAT and no conntrack
+//! entry. `recvmsg4/6` and `getpeername4/6` translate the backend back to the ClusterIP so
+//! applications (DNS resolvers in particular) see the address they asked for. IPv6 sockets are
+//! handled for IPv4-mapped addresses (`::ffff:a.b.c.d`).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        generated::bpf_set_retval,
+    },
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap},
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use proxy_common::{
+    mix64, pick_slot, usable_slots, AffinityKey, AffinityMatchKey, AffinityValue, BackendValue,
+    RevKey, RevValue, ServiceKey, ServiceValue, AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES,
+    BACKENDS_MAX_ENTRIES, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES,
+    SERVICES_MAX_ENTRIES, SVC_F_AFFINITY,
+};
+
+/// Allow the syscall.
+const SYS_PROCEED: i32 = 1;
+/// Fail the syscall (with the errno set by `bpf_set_retval`).
+const SYS_REJECT: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[map(name = "PXA_SVC_V1")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, 0);
+
+#[map(name = "PXA_BACKEND_V1")]
+static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
+
+#[map(name = "PXA_REVNAT_V1")]
+static REVERSE: LruHashMap<RevKey, RevValue> = LruHashMap::pinned(REVERSE_MAX_ENTRIES, 0);
+
+#[map(name = "PXA_AFFIN_V1")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(AFFINITY_MAX_ENTRIES, 0);
+
+#[map(name = "PXA_AFFMATCH_V1")]
+static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
+    HashMap::pinned(AFFINITY_MATCH_MAX_ENTRIES, 0);
+
+/// Outcome of a forward lookup.
+enum Fwd {
+    /// Not a Service address: leave the socket alone.
+    Pass,
+    /// Translated to this backend.
+    To(BackendValue),
+    /// A Service with no usable backend: fail fast.
+    Refuse,
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), network order.
+#[inline(always)]
+fn mapped_v4(ip6: &[u32; 4]) -> Option<u32> {
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0x0000_ffffu32.to_be() {
+        Some(ip6[3])
+    } else {
+        None
+    }
+}
+
+#[inline(always)]
+fn proto_of(ctx: &SockAddrContext) -> Option<u8> {
+    // SAFETY: `sock_addr` is the context pointer the kernel passed to the program.
+    let proto = unsafe { (*ctx.sock_addr).protocol } as u8;
+    (proto == PROTO_TCP || proto == PROTO_UDP).then_some(proto)
+}
+
+/// Chooses the backend for a connection to `addr_be:port_be` and records the reverse entry.
+#[inline(always)]
+fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd {
+    let mut key = ServiceKey { addr_be, port_be, proto, _pad0: 0, slot: 0, _pad1: 0 };
+    // SAFETY: map values are plain integers; we copy them out at once.
+    let Some(master) = (unsafe { SERVICES.get(&key) }).copied() else {
+        return Fwd::Pass;
+    };
+    let (first, len) = usable_slots(&master);
+    if len == 0 {
+        return Fwd::Refuse;
+    }
+    let ctx_ptr = ctx.as_ptr();
+    // SAFETY: helpers called with the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx_ptr) };
+
+    let mut chosen: Option<(u32, BackendValue)> = None;
+    let affinity = master.flags & SVC_F_AFFINITY != 0;
+    let now = if affinity { unsafe { bpf_ktime_get_ns() } } else { 0 };
+    let aff_key = AffinityKey {
+        netns_cookie: if affinity { unsafe { bpf_get_netns_cookie(ctx_ptr) } } else { 0 },
+        service_id: master.service_id,
+        _pad: 0,
+    };
+    if affinity {
+        if let Some(prev) = unsafe { AFFINITY.get(&aff_key) }.copied() {
+            let fresh = now.wrapping_sub(prev.last_used_ns)
+                <= master.affinity_timeout_s as u64 * 1_000_000_000;
+            let member = AffinityMatchKey { service_id: master.service_id, backend_id: prev.backend_id };
+            if fresh && unsafe { AFFINITY_MATCH.get(&member) }.is_some() {
+                if let Some(b) = unsafe { BACKENDS.get(&prev.backend_id) }.copied() {
+                    // A terminating backend keeps no affinity while ready ones exist.
+                    if !(b.state == BACKEND_TERMINATING && master.count > 0) {
+                        chosen = Some((prev.backend_id, b));
+                    }
+                }
+            }
+        }
+    }
+    let (backend_id, backend) = match chosen {
+        Some(c) => c,
+        None => {
+            // TCP: a fresh random choice per connection. UDP: a stable choice per socket, so
+            // unconnected sendmsg() calls of one socket keep talking to one backend.
+            let r = if proto == PROTO_UDP { mix64(cookie) } else { unsafe { bpf_get_prandom_u32() } };
+            key.slot = first + pick_slot(r, len) - 1;
+            let Some(slot) = (unsafe { SERVICES.get(&key) }).copied() else {
+                // The agent is between writes; slots are written before counts, so this is
+                // only a transient inconsistency.
+                return Fwd::Refuse;
+            };
+            let Some(b) = (unsafe { BACKENDS.get(&slot.backend_id) }).copied() else {
+                return Fwd::Refuse;
+            };
+            (slot.backend_id, b)
+        }
+    };
+    if affinity {
+        let v = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
+        let _ = AFFINITY.insert(&aff_key, &v, 0);
+    }
+    let rk = RevKey { cookie, addr_be: backend.addr_be, port_be: backend.port_be, _pad: 0 };
+    let rv = RevValue { addr_be, port_be, _pad: 0, service_id: master.service_id };
+    let _ = REVERSE.insert(&rk, &rv, 0);
+    Fwd::To(backend)
+}
+
+/// The VIP a translated socket believes its peer `addr_be:port_be` is, if the entry is current.
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Option<RevValue> {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rk = RevKey { cookie, addr_be, port_be, _pad: 0 };
+    let rv = unsafe { REVERSE.get(&rk) }.copied()?;
+    // Stale if the service was removed or re-created since the translation.
+    let key = ServiceKey { addr_be: rv.addr_be, port_be: rv.port_be, proto, _pad0: 0, slot: 0, _pad1: 0 };
+    let master = unsafe { SERVICES.get(&key) }.copied()?;
+    (master.service_id == rv.service_id).then_some(rv)
+}
+
+#[inline(always)]
+fn fwd4(ctx: &SockAddrContext) -> i32 {
+    let Some(proto) = proto_of(ctx) else { return SYS_PROCEED };
+    let sa = ctx.sock_addr;
+    // SAFETY: reads and 4-byte writes of context fields the verifier allows for these hooks.
+    let (addr_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    match forward(ctx, addr_be, port_be, proto) {
+        Fwd::Pass => SYS_PROCEED,
+        Fwd::To(b) => {
+            unsafe {
+                (*sa).user_ip4 = b.addr_be;
+                (*sa).user_port = b.port_be as u32;
+            }
+            SYS_PROCEED
+        }
+        Fwd::Refuse => refuse(),
+    }
+}
+
+#[inline(always)]
+fn fwd6(ctx: &SockAddrContext) -> i32 {
+    let Some(proto) = proto_of(ctx) else { return SYS_PROCEED };
+    let sa = ctx.sock_addr;
+    let ip6 = unsafe { (*sa).user_ip6 };
+    let Some(addr_be) = mapped_v4(&ip6) else { return SYS_PROCEED };
+    let port_be = unsafe { (*sa).user_port } as u16;
+    match forward(ctx, addr_be, port_be, proto) {
+        Fwd::Pass => SYS_PROCEED,
+        Fwd::To(b) => {
+            unsafe {
+                (*sa).user_ip6[3] = b.addr_be;
+                (*sa).user_port = b.port_be as u32;
+            }
+            SYS_PROCEED
+        }
+        Fwd::Refuse => refuse(),
+    }
+}
+
+#[inline(always)]
+fn refuse() -> i32 {
+    // SAFETY: plain helper call; makes the syscall fail with ECONNREFUSED instead of EPERM.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    SYS_REJECT
+}
+
+#[inline(always)]
+fn rev4(ctx: &SockAddrContext) -> i32 {
+    let Some(proto) = proto_of(ctx) else { return SYS_PROCEED };
+    let sa = ctx.sock_addr;
+    let (addr_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    if let Some(rv) = reverse(ctx, addr_be, port_be, proto) {
+        unsafe {
+            (*sa).user_ip4 = rv.addr_be;
+            (*sa).user_port = rv.port_be as u32;
+        }
+    }
+    SYS_PROCEED
+}
+
+#[inline(always)]
+fn rev6(ctx: &SockAddrContext) -> i32 {
+    let Some(proto) = proto_of(ctx) else { return SYS_PROCEED };
+    let sa = ctx.sock_addr;
+    let ip6 = unsafe { (*sa).user_ip6 };
+    let Some(addr_be) = mapped_v4(&ip6) else { return SYS_PROCEED };
+    let port_be = unsafe { (*sa).user_port } as u16;
+    if let Some(rv) = reverse(ctx, addr_be, port_be, proto) {
+        unsafe {
+            (*sa).user_ip6[3] = rv.addr_be;
+            (*sa).user_port = rv.port_be as u32;
+        }
+    }
+    SYS_PROCEED
+}
+
+/// TCP and connected UDP sockets, IPv4.
+#[cgroup_sock_addr(connect4)]
+pub fn pxa_connect4(ctx: SockAddrContext) -> i32 {
+    fwd4(&ctx)
+}
+
+/// TCP and connected UDP sockets, IPv6 (IPv4-mapped destinations).
+#[cgroup_sock_addr(connect6)]
+pub fn pxa_connect6(ctx: SockAddrContext) -> i32 {
+    fwd6(&ctx)
+}
+
+/// Unconnected UDP sends, IPv4.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn pxa_sendmsg4(ctx: SockAddrContext) -> i32 {
+    fwd4(&ctx)
+}
+
+/// Unconnected UDP sends, IPv6 (IPv4-mapped destinations).
+#[cgroup_sock_addr(sendmsg6)]
+pub fn pxa_sendmsg6(ctx: SockAddrContext) -> i32 {
+    fwd6(&ctx)
+}
+
+/// UDP receives: replies from a backend appear to come from the ClusterIP.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn pxa_recvmsg4(ctx: SockAddrContext) -> i32 {
+    rev4(&ctx)
+}
+
+/// UDP receives on IPv6 sockets (IPv4-mapped sources).
+#[cgroup_sock_addr(recvmsg6)]
+pub fn pxa_recvmsg6(ctx: SockAddrContext) -> i32 {
+    rev6(&ctx)
+}
+
+/// getpeername(): the application sees the ClusterIP as its peer.
+#[cgroup_sock_addr(getpeername4)]
+pub fn pxa_getpeername4(ctx: SockAddrContext) -> i32 {
+    rev4(&ctx)
+}
+
+/// getpeername() on IPv6 sockets (IPv4-mapped peers).
+#[cgroup_sock_addr(getpeername6)]
+pub fn pxa_getpeername6(ctx: SockAddrContext) -> i32 {
+    rev6(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
