@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -32,41 +32,34 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let (_datapath, maps) = Datapath::open(&cfg.cgroup, &cfg.bpffs)
         .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?;
     let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps back")?;
-    info!(frontends = reconciler.frontend_count(), "restored datapath state from pinned maps");
+    info!(
+        frontends = reconciler.frontend_count(),
+        "restored datapath state from pinned maps"
+    );
 
+    // `None` until the directory was read once: an empty map must never be applied before the
+    // source has spoken, or a restarted agent would flush the pinned state it just adopted.
     let (tx, mut rx) = watch::channel(None::<State>);
-    let dir = cfg.manifests.clone();
-    let (state_tx, mut state_rx) = watch::channel(State::default());
-    // The manifests watcher reports every distinct state; forward the first one even if empty,
-    // so an agent restarted on an emptied directory still removes stale entries.
-    tokio::spawn(manifests::watch(dir, cfg.poll, state_tx));
-    tokio::spawn(async move {
-        loop {
-            let st = state_rx.borrow_and_update().clone();
-            if tx.send(Some(st)).is_err() || state_rx.changed().await.is_err() {
-                return;
-            }
-        }
-    });
+    tokio::spawn(manifests::watch(cfg.manifests.clone(), cfg.poll, tx));
 
     let mut generation = 0u64;
     let mut retry: Option<tokio::time::Instant> = None;
-    let mut first = true;
     loop {
-        let retry_at = retry.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let retry_at =
+            retry.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
                     anyhow::bail!("the manifests watcher stopped");
                 }
-                // The very first value is the empty default before the directory was read.
-                if first { first = false; if rx.borrow().is_none() { continue; } }
             }
             _ = tokio::time::sleep_until(retry_at), if retry.is_some() => {}
             _ = term.recv() => { info!("SIGTERM: exiting, the datapath stays pinned and serving"); return Ok(()); }
             _ = int.recv() => { info!("SIGINT: exiting, the datapath stays pinned and serving"); return Ok(()); }
         }
-        let Some(state) = rx.borrow_and_update().clone() else { continue };
+        let Some(state) = rx.borrow_and_update().clone() else {
+            continue;
+        };
         let frontends = state.frontends();
         generation += 1;
         match reconciler.apply(&frontends) {

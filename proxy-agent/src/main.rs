@@ -63,6 +63,7 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -70,7 +71,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { manifests, cgroup, bpffs, poll_ms } => {
+        Command::Run {
+            manifests,
+            cgroup,
+            bpffs,
+            poll_ms,
+        } => {
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => cgroup2_root()?,
@@ -80,7 +86,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            rt.block_on(agent::run(RunConfig { manifests, cgroup, bpffs, poll: Duration::from_millis(poll_ms) }))
+            rt.block_on(agent::run(RunConfig {
+                manifests,
+                cgroup,
+                bpffs,
+                poll: Duration::from_millis(poll_ms),
+            }))
         }
         Command::Dump { bpffs } => {
             let maps = datapath::loader::open_pinned_maps(&bpffs)

@@ -17,8 +17,8 @@ use serde::Deserialize;
 use tracing::{debug, error, info};
 
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, EndpointState, ObjectRef, Protocol, Service, ServicePort,
-    State,
+    Endpoint, EndpointPort, EndpointSlice, EndpointState, ObjectRef, Protocol, Service,
+    ServicePort, State,
 };
 
 /// Default sessionAffinity ClientIP timeout (Kubernetes' default, 3 hours).
@@ -77,7 +77,10 @@ pub struct Scan {
 impl ManifestDir {
     /// A reader for `dir` (nothing is read yet).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), files: BTreeMap::new() }
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
     }
 
     /// Re-reads the files that changed since the last scan.
@@ -91,7 +94,10 @@ impl ManifestDir {
                 Ok(m) => m,
                 Err(_) => continue, // removed while listing; handled below
             };
-            let fp = Fingerprint { modified: meta.modified().ok(), len: meta.len() };
+            let fp = Fingerprint {
+                modified: meta.modified().ok(),
+                len: meta.len(),
+            };
             seen.insert(path.clone());
             if self.files.get(&path).is_some_and(|e| e.fingerprint == fp) {
                 continue;
@@ -111,13 +117,29 @@ impl ManifestDir {
             };
             let (objects, errors) = parse_file(&path.display().to_string(), &text);
             if errors.is_empty() {
-                self.files.insert(path, FileEntry { fingerprint: fp, objects });
+                self.files.insert(
+                    path,
+                    FileEntry {
+                        fingerprint: fp,
+                        objects,
+                    },
+                );
             } else {
                 scan.errors.extend(errors);
                 // Keep the last good objects, but remember this version so the same broken
                 // content is not reported again on every scan.
-                let objects = self.files.remove(&path).map(|e| e.objects).unwrap_or_default();
-                self.files.insert(path, FileEntry { fingerprint: fp, objects });
+                let objects = self
+                    .files
+                    .remove(&path)
+                    .map(|e| e.objects)
+                    .unwrap_or_default();
+                self.files.insert(
+                    path,
+                    FileEntry {
+                        fingerprint: fp,
+                        objects,
+                    },
+                );
             }
         }
         let before = self.files.len();
@@ -206,21 +228,35 @@ fn parse_file(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestError>) {
             Ok(serde_yaml::Value::Null) => continue, // empty document
             Ok(v) => v,
             Err(e) => {
-                errors.push(err(format!("document {}", i + 1), "-".into(), format!("invalid YAML: {e}")));
+                errors.push(err(
+                    format!("document {}", i + 1),
+                    "-".into(),
+                    format!("invalid YAML: {e}"),
+                ));
                 break; // the parser cannot continue past a syntax error
             }
         };
         let head: Head = match serde_yaml::from_value(value.clone()) {
             Ok(h) => h,
             Err(e) => {
-                errors.push(err(format!("document {}", i + 1), "-".into(), format!("not a Kubernetes object: {e}")));
+                errors.push(err(
+                    format!("document {}", i + 1),
+                    "-".into(),
+                    format!("not a Kubernetes object: {e}"),
+                ));
                 continue;
             }
         };
-        let ns = head.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = head
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let object = format!("{} {}/{}", head.kind, ns, head.metadata.name);
         let res = match (head.api_version.as_str(), head.kind.as_str()) {
-            ("v1", "Service") => typed::<core::Service>(value).and_then(|s| service(&s).map(Object::Service)),
+            ("v1", "Service") => {
+                typed::<core::Service>(value).and_then(|s| service(&s).map(Object::Service))
+            }
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 typed::<discovery::EndpointSlice>(value).and_then(|s| slice(&s).map(Object::Slice))
             }
@@ -232,7 +268,10 @@ fn parse_file(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestError>) {
                 ),
             )),
             _ => {
-                debug!(file, object, "ignoring object of a kind this source does not read");
+                debug!(
+                    file,
+                    object, "ignoring object of a kind this source does not read"
+                );
                 continue;
             }
         };
@@ -249,7 +288,10 @@ type FieldResult<T> = Result<T, (String, String)>;
 fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> FieldResult<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        (if path == "." { "-".into() } else { path }, e.into_inner().to_string())
+        (
+            if path == "." { "-".into() } else { path },
+            e.into_inner().to_string(),
+        )
     })
 }
 
@@ -257,7 +299,10 @@ fn protocol(field: String, p: Option<&str>) -> FieldResult<Protocol> {
     match p.unwrap_or("TCP") {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
-        other => Err((field, format!("protocol {other:?} is not supported (TCP or UDP)"))),
+        other => Err((
+            field,
+            format!("protocol {other:?} is not supported (TCP or UDP)"),
+        )),
     }
 }
 
@@ -268,14 +313,26 @@ fn port_number(field: String, p: i32) -> FieldResult<u16> {
         .ok_or((field, format!("port {p} is out of range 1-65535")))
 }
 
-fn meta_ref(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> FieldResult<ObjectRef> {
-    let name = meta.name.clone().filter(|n| !n.is_empty()).ok_or(("metadata.name".to_string(), "missing".to_string()))?;
-    Ok(ObjectRef::new(meta.namespace.clone().unwrap_or_else(|| "default".into()), name))
+fn meta_ref(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> FieldResult<ObjectRef> {
+    let name = meta
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or(("metadata.name".to_string(), "missing".to_string()))?;
+    Ok(ObjectRef::new(
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name,
+    ))
 }
 
 fn service(s: &core::Service) -> FieldResult<Service> {
     let id = meta_ref(&s.metadata)?;
-    let spec = s.spec.as_ref().ok_or(("spec".to_string(), "missing".to_string()))?;
+    let spec = s
+        .spec
+        .as_ref()
+        .ok_or(("spec".to_string(), "missing".to_string()))?;
     let ip = spec.cluster_ip.as_deref().ok_or((
         "spec.clusterIP".to_string(),
         "required in manifests mode (no API server allocates one); set an address from the service CIDR".to_string(),
@@ -283,18 +340,29 @@ fn service(s: &core::Service) -> FieldResult<Service> {
     let cluster_ip: Ipv4Addr = match ip.parse::<IpAddr>() {
         Ok(IpAddr::V4(v4)) => v4,
         Ok(IpAddr::V6(_)) => {
-            return Err(("spec.clusterIP".into(), format!("{ip}: IPv6 ClusterIPs are not supported yet")));
+            return Err((
+                "spec.clusterIP".into(),
+                format!("{ip}: IPv6 ClusterIPs are not supported yet"),
+            ));
         }
         Err(_) if ip == "None" => {
             return Err(("spec.clusterIP".into(), "headless Services (None) have no ClusterIP to serve; remove the object or set an address".into()));
         }
-        Err(e) => return Err(("spec.clusterIP".into(), format!("{ip:?} is not an IP address: {e}"))),
+        Err(e) => {
+            return Err((
+                "spec.clusterIP".into(),
+                format!("{ip:?} is not an IP address: {e}"),
+            ));
+        }
     };
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let name = p.name.clone().unwrap_or_default();
         if ports.iter().any(|q: &ServicePort| q.name == name) {
-            return Err((format!("spec.ports[{i}].name"), format!("duplicate port name {name:?}")));
+            return Err((
+                format!("spec.ports[{i}].name"),
+                format!("duplicate port name {name:?}"),
+            ));
         }
         ports.push(ServicePort {
             name,
@@ -323,16 +391,27 @@ fn service(s: &core::Service) -> FieldResult<Service> {
             }
         }
         Some(other) => {
-            return Err(("spec.sessionAffinity".into(), format!("{other:?}: expected None or ClientIP")));
+            return Err((
+                "spec.sessionAffinity".into(),
+                format!("{other:?}: expected None or ClientIP"),
+            ));
         }
     };
-    Ok(Service { id, cluster_ip, ports, affinity_timeout_s })
+    Ok(Service {
+        id,
+        cluster_ip,
+        ports,
+        affinity_timeout_s,
+    })
 }
 
 fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
     let id = meta_ref(&s.metadata)?;
     if s.address_type != "IPv4" {
-        return Err(("addressType".into(), format!("{:?} is not supported (IPv4)", s.address_type)));
+        return Err((
+            "addressType".into(),
+            format!("{:?} is not supported (IPv4)", s.address_type),
+        ));
     }
     let svc_name = s
         .metadata
@@ -366,14 +445,24 @@ fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
             EndpointState::NotServing
         };
         if ep.addresses.is_empty() {
-            return Err((format!("endpoints[{i}].addresses"), "at least one address is required".into()));
+            return Err((
+                format!("endpoints[{i}].addresses"),
+                "at least one address is required".into(),
+            ));
         }
         // Kubernetes consumers use the first address (the others are fungible duplicates).
         let a = &ep.addresses[0];
-        let addr: Ipv4Addr = a
-            .parse()
-            .map_err(|_| (format!("endpoints[{i}].addresses[0]"), format!("{a:?} is not an IPv4 address")))?;
-        endpoints.push(Endpoint { addr, state, node_name: ep.node_name.clone() });
+        let addr: Ipv4Addr = a.parse().map_err(|_| {
+            (
+                format!("endpoints[{i}].addresses[0]"),
+                format!("{a:?} is not an IPv4 address"),
+            )
+        })?;
+        endpoints.push(Endpoint {
+            addr,
+            state,
+            node_name: ep.node_name.clone(),
+        });
     }
     Ok(EndpointSlice {
         service: ObjectRef::new(id.namespace.clone(), svc_name.clone()),
@@ -386,7 +475,11 @@ fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
 /// Watches `dir` and sends the desired state whenever it changes, until the receiver is gone.
 ///
 /// Polls file fingerprints every `interval`; a state identical to the last one sent is not sent.
-pub async fn watch(dir: PathBuf, interval: Duration, tx: tokio::sync::watch::Sender<State>) {
+pub async fn watch(
+    dir: PathBuf,
+    interval: Duration,
+    tx: tokio::sync::watch::Sender<Option<State>>,
+) {
     let mut reader = ManifestDir::new(&dir);
     let mut first = true;
     let mut tick = tokio::time::interval(interval);
@@ -406,24 +499,32 @@ pub async fn watch(dir: PathBuf, interval: Duration, tx: tokio::sync::watch::Sen
         if !scan.changed && !first {
             continue;
         }
+        if first && !scan.errors.is_empty() && reader.state().0 == State::default() {
+            // Nothing good was ever read: do not program an empty state over the pinned one.
+            error!(dir = %dir.display(), "no valid manifest yet; keeping the datapath as it is until one is readable");
+            continue;
+        }
         first = false;
         let (state, errors) = reader.state();
         for e in &errors {
             error!(file = %e.file, object = %e.object, field = %e.field, "{}", e.message);
         }
-        info!(services = state.services.len(), slices = state.slices.len(), "manifests read");
-        let sent = tx.send_if_modified(|cur| {
-            if *cur == state {
+        info!(
+            services = state.services.len(),
+            slices = state.slices.len(),
+            "manifests read"
+        );
+        tx.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&state) {
                 false
             } else {
-                *cur = state;
+                *cur = Some(state);
                 true
             }
         });
         if tx.is_closed() {
             return;
         }
-        let _ = sent;
     }
 }
 
@@ -463,10 +564,14 @@ metadata: {name: ignored}
         let (objs, errs) = parse_file("a.yaml", GOOD);
         assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(objs.len(), 2);
-        let Object::Service(s) = &objs[0] else { panic!("{objs:?}") };
+        let Object::Service(s) = &objs[0] else {
+            panic!("{objs:?}")
+        };
         assert_eq!(s.id.to_string(), "shop/web");
         assert_eq!(s.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
-        let Object::Slice(sl) = &objs[1] else { panic!("{objs:?}") };
+        let Object::Slice(sl) = &objs[1] else {
+            panic!("{objs:?}")
+        };
         assert_eq!(sl.service.to_string(), "shop/web");
         assert_eq!(sl.endpoints[1].state, EndpointState::ServingTerminating);
     }
@@ -486,7 +591,10 @@ metadata: {name: ignored}
 
         let no_label = GOOD.replace("  labels: {kubernetes.io/service-name: web}\n", "");
         let (_, errs) = parse_file("a.yaml", &no_label);
-        assert_eq!((errs[0].object.as_str(), errs[0].field.as_str()), ("EndpointSlice shop/web-abc", "metadata.labels"));
+        assert_eq!(
+            (errs[0].object.as_str(), errs[0].field.as_str()),
+            ("EndpointSlice shop/web-abc", "metadata.labels")
+        );
 
         let (_, errs) = parse_file("a.yaml", "kind: [oops");
         assert_eq!(errs[0].object, "document 1");

@@ -19,7 +19,10 @@ pub struct ObjectRef {
 impl ObjectRef {
     /// Builds a reference.
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -191,12 +194,17 @@ impl State {
                         continue;
                     };
                     for ep in &slice.endpoints {
-                        let b = Backend { addr: ep.addr, port: ep_port.port, terminating: false };
+                        let b = Backend {
+                            addr: ep.addr,
+                            port: ep_port.port,
+                            terminating: false,
+                        };
                         match ep.state {
                             EndpointState::Ready => ready.push(b),
-                            EndpointState::ServingTerminating => {
-                                terminating.push(Backend { terminating: true, ..b })
-                            }
+                            EndpointState::ServingTerminating => terminating.push(Backend {
+                                terminating: true,
+                                ..b
+                            }),
                             EndpointState::NotServing => {}
                         }
                     }
@@ -244,7 +252,11 @@ mod tests {
         EndpointSlice {
             id: ObjectRef::new("default", name),
             service: ObjectRef::new("default", "web"),
-            ports: vec![EndpointPort { name: "http".into(), port: 8080, protocol: Protocol::Tcp }],
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
             endpoints: eps
                 .iter()
                 .map(|&(last, state)| Endpoint {
@@ -260,13 +272,23 @@ mod tests {
     fn ready_endpoints_of_all_slices_are_merged() {
         let mut st = State::default();
         st.services.insert(svc().id.clone(), svc());
-        let a = slice("web-a", &[(2, EndpointState::Ready), (3, EndpointState::NotServing)]);
-        let b = slice("web-b", &[(4, EndpointState::Ready), (2, EndpointState::Ready)]);
+        let a = slice(
+            "web-a",
+            &[(2, EndpointState::Ready), (3, EndpointState::NotServing)],
+        );
+        let b = slice(
+            "web-b",
+            &[(4, EndpointState::Ready), (2, EndpointState::Ready)],
+        );
         st.slices.insert(a.id.clone(), a);
         st.slices.insert(b.id.clone(), b);
         let fe = st.frontends();
         assert_eq!(fe.len(), 1);
-        let addrs: Vec<_> = fe[0].backends.iter().map(|b| (b.addr.octets()[3], b.terminating)).collect();
+        let addrs: Vec<_> = fe[0]
+            .backends
+            .iter()
+            .map(|b| (b.addr.octets()[3], b.terminating))
+            .collect();
         assert_eq!(addrs, vec![(2, false), (4, false)]);
     }
 
@@ -274,10 +296,20 @@ mod tests {
     fn terminating_endpoints_follow_ready_ones() {
         let mut st = State::default();
         st.services.insert(svc().id.clone(), svc());
-        let a = slice("web-a", &[(5, EndpointState::ServingTerminating), (2, EndpointState::Ready)]);
+        let a = slice(
+            "web-a",
+            &[
+                (5, EndpointState::ServingTerminating),
+                (2, EndpointState::Ready),
+            ],
+        );
         st.slices.insert(a.id.clone(), a);
         let fe = st.frontends();
-        let addrs: Vec<_> = fe[0].backends.iter().map(|b| (b.addr.octets()[3], b.terminating)).collect();
+        let addrs: Vec<_> = fe[0]
+            .backends
+            .iter()
+            .map(|b| (b.addr.octets()[3], b.terminating))
+            .collect();
         assert_eq!(addrs, vec![(2, false), (5, true)]);
     }
 

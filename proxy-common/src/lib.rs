@@ -267,7 +267,11 @@ mod tests {
             for s in 1..=count as usize {
                 // A uniform sweep may only be off by the rounding of one step.
                 let dev = (hits[s] as f64 - expect).abs();
-                assert!(dev <= 1.0, "count={count} slot={s} hits={} expect={expect}", hits[s]);
+                assert!(
+                    dev <= 1.0,
+                    "count={count} slot={s} hits={} expect={expect}",
+                    hits[s]
+                );
             }
         }
         assert_eq!(pick_slot(u32::MAX, 0), 0);
@@ -277,7 +281,11 @@ mod tests {
 
     #[test]
     fn terminating_backends_are_used_only_without_active_ones() {
-        let mut m = ServiceValue { count: 2, terminating_count: 1, ..Default::default() };
+        let mut m = ServiceValue {
+            count: 2,
+            terminating_count: 1,
+            ..Default::default()
+        };
         assert_eq!(usable_slots(&m), (1, 2));
         m.count = 0;
         assert_eq!(usable_slots(&m), (1, 1));

@@ -9,6 +9,7 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
         generated::bpf_set_retval,
@@ -16,13 +17,12 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap},
     programs::SockAddrContext,
-    EbpfContext as _,
 };
 use proxy_common::{
-    mix64, pick_slot, usable_slots, AffinityKey, AffinityMatchKey, AffinityValue, BackendValue,
-    RevKey, RevValue, ServiceKey, ServiceValue, AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES,
-    BACKENDS_MAX_ENTRIES, BACKEND_TERMINATING, PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES,
-    SERVICES_MAX_ENTRIES, SVC_F_AFFINITY,
+    AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
+    BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, PROTO_TCP, PROTO_UDP,
+    REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES, SVC_F_AFFINITY, ServiceKey,
+    ServiceValue, mix64, pick_slot, usable_slots,
 };
 
 /// Allow the syscall.
@@ -78,7 +78,14 @@ fn proto_of(ctx: &SockAddrContext) -> Option<u8> {
 /// Chooses the backend for a connection to `addr_be:port_be` and records the reverse entry.
 #[inline(always)]
 fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd {
-    let mut key = ServiceKey { addr_be, port_be, proto, _pad0: 0, slot: 0, _pad1: 0 };
+    let mut key = ServiceKey {
+        addr_be,
+        port_be,
+        proto,
+        _pad0: 0,
+        slot: 0,
+        _pad1: 0,
+    };
     // SAFETY: map values are plain integers; we copy them out at once.
     let Some(master) = (unsafe { SERVICES.get(&key) }).copied() else {
         return Fwd::Pass;
@@ -93,9 +100,17 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
 
     let mut chosen: Option<(u32, BackendValue)> = None;
     let affinity = master.flags & SVC_F_AFFINITY != 0;
-    let now = if affinity { unsafe { bpf_ktime_get_ns() } } else { 0 };
+    let now = if affinity {
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     let aff_key = AffinityKey {
-        netns_cookie: if affinity { unsafe { bpf_get_netns_cookie(ctx_ptr) } } else { 0 },
+        netns_cookie: if affinity {
+            unsafe { bpf_get_netns_cookie(ctx_ptr) }
+        } else {
+            0
+        },
         service_id: master.service_id,
         _pad: 0,
     };
@@ -103,7 +118,10 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
         if let Some(prev) = unsafe { AFFINITY.get(&aff_key) }.copied() {
             let fresh = now.wrapping_sub(prev.last_used_ns)
                 <= master.affinity_timeout_s as u64 * 1_000_000_000;
-            let member = AffinityMatchKey { service_id: master.service_id, backend_id: prev.backend_id };
+            let member = AffinityMatchKey {
+                service_id: master.service_id,
+                backend_id: prev.backend_id,
+            };
             if fresh && unsafe { AFFINITY_MATCH.get(&member) }.is_some() {
                 if let Some(b) = unsafe { BACKENDS.get(&prev.backend_id) }.copied() {
                     // A terminating backend keeps no affinity while ready ones exist.
@@ -119,7 +137,11 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
         None => {
             // TCP: a fresh random choice per connection. UDP: a stable choice per socket, so
             // unconnected sendmsg() calls of one socket keep talking to one backend.
-            let r = if proto == PROTO_UDP { mix64(cookie) } else { unsafe { bpf_get_prandom_u32() } };
+            let r = if proto == PROTO_UDP {
+                mix64(cookie)
+            } else {
+                unsafe { bpf_get_prandom_u32() }
+            };
             key.slot = first + pick_slot(r, len) - 1;
             let Some(slot) = (unsafe { SERVICES.get(&key) }).copied() else {
                 // The agent is between writes; slots are written before counts, so this is
@@ -133,11 +155,25 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
         }
     };
     if affinity {
-        let v = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
+        let v = AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        };
         let _ = AFFINITY.insert(&aff_key, &v, 0);
     }
-    let rk = RevKey { cookie, addr_be: backend.addr_be, port_be: backend.port_be, _pad: 0 };
-    let rv = RevValue { addr_be, port_be, _pad: 0, service_id: master.service_id };
+    let rk = RevKey {
+        cookie,
+        addr_be: backend.addr_be,
+        port_be: backend.port_be,
+        _pad: 0,
+    };
+    let rv = RevValue {
+        addr_be,
+        port_be,
+        _pad: 0,
+        service_id: master.service_id,
+    };
     let _ = REVERSE.insert(&rk, &rv, 0);
     Fwd::To(backend)
 }
@@ -146,27 +182,67 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
 #[inline(always)]
 fn reverse(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Option<RevValue> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rk = RevKey { cookie, addr_be, port_be, _pad: 0 };
+    let rk = RevKey {
+        cookie,
+        addr_be,
+        port_be,
+        _pad: 0,
+    };
     let rv = unsafe { REVERSE.get(&rk) }.copied()?;
     // Stale if the service was removed or re-created since the translation.
-    let key = ServiceKey { addr_be: rv.addr_be, port_be: rv.port_be, proto, _pad0: 0, slot: 0, _pad1: 0 };
+    let key = ServiceKey {
+        addr_be: rv.addr_be,
+        port_be: rv.port_be,
+        proto,
+        _pad0: 0,
+        slot: 0,
+        _pad1: 0,
+    };
     let master = unsafe { SERVICES.get(&key) }.copied()?;
     (master.service_id == rv.service_id).then_some(rv)
 }
 
+/// Writes the destination (or source) address of a sock_addr context.
+///
+/// The context pointer is re-loaded with a volatile read so LLVM cannot keep a precomputed
+/// `ctx + offset` pointer in a register across helper calls: the verifier only accepts context
+/// accesses of the form `*(ctx + const)`.
+#[inline(always)]
+fn set_addr4(ctx: &SockAddrContext, addr_be: u32, port_be: u16) {
+    // SAFETY: the context pointer is valid for the whole program; these are 4-byte writes of
+    // fields the verifier allows for sock_addr hooks.
+    unsafe {
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip4, addr_be);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_port, port_be as u32);
+    }
+}
+
+/// Like [`set_addr4`] for the last word of an IPv4-mapped IPv6 address.
+#[inline(always)]
+fn set_addr6_mapped(ctx: &SockAddrContext, addr_be: u32, port_be: u16) {
+    // SAFETY: as in `set_addr4`.
+    unsafe {
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], addr_be);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_port, port_be as u32);
+    }
+}
+
 #[inline(always)]
 fn fwd4(ctx: &SockAddrContext) -> i32 {
-    let Some(proto) = proto_of(ctx) else { return SYS_PROCEED };
+    let Some(proto) = proto_of(ctx) else {
+        return SYS_PROCEED;
+    };
     let sa = ctx.sock_addr;
     // SAFETY: reads and 4-byte writes of context fields the verifier allows for these hooks.
     let (addr_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
     match forward(ctx, addr_be, port_be, proto) {
         Fwd::Pass => SYS_PROCEED,
         Fwd::To(b) => {
-            unsafe {
-                (*sa).user_ip4 = b.addr_be;
-                (*sa).user_port = b.port_be as u32;
-            }
+            set_addr4(ctx, b.addr_be, b.port_be);
             SYS_PROCEED
         }
         Fwd::Refuse => refuse(),
@@ -175,18 +251,19 @@ fn fwd4(ctx: &SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn fwd6(ctx: &SockAddrContext) -> i32 {
-    let Some(proto) = proto_of(ctx) else { return SYS_PROCEED };
+    let Some(proto) = proto_of(ctx) else {
+        return SYS_PROCEED;
+    };
     let sa = ctx.sock_addr;
     let ip6 = unsafe { (*sa).user_ip6 };
-    let Some(addr_be) = mapped_v4(&ip6) else { return SYS_PROCEED };
+    let Some(addr_be) = mapped_v4(&ip6) else {
+        return SYS_PROCEED;
+    };
     let port_be = unsafe { (*sa).user_port } as u16;
     match forward(ctx, addr_be, port_be, proto) {
         Fwd::Pass => SYS_PROCEED,
         Fwd::To(b) => {
-            unsafe {
-                (*sa).user_ip6[3] = b.addr_be;
-                (*sa).user_port = b.port_be as u32;
-            }
+            set_addr6_mapped(ctx, b.addr_be, b.port_be);
             SYS_PROCEED
         }
         Fwd::Refuse => refuse(),
@@ -202,30 +279,30 @@ fn refuse() -> i32 {
 
 #[inline(always)]
 fn rev4(ctx: &SockAddrContext) -> i32 {
-    let Some(proto) = proto_of(ctx) else { return SYS_PROCEED };
+    let Some(proto) = proto_of(ctx) else {
+        return SYS_PROCEED;
+    };
     let sa = ctx.sock_addr;
     let (addr_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
     if let Some(rv) = reverse(ctx, addr_be, port_be, proto) {
-        unsafe {
-            (*sa).user_ip4 = rv.addr_be;
-            (*sa).user_port = rv.port_be as u32;
-        }
+        set_addr4(ctx, rv.addr_be, rv.port_be);
     }
     SYS_PROCEED
 }
 
 #[inline(always)]
 fn rev6(ctx: &SockAddrContext) -> i32 {
-    let Some(proto) = proto_of(ctx) else { return SYS_PROCEED };
+    let Some(proto) = proto_of(ctx) else {
+        return SYS_PROCEED;
+    };
     let sa = ctx.sock_addr;
     let ip6 = unsafe { (*sa).user_ip6 };
-    let Some(addr_be) = mapped_v4(&ip6) else { return SYS_PROCEED };
+    let Some(addr_be) = mapped_v4(&ip6) else {
+        return SYS_PROCEED;
+    };
     let port_be = unsafe { (*sa).user_port } as u16;
     if let Some(rv) = reverse(ctx, addr_be, port_be, proto) {
-        unsafe {
-            (*sa).user_ip6[3] = rv.addr_be;
-            (*sa).user_port = rv.port_be as u32;
-        }
+        set_addr6_mapped(ctx, rv.addr_be, rv.port_be);
     }
     SYS_PROCEED
 }

@@ -43,7 +43,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     /// `--cgroup` is not a cgroup v2 directory.
-    #[error("{0} is not a cgroup v2 directory: pass a directory under the cgroup2 mount (see /proc/mounts)")]
+    #[error(
+        "{0} is not a cgroup v2 directory: pass a directory under the cgroup2 mount (see /proc/mounts)"
+    )]
     NotCgroup2(PathBuf),
     /// `--bpffs` is not on a bpf filesystem.
     #[error("{0} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf`")]
@@ -59,7 +61,9 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     /// The kernel refused the object or a program.
-    #[error("loading the eBPF object failed (is this a kernel >= 5.19 with BTF, and are we root?): {0}")]
+    #[error(
+        "loading the eBPF object failed (is this a kernel >= 5.19 with BTF, and are we root?): {0}"
+    )]
     Load(#[from] aya::EbpfError),
     /// A program could not be loaded or attached.
     #[error("program {name}: {source}")]
@@ -129,7 +133,9 @@ impl Datapath {
         fs::create_dir_all(&maps_dir).map_err(io("create", &maps_dir))?;
         fs::create_dir_all(&links_dir).map_err(io("create", &links_dir))?;
 
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)?;
         let hash = object_hash();
         let cgroup_fd = File::open(cgroup).map_err(io("open", cgroup))?;
         let mut adopted_all = true;
@@ -140,35 +146,58 @@ impl Datapath {
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| {
                     p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                        n.rsplit_once('-').is_some_and(|(prog, h)| prog == name && h != hash)
+                        n.rsplit_once('-')
+                            .is_some_and(|(prog, h)| prog == name && h != hash)
                     })
                 })
                 .collect();
             if pin.exists() {
                 // Same object already attached by an earlier agent: keep it.
-                PinnedLink::from_pin(&pin).map_err(|e| DatapathError::Link { path: pin.clone(), detail: e.to_string() })?;
+                PinnedLink::from_pin(&pin).map_err(|e| DatapathError::Link {
+                    path: pin.clone(),
+                    detail: e.to_string(),
+                })?;
             } else {
                 adopted_all = false;
                 let prog: &mut CgroupSockAddr = ebpf
                     .program_mut(name)
-                    .ok_or(DatapathError::Map(name, "program missing from the object".into()))?
+                    .ok_or(DatapathError::Map(
+                        name,
+                        "program missing from the object".into(),
+                    ))?
                     .try_into()
                     .map_err(|source| DatapathError::Program { name, source })?;
-                prog.load().map_err(|source| DatapathError::Program { name, source })?;
+                prog.load()
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                // With bpf_link (kernel >= 5.7) cgroup attachments always compose like
+                // BPF_F_ALLOW_MULTI and the kernel rejects any flag, so the mode must be
+                // `Single` (flags 0) even though the link sits next to others.
                 let id = prog
-                    .attach(&cgroup_fd, CgroupAttachMode::AllowMultiple)
+                    .attach(&cgroup_fd, CgroupAttachMode::Single)
                     .map_err(|source| DatapathError::Program { name, source })?;
-                let link = prog.take_link(id).map_err(|source| DatapathError::Program { name, source })?;
-                let fd_link: FdLink = link
-                    .try_into()
-                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Link { path: pin.clone(), detail: e.to_string() })?;
-                fd_link.pin(&pin).map_err(|e| DatapathError::Link { path: pin.clone(), detail: e.to_string() })?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| DatapathError::Program { name, source })?;
+                let fd_link: FdLink =
+                    link.try_into()
+                        .map_err(|e: aya::programs::links::LinkError| DatapathError::Link {
+                            path: pin.clone(),
+                            detail: e.to_string(),
+                        })?;
+                fd_link.pin(&pin).map_err(|e| DatapathError::Link {
+                    path: pin.clone(),
+                    detail: e.to_string(),
+                })?;
             }
             for old in stale {
                 // The new link is in place; releasing the old pin detaches the old program.
                 match PinnedLink::from_pin(&old).map(PinnedLink::unpin) {
-                    Ok(Ok(_fd_link)) => info!(pin = %old.display(), "replaced a link of another agent version"),
-                    Ok(Err(e)) => warn!(pin = %old.display(), error = %e, "cannot unpin an old link"),
+                    Ok(Ok(_fd_link)) => {
+                        info!(pin = %old.display(), "replaced a link of another agent version")
+                    }
+                    Ok(Err(e)) => {
+                        warn!(pin = %old.display(), error = %e, "cannot unpin an old link")
+                    }
                     Err(e) => warn!(pin = %old.display(), error = %e, "cannot open an old link"),
                 }
             }
@@ -185,21 +214,38 @@ impl Datapath {
             adopted = adopted_all,
             "datapath attached"
         );
-        Ok((Self { _ebpf: ebpf, bpffs: bpffs.to_path_buf(), adopted: adopted_all }, maps))
+        Ok((
+            Self {
+                _ebpf: ebpf,
+                bpffs: bpffs.to_path_buf(),
+                adopted: adopted_all,
+            },
+            maps,
+        ))
     }
 }
 
-fn take_hash<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<AyaHashMap<MapData, K, V>, DatapathError> {
-    let map: Map = ebpf.take_map(name).ok_or(DatapathError::Map(name, "missing from the object".into()))?;
+fn take_hash<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<AyaHashMap<MapData, K, V>, DatapathError> {
+    let map: Map = ebpf
+        .take_map(name)
+        .ok_or(DatapathError::Map(name, "missing from the object".into()))?;
     AyaHashMap::try_from(map).map_err(|e| DatapathError::Map(name, e.to_string()))
 }
 
 /// Opens the pinned maps of a running (or stopped) agent read-write, without loading programs.
 pub fn open_pinned_maps(bpffs: &Path) -> Result<AyaMaps, DatapathError> {
-    fn open<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<AyaHashMap<MapData, K, V>, DatapathError> {
+    fn open<K: aya::Pod, V: aya::Pod>(
+        dir: &Path,
+        name: &'static str,
+    ) -> Result<AyaHashMap<MapData, K, V>, DatapathError> {
         let path = dir.join(name);
-        let data = MapData::from_pin(&path).map_err(|e| DatapathError::Map(name, format!("{}: {e}", path.display())))?;
-        AyaHashMap::try_from(Map::HashMap(data)).map_err(|e| DatapathError::Map(name, e.to_string()))
+        let data = MapData::from_pin(&path)
+            .map_err(|e| DatapathError::Map(name, format!("{}: {e}", path.display())))?;
+        AyaHashMap::try_from(Map::HashMap(data))
+            .map_err(|e| DatapathError::Map(name, e.to_string()))
     }
     let dir = bpffs.join("maps");
     Ok(AyaMaps {

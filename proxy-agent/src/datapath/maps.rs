@@ -62,7 +62,11 @@ impl MemMaps {
     fn write(&mut self, what: String, map: &'static str) -> Result<(), MapError> {
         if let Some(n) = self.fail_after.as_mut() {
             if *n == 0 {
-                return Err(MapError { op: "insert", map, detail: "injected failure".into() });
+                return Err(MapError {
+                    op: "insert",
+                    map,
+                    detail: "injected failure".into(),
+                });
             }
             *n -= 1;
         }
@@ -92,22 +96,34 @@ impl LbMaps for MemMaps {
         Ok(())
     }
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
-        self.write(format!("put {} slot {}", frontend_text(key), key.slot), "services")?;
+        self.write(
+            format!("put {} slot {}", frontend_text(key), key.slot),
+            "services",
+        )?;
         self.services.insert(*key, *value);
         Ok(())
     }
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        self.write(format!("del {} slot {}", frontend_text(key), key.slot), "services")?;
+        self.write(
+            format!("del {} slot {}", frontend_text(key), key.slot),
+            "services",
+        )?;
         self.services.remove(key);
         Ok(())
     }
     fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError> {
-        self.write(format!("put affinity {}:{}", key.service_id, key.backend_id), "affinity")?;
+        self.write(
+            format!("put affinity {}:{}", key.service_id, key.backend_id),
+            "affinity",
+        )?;
         self.affinity_match.insert(*key, ());
         Ok(())
     }
     fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError> {
-        self.write(format!("del affinity {}:{}", key.service_id, key.backend_id), "affinity")?;
+        self.write(
+            format!("del affinity {}:{}", key.service_id, key.backend_id),
+            "affinity",
+        )?;
         self.affinity_match.remove(key);
         Ok(())
     }
@@ -124,23 +140,37 @@ pub struct AyaMaps {
 }
 
 fn kerr(op: &'static str, map: &'static str, e: aya::maps::MapError) -> MapError {
-    MapError { op, map, detail: e.to_string() }
+    MapError {
+        op,
+        map,
+        detail: e.to_string(),
+    }
 }
 
 fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }
 
 impl LbMaps for AyaMaps {
     fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError> {
-        self.backends.iter().collect::<Result<_, _>>().map_err(|e| kerr("iterate", proxy_common::MAP_BACKENDS, e))
+        self.backends
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| kerr("iterate", proxy_common::MAP_BACKENDS, e))
     }
     fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
-        self.services.iter().collect::<Result<_, _>>().map_err(|e| kerr("iterate", proxy_common::MAP_SERVICES, e))
+        self.services
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| kerr("iterate", proxy_common::MAP_SERVICES, e))
     }
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError> {
         self.affinity_match
@@ -149,16 +179,22 @@ impl LbMaps for AyaMaps {
             .map_err(|e| kerr("iterate", proxy_common::MAP_AFFINITY_MATCH, e))
     }
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
-        self.backends.insert(id, value, 0).map_err(|e| kerr("insert", proxy_common::MAP_BACKENDS, e))
+        self.backends
+            .insert(id, value, 0)
+            .map_err(|e| kerr("insert", proxy_common::MAP_BACKENDS, e))
     }
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
-        ignore_missing(self.backends.remove(&id)).map_err(|e| kerr("remove", proxy_common::MAP_BACKENDS, e))
+        ignore_missing(self.backends.remove(&id))
+            .map_err(|e| kerr("remove", proxy_common::MAP_BACKENDS, e))
     }
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
-        self.services.insert(key, value, 0).map_err(|e| kerr("insert", proxy_common::MAP_SERVICES, e))
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| kerr("insert", proxy_common::MAP_SERVICES, e))
     }
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        ignore_missing(self.services.remove(key)).map_err(|e| kerr("remove", proxy_common::MAP_SERVICES, e))
+        ignore_missing(self.services.remove(key))
+            .map_err(|e| kerr("remove", proxy_common::MAP_SERVICES, e))
     }
     fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError> {
         self.affinity_match
@@ -193,7 +229,14 @@ pub fn dump(maps: &impl LbMaps) -> Result<String, MapError> {
     let mut out = String::new();
     let backends: BTreeMap<u32, BackendValue> = maps.backends()?.into_iter().collect();
     let mut services = maps.services()?;
-    services.sort_by_key(|(k, _)| (u32::from_be(k.addr_be), u16::from_be(k.port_be), k.proto, k.slot));
+    services.sort_by_key(|(k, _)| {
+        (
+            u32::from_be(k.addr_be),
+            u16::from_be(k.port_be),
+            k.proto,
+            k.slot,
+        )
+    });
     for (k, v) in &services {
         if k.slot == 0 {
             let _ = writeln!(
@@ -213,16 +256,28 @@ pub fn dump(maps: &impl LbMaps) -> Result<String, MapError> {
                     "{}:{} {}",
                     Ipv4Addr::from(u32::from_be(b.addr_be)),
                     u16::from_be(b.port_be),
-                    if b.state == proxy_common::BACKEND_TERMINATING { "terminating" } else { "active" }
+                    if b.state == proxy_common::BACKEND_TERMINATING {
+                        "terminating"
+                    } else {
+                        "active"
+                    }
                 )
             });
-            let _ = writeln!(out, "  slot {} -> backend {} {}", k.slot, v.backend_id, target);
+            let _ = writeln!(
+                out,
+                "  slot {} -> backend {} {}",
+                k.slot, v.backend_id, target
+            );
         }
     }
     let mut matches = maps.affinity_matches()?;
     matches.sort();
     for m in matches {
-        let _ = writeln!(out, "AFFINITY service={} backend={}", m.service_id, m.backend_id);
+        let _ = writeln!(
+            out,
+            "AFFINITY service={} backend={}",
+            m.service_id, m.backend_id
+        );
     }
     let _ = writeln!(out, "BACKENDS {}", backends.len());
     Ok(out)

@@ -5,6 +5,6 @@ pub mod loader;
 pub mod maps;
 pub mod reconcile;
 
-pub use loader::{cleanup, Datapath, DatapathError};
-pub use maps::{dump, AyaMaps, LbMaps, MapError, MemMaps};
+pub use loader::{Datapath, DatapathError, cleanup};
+pub use maps::{AyaMaps, LbMaps, MapError, MemMaps, dump};
 pub use reconcile::{ApplyStats, Reconciler};

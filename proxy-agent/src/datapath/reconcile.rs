@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use proxy_common::{
-    AffinityMatchKey, BackendValue, ServiceKey, ServiceValue, BACKEND_ACTIVE, BACKEND_TERMINATING,
-    SVC_F_AFFINITY,
+    AffinityMatchKey, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, SVC_F_AFFINITY,
+    ServiceKey, ServiceValue,
 };
 use tracing::warn;
 
@@ -63,7 +63,11 @@ pub struct Reconciler<M: LbMaps> {
 }
 
 fn fkey(k: &ServiceKey) -> FrontendKey {
-    (Ipv4Addr::from(u32::from_be(k.addr_be)), u16::from_be(k.port_be), k.proto)
+    (
+        Ipv4Addr::from(u32::from_be(k.addr_be)),
+        u16::from_be(k.port_be),
+        k.proto,
+    )
 }
 
 fn skey(k: FrontendKey, slot: u16) -> ServiceKey {
@@ -86,21 +90,31 @@ impl<M: LbMaps> Reconciler<M> {
             maps,
         };
         for (id, v) in r.maps.backends()? {
-            let addr = (Ipv4Addr::from(u32::from_be(v.addr_be)), u16::from_be(v.port_be), v.proto);
+            let addr = (
+                Ipv4Addr::from(u32::from_be(v.addr_be)),
+                u16::from_be(v.port_be),
+                v.proto,
+            );
             r.next_backend_id = r.next_backend_id.max(id.wrapping_add(1));
             // A duplicate (same address twice) is left unreferenced and collected by apply.
             r.backends.entry(addr).or_insert((id, v));
         }
         let services = r.maps.services()?;
-        let masters: HashMap<FrontendKey, ServiceValue> =
-            services.iter().filter(|(k, _)| k.slot == 0).map(|(k, v)| (fkey(k), *v)).collect();
+        let masters: HashMap<FrontendKey, ServiceValue> = services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(k, v)| (fkey(k), *v))
+            .collect();
         let mut slots: BTreeMap<FrontendKey, BTreeMap<u16, u32>> = BTreeMap::new();
         for (k, v) in &services {
             if k.slot == 0 {
                 continue;
             }
             if masters.contains_key(&fkey(k)) {
-                slots.entry(fkey(k)).or_default().insert(k.slot, v.backend_id);
+                slots
+                    .entry(fkey(k))
+                    .or_default()
+                    .insert(k.slot, v.backend_id);
             } else {
                 r.orphan_slots.push(*k);
             }
@@ -109,19 +123,29 @@ impl<M: LbMaps> Reconciler<M> {
         for (key, master) in masters {
             let n = (master.count + master.terminating_count) as usize;
             let present = slots.remove(&key).unwrap_or_default();
-            let mut applied = Applied { master: Some(master), ..Default::default() };
+            let mut applied = Applied {
+                master: Some(master),
+                ..Default::default()
+            };
             for slot in 1..=n as u16 {
                 // A missing slot is recorded as id 0, which no backend has: apply rewrites it.
                 applied.slots.push(present.get(&slot).copied().unwrap_or(0));
             }
-            applied.extra_slots = present.keys().copied().filter(|&s| s as usize > n).collect();
+            applied.extra_slots = present
+                .keys()
+                .copied()
+                .filter(|&s| s as usize > n)
+                .collect();
             r.next_service_id = r.next_service_id.max(master.service_id.wrapping_add(1));
             r.service_ids.insert(key, master.service_id);
             by_service_id.insert(master.service_id, key);
             r.frontends.insert(key, applied);
         }
         for m in r.maps.affinity_matches()? {
-            match by_service_id.get(&m.service_id).and_then(|k| r.frontends.get_mut(k)) {
+            match by_service_id
+                .get(&m.service_id)
+                .and_then(|k| r.frontends.get_mut(k))
+            {
                 Some(a) => {
                     a.members.insert(m.backend_id);
                 }
@@ -144,9 +168,16 @@ impl<M: LbMaps> Reconciler<M> {
     /// Makes the maps equal to `desired`.
     pub fn apply(&mut self, desired: &[Frontend]) -> Result<ApplyStats, MapError> {
         self.writes = 0;
-        let wanted: BTreeSet<FrontendKey> =
-            desired.iter().map(|f| (f.vip, f.port, f.protocol.number())).collect();
-        let gone: Vec<FrontendKey> = self.frontends.keys().filter(|k| !wanted.contains(k)).copied().collect();
+        let wanted: BTreeSet<FrontendKey> = desired
+            .iter()
+            .map(|f| (f.vip, f.port, f.protocol.number()))
+            .collect();
+        let gone: Vec<FrontendKey> = self
+            .frontends
+            .keys()
+            .filter(|k| !wanted.contains(k))
+            .copied()
+            .collect();
         for key in gone {
             self.remove_frontend(key)?;
         }
@@ -168,7 +199,11 @@ impl<M: LbMaps> Reconciler<M> {
             self.writes += 1;
         }
         self.collect_backends()?;
-        Ok(ApplyStats { frontends: self.frontends.len(), backends: self.backends.len(), writes: self.writes })
+        Ok(ApplyStats {
+            frontends: self.frontends.len(),
+            backends: self.backends.len(),
+            writes: self.writes,
+        })
     }
 
     fn service_id(&mut self, key: FrontendKey) -> u32 {
@@ -186,7 +221,11 @@ impl<M: LbMaps> Reconciler<M> {
             addr_be: u32::from(addr.0).to_be(),
             port_be: addr.1.to_be(),
             proto: addr.2,
-            state: if terminating { BACKEND_TERMINATING } else { BACKEND_ACTIVE },
+            state: if terminating {
+                BACKEND_TERMINATING
+            } else {
+                BACKEND_ACTIVE
+            },
         };
         let id = match self.backends.get(&addr) {
             Some((id, v)) if *v == value => return Ok(*id),
@@ -209,7 +248,12 @@ impl<M: LbMaps> Reconciler<M> {
             return Err(MapError {
                 op: "insert",
                 map: proxy_common::MAP_SERVICES,
-                detail: format!("{}:{} has {} backends; at most 65534 are supported", fe.vip, fe.port, fe.backends.len()),
+                detail: format!(
+                    "{}:{} has {} backends; at most 65534 are supported",
+                    fe.vip,
+                    fe.port,
+                    fe.backends.len()
+                ),
             });
         }
         // 1. Backends.
@@ -225,7 +269,11 @@ impl<M: LbMaps> Reconciler<M> {
             affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
             count: active,
             terminating_count: ids.len() as u16 - active,
-            flags: if fe.affinity_timeout_s.is_some() { SVC_F_AFFINITY } else { 0 },
+            flags: if fe.affinity_timeout_s.is_some() {
+                SVC_F_AFFINITY
+            } else {
+                0
+            },
             _pad: 0,
         };
         let applied = self.frontends.entry(key).or_default();
@@ -234,7 +282,11 @@ impl<M: LbMaps> Reconciler<M> {
             if applied.slots.get(i) == Some(&id) {
                 continue;
             }
-            let v = ServiceValue { backend_id: id, service_id, ..Default::default() };
+            let v = ServiceValue {
+                backend_id: id,
+                service_id,
+                ..Default::default()
+            };
             self.maps.put_service(&skey(key, i as u16 + 1), &v)?;
             self.writes += 1;
             if i < applied.slots.len() {
@@ -247,7 +299,10 @@ impl<M: LbMaps> Reconciler<M> {
         if fe.affinity_timeout_s.is_some() {
             for &id in &ids {
                 if applied.members.insert(id) {
-                    if let Err(e) = self.maps.put_affinity_match(&AffinityMatchKey { service_id, backend_id: id }) {
+                    if let Err(e) = self.maps.put_affinity_match(&AffinityMatchKey {
+                        service_id,
+                        backend_id: id,
+                    }) {
                         applied.members.remove(&id);
                         return Err(e);
                     }
@@ -275,10 +330,17 @@ impl<M: LbMaps> Reconciler<M> {
             }
             self.writes += 1;
         }
-        let keep: BTreeSet<u32> = if fe.affinity_timeout_s.is_some() { ids.iter().copied().collect() } else { BTreeSet::new() };
+        let keep: BTreeSet<u32> = if fe.affinity_timeout_s.is_some() {
+            ids.iter().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
         let stale: Vec<u32> = applied.members.difference(&keep).copied().collect();
         for id in stale {
-            self.maps.del_affinity_match(&AffinityMatchKey { service_id, backend_id: id })?;
+            self.maps.del_affinity_match(&AffinityMatchKey {
+                service_id,
+                backend_id: id,
+            })?;
             self.writes += 1;
             applied.members.remove(&id);
         }
@@ -286,15 +348,21 @@ impl<M: LbMaps> Reconciler<M> {
     }
 
     fn remove_frontend(&mut self, key: FrontendKey) -> Result<(), MapError> {
-        let Some(applied) = self.frontends.get_mut(&key) else { return Ok(()) };
-        let service_id = applied.master.map(|m| m.service_id).or(self.service_ids.get(&key).copied());
+        let Some(applied) = self.frontends.get_mut(&key) else {
+            return Ok(());
+        };
+        let service_id = applied
+            .master
+            .map(|m| m.service_id)
+            .or(self.service_ids.get(&key).copied());
         if applied.master.is_some() {
             self.maps.del_service(&skey(key, 0))?;
             self.writes += 1;
             applied.master = None;
         }
         while let Some(_id) = applied.slots.last() {
-            self.maps.del_service(&skey(key, applied.slots.len() as u16))?;
+            self.maps
+                .del_service(&skey(key, applied.slots.len() as u16))?;
             self.writes += 1;
             applied.slots.pop();
         }
@@ -307,7 +375,10 @@ impl<M: LbMaps> Reconciler<M> {
         }
         if let Some(service_id) = service_id {
             while let Some(id) = applied.members.pop_last() {
-                if let Err(e) = self.maps.del_affinity_match(&AffinityMatchKey { service_id, backend_id: id }) {
+                if let Err(e) = self.maps.del_affinity_match(&AffinityMatchKey {
+                    service_id,
+                    backend_id: id,
+                }) {
                     applied.members.insert(id);
                     return Err(e);
                 }
@@ -321,9 +392,17 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Removes backends no slot references any more.
     fn collect_backends(&mut self) -> Result<(), MapError> {
-        let used: BTreeSet<u32> = self.frontends.values().flat_map(|a| a.slots.iter().copied()).collect();
-        let unused: Vec<(BackendAddr, u32)> =
-            self.backends.iter().filter(|(_, (id, _))| !used.contains(id)).map(|(a, (id, _))| (*a, *id)).collect();
+        let used: BTreeSet<u32> = self
+            .frontends
+            .values()
+            .flat_map(|a| a.slots.iter().copied())
+            .collect();
+        let unused: Vec<(BackendAddr, u32)> = self
+            .backends
+            .iter()
+            .filter(|(_, (id, _))| !used.contains(id))
+            .map(|(a, (id, _))| (*a, *id))
+            .collect();
         for (addr, id) in unused {
             self.maps.del_backend(id)?;
             self.writes += 1;
@@ -333,7 +412,10 @@ impl<M: LbMaps> Reconciler<M> {
         let known: BTreeSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
         for (id, _) in self.maps.backends()? {
             if !known.contains(&id) {
-                warn!(backend_id = id, "removing a backend entry no service references");
+                warn!(
+                    backend_id = id,
+                    "removing a backend entry no service references"
+                );
                 self.maps.del_backend(id)?;
                 self.writes += 1;
             }
@@ -345,7 +427,7 @@ impl<M: LbMaps> Reconciler<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::maps::{dump, MemMaps};
+    use crate::datapath::maps::{MemMaps, dump};
     use crate::model::{Backend, ObjectRef, Protocol};
 
     fn fe(vip: u8, port: u16, backends: &[(u8, bool)]) -> Frontend {
@@ -358,7 +440,11 @@ mod tests {
             affinity_timeout_s: None,
             backends: backends
                 .iter()
-                .map(|&(last, terminating)| Backend { addr: Ipv4Addr::new(198, 18, 0, last), port: 8080, terminating })
+                .map(|&(last, terminating)| Backend {
+                    addr: Ipv4Addr::new(198, 18, 0, last),
+                    port: 8080,
+                    terminating,
+                })
                 .collect(),
         }
     }
@@ -366,7 +452,9 @@ mod tests {
     #[test]
     fn programs_services_in_a_safe_order() {
         let mut r = Reconciler::restore(MemMaps::default()).unwrap();
-        let stats = r.apply(&[fe(10, 80, &[(2, false), (3, false), (4, true)])]).unwrap();
+        let stats = r
+            .apply(&[fe(10, 80, &[(2, false), (3, false), (4, true)])])
+            .unwrap();
         assert_eq!((stats.frontends, stats.backends), (1, 3));
         assert_eq!(
             dump(r.maps()).unwrap(),
@@ -393,7 +481,8 @@ mod tests {
     #[test]
     fn shrinking_writes_the_master_before_deleting_slots_and_backends() {
         let mut r = Reconciler::restore(MemMaps::default()).unwrap();
-        r.apply(&[fe(10, 80, &[(2, false), (3, false), (4, false)])]).unwrap();
+        r.apply(&[fe(10, 80, &[(2, false), (3, false), (4, false)])])
+            .unwrap();
         let mut maps = r.maps().clone();
         maps.journal.clear();
         let mut r = Reconciler::restore(maps).unwrap();
@@ -412,16 +501,33 @@ mod tests {
     #[test]
     fn removal_deletes_master_first_and_unused_backends_last() {
         let mut r = Reconciler::restore(MemMaps::default()).unwrap();
-        r.apply(&[fe(10, 80, &[(2, false)]), fe(11, 80, &[(2, false), (3, false)])]).unwrap();
+        r.apply(&[
+            fe(10, 80, &[(2, false)]),
+            fe(11, 80, &[(2, false), (3, false)]),
+        ])
+        .unwrap();
         let n = r.maps().journal.len();
         r.apply(&[fe(11, 80, &[(2, false), (3, false)])]).unwrap();
-        assert_eq!(r.maps().journal[n..], ["del 198.19.0.10:80/TCP slot 0", "del 198.19.0.10:80/TCP slot 1"]);
+        assert_eq!(
+            r.maps().journal[n..],
+            [
+                "del 198.19.0.10:80/TCP slot 0",
+                "del 198.19.0.10:80/TCP slot 1"
+            ]
+        );
         // Backend 198.18.0.2 is still used by the other service.
         assert_eq!(r.maps().backends.len(), 2);
         let n = r.maps().journal.len();
         r.apply(&[]).unwrap();
         let tail = &r.maps().journal[n..];
-        assert_eq!(tail[..3], ["del 198.19.0.11:80/TCP slot 0", "del 198.19.0.11:80/TCP slot 2", "del 198.19.0.11:80/TCP slot 1"]);
+        assert_eq!(
+            tail[..3],
+            [
+                "del 198.19.0.11:80/TCP slot 0",
+                "del 198.19.0.11:80/TCP slot 2",
+                "del 198.19.0.11:80/TCP slot 1"
+            ]
+        );
         let mut rest: Vec<_> = tail[3..].to_vec();
         rest.sort();
         assert_eq!(rest, ["del backend 1", "del backend 2"]);
@@ -430,7 +536,10 @@ mod tests {
 
     #[test]
     fn restore_keeps_ids_and_rewrites_nothing() {
-        let desired = [fe(10, 80, &[(2, false), (3, false)]), fe(12, 53, &[(5, false)])];
+        let desired = [
+            fe(10, 80, &[(2, false), (3, false)]),
+            fe(12, 53, &[(5, false)]),
+        ];
         let mut r = Reconciler::restore(MemMaps::default()).unwrap();
         r.apply(&desired).unwrap();
         let before = dump(r.maps()).unwrap();
@@ -441,8 +550,12 @@ mod tests {
         assert_eq!(stats.writes, 0, "{:?}", r.maps().journal);
         assert_eq!(dump(r.maps()).unwrap(), before);
         // New ids continue after the restored ones.
-        r.apply(&[fe(10, 80, &[(2, false), (3, false), (9, false)]), fe(12, 53, &[(5, false)]), fe(13, 80, &[])])
-            .unwrap();
+        r.apply(&[
+            fe(10, 80, &[(2, false), (3, false), (9, false)]),
+            fe(12, 53, &[(5, false)]),
+            fe(13, 80, &[]),
+        ])
+        .unwrap();
         let d = dump(r.maps()).unwrap();
         assert!(d.contains("slot 3 -> backend 4 198.18.0.9:8080"), "{d}");
         assert!(d.contains("SVC 198.19.0.13:80/TCP id=3 count=0"), "{d}");
@@ -453,13 +566,21 @@ mod tests {
         let desired = [fe(10, 80, &[(2, false), (3, false)])];
         // The apply takes 5 writes (2 backends, 2 slots, the master); fail at each of them.
         for fail_after in 0..5 {
-            let mut r = Reconciler::restore(MemMaps { fail_after: Some(fail_after), ..Default::default() }).unwrap();
+            let mut r = Reconciler::restore(MemMaps {
+                fail_after: Some(fail_after),
+                ..Default::default()
+            })
+            .unwrap();
             assert!(r.apply(&desired).is_err(), "fail_after={fail_after}");
             // Whatever was written is consistent: a master never counts a missing slot.
             for (k, v) in &r.maps().services {
                 if k.slot == 0 {
                     for s in 1..=v.count {
-                        assert!(r.maps().services.contains_key(&ServiceKey { slot: s, ..*k }));
+                        assert!(
+                            r.maps()
+                                .services
+                                .contains_key(&ServiceKey { slot: s, ..*k })
+                        );
                     }
                 }
             }
@@ -469,7 +590,11 @@ mod tests {
             r.apply(&desired).unwrap();
             let mut fresh = Reconciler::restore(MemMaps::default()).unwrap();
             fresh.apply(&desired).unwrap();
-            assert_eq!(dump(r.maps()).unwrap(), dump(fresh.maps()).unwrap(), "fail_after={fail_after}");
+            assert_eq!(
+                dump(r.maps()).unwrap(),
+                dump(fresh.maps()).unwrap(),
+                "fail_after={fail_after}"
+            );
         }
     }
 
@@ -477,8 +602,22 @@ mod tests {
     fn restore_cleans_up_an_interrupted_write() {
         let mut maps = MemMaps::default();
         // A slot without master (interrupted create) and a slot past the count.
-        maps.services.insert(ServiceKey::new(0xc613_0063, 80, 6, 1), ServiceValue { backend_id: 7, ..Default::default() });
-        maps.backends.insert(7, BackendValue { addr_be: 0xc612_0007u32.to_be(), port_be: 80u16.to_be(), proto: 6, state: 0 });
+        maps.services.insert(
+            ServiceKey::new(0xc613_0063, 80, 6, 1),
+            ServiceValue {
+                backend_id: 7,
+                ..Default::default()
+            },
+        );
+        maps.backends.insert(
+            7,
+            BackendValue {
+                addr_be: 0xc612_0007u32.to_be(),
+                port_be: 80u16.to_be(),
+                proto: 6,
+                state: 0,
+            },
+        );
         let mut r = Reconciler::restore(maps).unwrap();
         r.apply(&[fe(10, 80, &[(2, false)])]).unwrap();
         let d = dump(r.maps()).unwrap();
@@ -498,7 +637,12 @@ mod tests {
         assert_eq!(r.maps().affinity_match.len(), 2);
         a.backends.pop();
         r.apply(std::slice::from_ref(&a)).unwrap();
-        let members: Vec<_> = r.maps().affinity_match.keys().map(|k| k.backend_id).collect();
+        let members: Vec<_> = r
+            .maps()
+            .affinity_match
+            .keys()
+            .map(|k| k.backend_id)
+            .collect();
         assert_eq!(members, [1]);
         a.affinity_timeout_s = None;
         r.apply(std::slice::from_ref(&a)).unwrap();
