@@ -1,0 +1,77 @@
+//! Builders for the Kubernetes YAML the tests write into a node's manifests directory.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+/// An endpoint condition as EndpointSlices carry it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cond {
+    /// ready (and serving, not terminating).
+    Ready,
+    /// serving and terminating, not ready (KEP-1669).
+    Terminating,
+    /// not ready, not serving.
+    NotReady,
+}
+
+/// A v1 Service with one port. `extra_spec` is appended (indented) under `spec:`.
+pub fn service(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    protocol: &str,
+    extra_spec: &str,
+) -> String {
+    let mut s = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {cluster_ip}\n  ports:\n  - name: p\n    port: {port}\n    protocol: {protocol}\n"
+    );
+    for line in extra_spec.lines() {
+        let _ = writeln!(s, "  {line}");
+    }
+    s
+}
+
+/// A discovery.k8s.io/v1 EndpointSlice for `service` with one port.
+pub fn slice(
+    name: &str,
+    service: &str,
+    port: u16,
+    protocol: &str,
+    endpoints: &[(Ipv4Addr, Cond)],
+) -> String {
+    let mut s = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: p\n  port: {port}\n  protocol: {protocol}\nendpoints:\n"
+    );
+    if endpoints.is_empty() {
+        s = s.replace("endpoints:\n", "endpoints: []\n");
+    }
+    for (addr, cond) in endpoints {
+        let (ready, serving, terminating) = match cond {
+            Cond::Ready => (true, true, false),
+            Cond::Terminating => (false, true, true),
+            Cond::NotReady => (false, false, false),
+        };
+        let _ = writeln!(
+            s,
+            "- addresses: [\"{addr}\"]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}"
+        );
+    }
+    s
+}
+
+/// A Service plus its slice with all endpoints ready, as one multi-document file.
+pub fn service_with_endpoints(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    protocol: &str,
+    target: u16,
+    ready: &[Ipv4Addr],
+) -> String {
+    let eps: Vec<_> = ready.iter().map(|a| (*a, Cond::Ready)).collect();
+    format!(
+        "{}---\n{}",
+        service(name, cluster_ip, port, protocol, ""),
+        slice(&format!("{name}-1"), name, target, protocol, &eps)
+    )
+}

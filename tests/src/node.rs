@@ -1,0 +1,286 @@
+//! A simulated node: its network namespace, bridge, pods, cgroup subtree, pins and scratch files.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::leftovers;
+use crate::proc::{Place, Proc};
+use crate::sys::{self, PREFIX, ip};
+
+static NEXT_NODE: AtomicUsize = AtomicUsize::new(0);
+
+/// The node's address on its pod bridge.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+
+/// A simulated Kubernetes node. Dropping it removes everything it created.
+pub struct SimNode {
+    /// Unique name: `pxt<pid>-<n>`.
+    pub name: String,
+    /// Network namespace of the node (the agent's "host network").
+    pub netns: String,
+    /// The node's cgroup v2 subtree; the agent attaches here.
+    pub cgroup: PathBuf,
+    /// bpffs directory for the agent's pins.
+    pub bpffs: PathBuf,
+    /// Scratch directory (manifests, logs).
+    pub dir: PathBuf,
+    pods: Vec<String>,
+    next_ip: AtomicU32,
+}
+
+/// A pod: a network namespace on the node's bridge and a child cgroup of the node.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    /// Pod name.
+    pub name: String,
+    /// Pod address.
+    pub ip: Ipv4Addr,
+    /// Where its processes run.
+    pub place: Place,
+}
+
+impl SimNode {
+    /// Creates a node (removing left-overs of crashed runs first). Panics without root.
+    pub fn new() -> Self {
+        sys::require_root();
+        leftovers::remove_stale();
+        let name = format!(
+            "{PREFIX}{}-{}",
+            std::process::id(),
+            NEXT_NODE.fetch_add(1, Ordering::SeqCst)
+        );
+        let node = Self {
+            netns: format!("{name}-node"),
+            cgroup: sys::cgroup2_root().join(&name),
+            bpffs: sys::bpffs_root().join(&name),
+            dir: std::env::temp_dir().join(&name),
+            name,
+            pods: Vec::new(),
+            next_ip: AtomicU32::new(10),
+        };
+        // From here on, Drop cleans up whatever was created.
+        std::fs::create_dir_all(node.dir.join("manifests")).expect("create scratch dir");
+        std::fs::create_dir_all(node.dir.join("logs")).expect("create log dir");
+        std::fs::create_dir(&node.cgroup)
+            .unwrap_or_else(|e| panic!("create cgroup {}: {e}", node.cgroup.display()));
+        std::fs::create_dir(node.cgroup.join("system")).expect("create node system cgroup");
+        ip(&["netns", "add", &node.netns]);
+        ip(&["-n", &node.netns, "link", "set", "lo", "up"]);
+        ip(&["-n", &node.netns, "link", "add", "br0", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &node.netns,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/16"),
+            "dev",
+            "br0",
+        ]);
+        ip(&["-n", &node.netns, "link", "set", "br0", "up"]);
+        node
+    }
+
+    /// Where node-level processes (the agent) run: the node netns, cgroup `<node>/system`.
+    pub fn host_place(&self) -> Place {
+        Place {
+            netns: PathBuf::from(format!("/run/netns/{}", self.netns)),
+            cgroup: self.cgroup.join("system"),
+            logs: self.dir.join("logs"),
+        }
+    }
+
+    /// The manifests directory the agent reads.
+    pub fn manifests(&self) -> PathBuf {
+        self.dir.join("manifests")
+    }
+
+    /// Writes (atomically: temp file + rename) a manifest file.
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.manifests().join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).expect("write manifest");
+        std::fs::rename(&tmp, self.manifests().join(file)).expect("rename manifest");
+    }
+
+    /// Removes a manifest file.
+    pub fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.manifests().join(file)).expect("remove manifest");
+    }
+
+    /// Adds a pod with the next free address.
+    pub fn add_pod(&mut self, name: &str) -> Pod {
+        let n = self.next_ip.fetch_add(1, Ordering::SeqCst);
+        let addr = Ipv4Addr::new(198, 18, (n >> 8) as u8, n as u8);
+        let netns = format!("{}-{name}", self.name);
+        let veth = format!("v{}", self.pods.len());
+        ip(&["netns", "add", &netns]);
+        self.pods.push(netns.clone());
+        ip(&[
+            "-n",
+            &self.netns,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ]);
+        ip(&[
+            "-n",
+            &self.netns,
+            "link",
+            "set",
+            &veth,
+            "master",
+            "br0",
+            "up",
+        ]);
+        ip(&["-n", &netns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{addr}/16"),
+            "dev",
+            "eth0",
+        ]);
+        ip(&["-n", &netns, "link", "set", "eth0", "up"]);
+        ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IP.to_string(),
+        ]);
+        let cgroup = self.cgroup.join(format!("pod-{name}"));
+        std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("create {}: {e}", cgroup.display()));
+        Pod {
+            name: name.to_string(),
+            ip: addr,
+            place: Place {
+                netns: PathBuf::from(format!("/run/netns/{netns}")),
+                cgroup,
+                logs: self.dir.join("logs"),
+            },
+        }
+    }
+
+    /// Starts `proxy-agent run` on this node with `extra` arguments and waits for the first
+    /// "datapath synced".
+    pub fn start_agent(&self, extra: &[&str]) -> Proc {
+        let manifests = self.manifests();
+        let mut args = vec![
+            "run",
+            "--manifests",
+            manifests.to_str().expect("utf-8 path"),
+            "--cgroup",
+            self.cgroup.to_str().expect("utf-8 path"),
+            "--bpffs",
+            self.bpffs.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        let place = self.host_place();
+        let mut cmd = place.command(sys::bin("proxy-agent"), &args);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        let n = std::fs::read_dir(&place.logs)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let mut agent = Proc::spawn(
+            "proxy-agent",
+            cmd,
+            place.logs.join(format!("agent-{n}.log")),
+        );
+        agent.wait_log_count("datapath synced", 1, Duration::from_secs(20));
+        agent
+    }
+
+    /// Runs `proxy-agent dump` against this node's pins.
+    pub fn dump(&self) -> String {
+        let bpffs = self.bpffs.to_str().expect("utf-8").to_string();
+        self.host_place().run(
+            sys::bin("proxy-agent"),
+            &["dump", "--bpffs", &bpffs],
+            Duration::from_secs(10),
+        )
+    }
+}
+
+impl Default for SimNode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pod {
+    /// Starts a fixture server (`fixture KIND ARGS…`) in this pod and waits for `listening`.
+    pub fn fixture_server(&self, kind: &str, args: &[&str]) -> Proc {
+        let mut all = vec![kind, "--id", &self.name];
+        all.extend_from_slice(args);
+        let cmd = self.place.command(sys::bin("fixture"), &all);
+        let log = self.place.logs.join(format!("{}-{kind}.log", self.name));
+        let mut p = Proc::spawn(&format!("{kind}@{}", self.name), cmd, log);
+        p.wait_stdout("listening", Duration::from_secs(10));
+        p
+    }
+
+    /// Runs a fixture probe (`fixture KIND ARGS…`) to completion and parses its JSON output.
+    pub fn probe(&self, kind: &str, args: &[&str], timeout: Duration) -> serde_json::Value {
+        let mut all = vec![kind];
+        all.extend_from_slice(args);
+        let out = self.place.run(sys::bin("fixture"), &all, timeout);
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("{kind} printed no JSON ({e}): {out}"))
+    }
+
+    /// Runs any program in this pod to completion and returns its stdout.
+    pub fn run(&self, program: impl AsRef<Path>, args: &[&str], timeout: Duration) -> String {
+        self.place.run(program, args, timeout)
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        let mut problems = Vec::new();
+        // Processes first (by PID, from the cgroups), then namespaces, cgroups, pins, files.
+        if let Err(e) = leftovers::kill_cgroup_tree(&self.cgroup) {
+            problems.push(e);
+        }
+        for ns in self.pods.iter().chain(std::iter::once(&self.netns)) {
+            if let Err(e) = leftovers::remove_netns(ns) {
+                problems.push(e);
+            }
+        }
+        if let Err(e) = leftovers::remove_cgroup_tree(&self.cgroup) {
+            problems.push(e);
+        }
+        if let Err(e) = leftovers::remove_pins(&self.bpffs) {
+            problems.push(e);
+        }
+        if std::env::var_os("PXT_KEEP_LOGS").is_none() || !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        if !problems.is_empty() && !std::thread::panicking() {
+            panic!(
+                "cleanup of node {} failed: {}",
+                self.name,
+                problems.join("; ")
+            );
+        }
+    }
+}
+
+/// Returns the `pxt…` resources present now (for leak checks): netns, cgroups, pins, processes.
+pub fn present_resources() -> Vec<String> {
+    leftovers::list_all()
+}
