@@ -69,11 +69,26 @@ pub fn build_bins() -> Result<()> {
 fn lint() -> Result<()> {
     let fmt = cargo(&["fmt", "--all", "--check"])?;
     if !fmt.status.success() {
-        bail!("cargo fmt --check found unformatted code:\n{}", String::from_utf8_lossy(&fmt.stdout));
+        bail!(
+            "cargo fmt --check found unformatted code:\n{}",
+            String::from_utf8_lossy(&fmt.stdout)
+        );
     }
-    let clippy = cargo(&["clippy", "--workspace", "--exclude", "proxy-ebpf", "--all-targets", "--", "-D", "warnings"])?;
+    let clippy = cargo(&[
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "proxy-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     if !clippy.status.success() {
-        bail!("cargo clippy found problems:\n{}", String::from_utf8_lossy(&clippy.stderr));
+        bail!(
+            "cargo clippy found problems:\n{}",
+            String::from_utf8_lossy(&clippy.stderr)
+        );
     }
     eprintln!("xtask: fmt and clippy clean");
     Ok(())
@@ -132,7 +147,7 @@ fn test(filter: Option<String>) -> Result<()> {
     if !root {
         eprintln!("xtask: NOT ROOT: the privileged tests below will fail, each naming the reason");
     }
-    let (e2e_ok, e2e_out) = cargo_streamed(&["test", "-p", "tests", "--tests", "--", &filter])?;
+    let (e2e_ok, e2e_out) = cargo_streamed(&["test", "-p", "tests", "--test", "*", "--", &filter])?;
     let leaks = leak_check();
     let (up, uf) = count(&unit_out);
     let (ep, ef) = count(&e2e_out);
