@@ -243,6 +243,32 @@ impl Pod {
             .unwrap_or_else(|e| panic!("{kind} printed no JSON ({e}): {out}"))
     }
 
+    /// Starts a fixture probe in the background; finish it with [`Pod::finish_probe`].
+    pub fn spawn_probe(&self, kind: &str, args: &[&str]) -> Proc {
+        let mut all = vec![kind];
+        all.extend_from_slice(args);
+        let cmd = self.place.command(sys::bin("fixture"), &all);
+        let log = self
+            .place
+            .logs
+            .join(format!("{}-{kind}-probe.log", self.name));
+        Proc::spawn(&format!("{kind}@{}", self.name), cmd, log)
+    }
+
+    /// Waits for a background probe and parses its JSON output.
+    pub fn finish_probe(mut probe: Proc, timeout: Duration) -> serde_json::Value {
+        let st = probe.wait_exit(timeout);
+        assert!(
+            st.success(),
+            "{} failed ({st}): {}",
+            probe.name,
+            probe.log_text()
+        );
+        let out = probe.stdout_lines().join("\n");
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {out}", probe.name))
+    }
+
     /// Runs any program in this pod to completion and returns its stdout.
     pub fn run(&self, program: impl AsRef<Path>, args: &[&str], timeout: Duration) -> String {
         self.place.run(program, args, timeout)

@@ -203,6 +203,23 @@ impl Proc {
         })
     }
 
+    /// Waits for the process to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match poll_wait(&mut self.child, timeout) {
+            Some(s) => s,
+            None => panic!(
+                "{} did not exit within {timeout:?}; log:\n{}",
+                self.name,
+                self.log_text()
+            ),
+        }
+    }
+
+    /// The stdout lines captured so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout.lock().expect("lock").clone()
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -1,0 +1,438 @@
+//! In-kernel ClusterIP load balancing (TCP and UDP) on a simulated node. Needs root.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tests::k8s::{self, Cond};
+use tests::{Pod, Proc, SimNode};
+
+const T: Duration = Duration::from_secs(60);
+const VIP: &str = "198.19.0.10";
+
+/// A node with `n` `tcp-id` backends (pods web1..n on :8080), a client pod and a Service
+/// 198.19.0.10:80 over all of them; the agent is not started.
+fn web_node(n: usize) -> (SimNode, Vec<Pod>, Pod, Vec<Proc>) {
+    let mut node = SimNode::new();
+    let webs: Vec<Pod> = (1..=n).map(|i| node.add_pod(&format!("web{i}"))).collect();
+    let client = node.add_pod("client");
+    let servers = webs
+        .iter()
+        .map(|p| p.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080"]))
+        .collect();
+    let ips: Vec<Ipv4Addr> = webs.iter().map(|p| p.ip).collect();
+    node.write_manifest(
+        "web.yaml",
+        &k8s::service_with_endpoints("web", VIP, 80, "TCP", 8080, &ips),
+    );
+    (node, webs, client, servers)
+}
+
+fn tcp(client: &Pod, to: &str, count: usize) -> Value {
+    client.probe(
+        "tcp-probe",
+        &[
+            "--to",
+            to,
+            "--count",
+            &count.to_string(),
+            "--read",
+            "--timeout-ms",
+            "2000",
+        ],
+        T,
+    )
+}
+
+fn tally(v: &Value, key: &str) -> BTreeMap<String, u64> {
+    v[key]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn tcp_connects_spread_evenly_over_three_backends() {
+    let (node, _webs, client, _servers) = web_node(3);
+    let _agent = node.start_agent(&[]);
+    let out = tcp(&client, "198.19.0.10:80", 1000);
+    assert_eq!(out["ok"], 1000, "{out}");
+    let reads = tally(&out, "reads");
+    assert_eq!(reads.len(), 3, "{out}");
+    for (pod, n) in &reads {
+        assert!(
+            (267..=400).contains(n),
+            "{pod} got {n} of 1000 (want 333 +-20%): {reads:?}"
+        );
+    }
+    assert_eq!(
+        tally(&out, "peers").keys().collect::<Vec<_>>(),
+        ["198.19.0.10:80"],
+        "getpeername must report the VIP"
+    );
+}
+
+#[test]
+fn ipv4_mapped_ipv6_sockets_are_translated_both_ways() {
+    let (node, _webs, client, _servers) = web_node(2);
+    let _agent = node.start_agent(&[]);
+    let out = tcp(&client, "[::ffff:198.19.0.10]:80", 100);
+    assert_eq!(out["ok"], 100, "{out}");
+    assert_eq!(tally(&out, "reads").len(), 2, "{out}");
+    assert_eq!(
+        tally(&out, "peers").keys().collect::<Vec<_>>(),
+        ["[::ffff:198.19.0.10]:80"],
+        "{out}"
+    );
+}
+
+#[test]
+fn udp_replies_appear_to_come_from_the_clusterip() {
+    let mut node = SimNode::new();
+    let dns: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("dns{i}"))).collect();
+    let client = node.add_pod("client");
+    let _servers: Vec<_> = dns
+        .iter()
+        .map(|p| p.fixture_server("udp-echo", &["--listen", "0.0.0.0:5353"]))
+        .collect();
+    let ips: Vec<_> = dns.iter().map(|p| p.ip).collect();
+    node.write_manifest(
+        "dns.yaml",
+        &k8s::service_with_endpoints("dns", "198.19.0.53", 53, "UDP", 5353, &ips),
+    );
+    let _agent = node.start_agent(&[]);
+    for mode in [&[][..], &["--connected"][..]] {
+        let mut args = vec!["--to", "198.19.0.53:53", "--count", "50"];
+        args.extend_from_slice(mode);
+        let out = client.probe("udp-probe", &args, T);
+        assert_eq!(out["ok"], 50, "{mode:?}: {out}");
+        assert_eq!(
+            tally(&out, "sources").keys().collect::<Vec<_>>(),
+            ["198.19.0.53:53"],
+            "recvfrom must report the VIP ({mode:?}): {out}"
+        );
+        // One socket keeps one backend: a resolver's request and retries land together.
+        assert_eq!(tally(&out, "ids").len(), 1, "{mode:?}: {out}");
+    }
+    // Different sockets spread over the backends.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let out = client.probe("udp-probe", &["--to", "198.19.0.53:53", "--count", "1"], T);
+        seen.extend(tally(&out, "ids").into_keys());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "40 sockets all reached one backend: {seen:?}"
+    );
+}
+
+#[test]
+fn a_removed_endpoint_gets_no_new_connections_and_an_empty_service_refuses_fast() {
+    let (node, webs, client, _servers) = web_node(3);
+    let mut agent = node.start_agent(&[]);
+    let ips: Vec<_> = webs.iter().map(|p| p.ip).collect();
+    node.write_manifest(
+        "web.yaml",
+        &k8s::service_with_endpoints("web", VIP, 80, "TCP", 8080, &ips[..2]),
+    );
+    agent.wait_log_count("datapath synced", 2, T);
+    let out = tcp(&client, "198.19.0.10:80", 300);
+    assert_eq!(out["ok"], 300, "{out}");
+    assert!(
+        !tally(&out, "reads").contains_key("web3"),
+        "removed endpoint still reached: {out}"
+    );
+
+    node.write_manifest(
+        "web.yaml",
+        &k8s::service_with_endpoints("web", VIP, 80, "TCP", 8080, &[]),
+    );
+    agent.wait_log_count("datapath synced", 3, T);
+    let out = client.probe(
+        "tcp-probe",
+        &[
+            "--to",
+            "198.19.0.10:80",
+            "--count",
+            "20",
+            "--timeout-ms",
+            "2000",
+        ],
+        T,
+    );
+    assert_eq!(
+        tally(&out, "errors"),
+        BTreeMap::from([("ConnectionRefused(111)".to_string(), 20)]),
+        "{out}"
+    );
+    let slowest = out["failed_connect_us_max"]
+        .as_u64()
+        .expect("failed connect latency");
+    assert!(
+        slowest < 10_000,
+        "a refused connect took {slowest} us (want < 10 ms)"
+    );
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_none_is_ready() {
+    let (node, webs, client, _servers) = web_node(2);
+    let write = |conds: [Cond; 2]| {
+        let eps = [(webs[0].ip, conds[0]), (webs[1].ip, conds[1])];
+        let yaml = format!(
+            "{}---\n{}",
+            k8s::service("web", VIP, 80, "TCP", ""),
+            k8s::slice("web-1", "web", 8080, "TCP", &eps)
+        );
+        node.write_manifest("web.yaml", &yaml);
+    };
+    write([Cond::Ready, Cond::Terminating]);
+    let mut agent = node.start_agent(&[]);
+    assert_eq!(
+        tally(&tcp(&client, "198.19.0.10:80", 100), "reads"),
+        BTreeMap::from([("web1".into(), 100)])
+    );
+    write([Cond::NotReady, Cond::Terminating]);
+    agent.wait_log_count("datapath synced", 2, T);
+    assert_eq!(
+        tally(&tcp(&client, "198.19.0.10:80", 100), "reads"),
+        BTreeMap::from([("web2".into(), 100)])
+    );
+}
+
+#[test]
+fn session_affinity_client_ip_pins_each_client_to_one_backend() {
+    let (node, webs, client, _servers) = web_node(3);
+    let ips: Vec<_> = webs.iter().map(|p| p.ip).collect();
+    let svc = k8s::service(
+        "web",
+        VIP,
+        80,
+        "TCP",
+        "sessionAffinity: ClientIP\nsessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}",
+    );
+    let eps: Vec<_> = ips.iter().map(|a| (*a, Cond::Ready)).collect();
+    node.write_manifest(
+        "web.yaml",
+        &format!(
+            "{svc}---\n{}",
+            k8s::slice("web-1", "web", 8080, "TCP", &eps)
+        ),
+    );
+    let mut agent = node.start_agent(&[]);
+    let out = tcp(&client, "198.19.0.10:80", 100);
+    let reads = tally(&out, "reads");
+    assert_eq!(reads.values().sum::<u64>(), 100, "{out}");
+    assert_eq!(
+        reads.len(),
+        1,
+        "100 connects from one pod reached several backends: {reads:?}"
+    );
+    // When that backend leaves the Service, the client moves to another one and sticks there.
+    let pinned = reads.keys().next().unwrap().clone();
+    let rest: Vec<_> = webs
+        .iter()
+        .filter(|p| p.name != pinned)
+        .map(|p| (p.ip, Cond::Ready))
+        .collect();
+    node.write_manifest(
+        "web.yaml",
+        &format!(
+            "{svc}---\n{}",
+            k8s::slice("web-1", "web", 8080, "TCP", &rest)
+        ),
+    );
+    agent.wait_log_count("datapath synced", 2, T);
+    let reads = tally(&tcp(&client, "198.19.0.10:80", 50), "reads");
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert!(!reads.contains_key(&pinned), "{reads:?}");
+}
+
+#[test]
+fn a_killed_agent_loses_no_connect_and_a_restarted_one_adopts_the_pinned_state() {
+    let (mut node, mut webs, client, mut servers) = web_node(3);
+    let mut agent = node.start_agent(&[]);
+    let before = node.dump();
+    let served = |servers: &[Proc]| {
+        servers
+            .iter()
+            .map(|s| s.log_text().matches("id sent").count())
+            .sum::<usize>()
+    };
+    let probe = client.spawn_probe(
+        "tcp-probe",
+        &["--to", "198.19.0.10:80", "--count", "3000", "--read"],
+    );
+    // Kill the agent mid-stream: once the backends have served a few hundred connects.
+    tests::sys::poll("the connect stream to be under way", T, || {
+        (served(&servers) >= 300).then_some(())
+    });
+    agent.signal(nix::sys::signal::Signal::SIGKILL);
+    agent.wait_exit(T);
+    let out = Pod::finish_probe(probe, T);
+    assert_eq!(
+        out["ok"], 3000,
+        "connects failed while the agent was dead: {out}"
+    );
+    assert_eq!(
+        served(&servers),
+        3000,
+        "every connect must have reached a backend"
+    );
+    assert_eq!(
+        node.dump(),
+        before,
+        "the pinned maps changed while the agent was dead"
+    );
+
+    // A change made while the agent is down is applied within 2 s of the restart.
+    let web4 = node.add_pod("web4");
+    servers.push(web4.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080"]));
+    webs.push(web4);
+    let ips: Vec<_> = webs.iter().map(|p| p.ip).collect();
+    node.write_manifest(
+        "web.yaml",
+        &k8s::service_with_endpoints("web", VIP, 80, "TCP", 8080, &ips),
+    );
+    let started = Instant::now();
+    let agent2 = node.start_agent(&[]);
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "the change took {elapsed:?} to apply after the restart"
+    );
+    let log = agent2.log_text();
+    assert!(
+        log.contains("adopted=true"),
+        "links were re-attached instead of adopted:\n{log}"
+    );
+    let after = node.dump();
+    // Same ids for the old backends (no flush), one new slot and backend for web4.
+    for line in before.lines().filter(|l| l.contains("-> backend")) {
+        assert!(
+            after.contains(line),
+            "lost `{line}` across the restart:\n{after}"
+        );
+    }
+    assert!(
+        after.contains(&format!("slot 4 -> backend 4 {}:8080", webs[3].ip)),
+        "{after}"
+    );
+    assert!(
+        log.contains("writes=3"),
+        "expected exactly backend+slot+master writes:\n{log}"
+    );
+    let reads = tally(&tcp(&client, "198.19.0.10:80", 400), "reads");
+    assert_eq!(reads.len(), 4, "{reads:?}");
+}
+
+#[test]
+fn ten_thousand_services_with_ten_endpoints_each_load() {
+    let (node, _webs, client, _servers) = web_node(1);
+    let mut yaml = String::with_capacity(12 << 20);
+    for i in 1..10_000u32 {
+        let vip = format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250);
+        let eps: Vec<_> = (1..=10u8)
+            .map(|j| (Ipv4Addr::new(198, 18, 200, j), Cond::Ready))
+            .collect();
+        // A distinct target port per Service makes 10 distinct backends each.
+        let _ = write!(
+            yaml,
+            "{}---\n{}---\n",
+            k8s::service(&format!("s{i}"), &vip, 80, "TCP", ""),
+            k8s::slice(
+                &format!("s{i}-1"),
+                &format!("s{i}"),
+                10_000 + i as u16,
+                "TCP",
+                &eps
+            )
+        );
+    }
+    node.write_manifest("many.yaml", &yaml);
+    let started = Instant::now();
+    let mut agent = node.start_agent(&[]);
+    agent.wait_log_count("services=10000", 1, Duration::from_secs(300));
+    eprintln!("10,000 Services loaded in {:?}", started.elapsed());
+    let dump = node.dump();
+    assert_eq!(
+        dump.lines().filter(|l| l.starts_with("SVC ")).count(),
+        10_000
+    );
+    assert!(
+        dump.contains("BACKENDS 99991\n"),
+        "{}",
+        &dump[dump.len().saturating_sub(200)..]
+    );
+    // The real Service among them still works.
+    assert_eq!(tcp(&client, "198.19.0.10:80", 20)["ok"], 20);
+}
+
+#[test]
+fn a_broken_manifest_is_reported_and_the_last_good_state_keeps_serving() {
+    let (node, webs, client, _servers) = web_node(2);
+    let mut agent = node.start_agent(&[]);
+    let ips: Vec<_> = webs.iter().map(|p| p.ip).collect();
+    let bad = k8s::service_with_endpoints("web", VIP, 80, "TCP", 8080, &ips)
+        .replace("port: 80\n", "port: eighty\n");
+    node.write_manifest("web.yaml", &bad);
+    let log = agent.wait_log_count("field=spec.ports[0].port", 1, T);
+    let line = log
+        .lines()
+        .find(|l| l.contains("field=spec.ports[0].port"))
+        .unwrap();
+    assert!(
+        line.contains("web.yaml") && line.contains("Service default/web"),
+        "{line}"
+    );
+    let out = tcp(&client, "198.19.0.10:80", 50);
+    assert_eq!(
+        out["ok"], 50,
+        "the last good state must keep serving: {out}"
+    );
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_cleanup_detaches_everything() {
+    let (node, _webs, client, _servers) = web_node(2);
+    let mut agent = node.start_agent(&[]);
+    assert!(agent.terminate(T).success(), "{}", agent.log_text());
+    assert_eq!(
+        tcp(&client, "198.19.0.10:80", 20)["ok"],
+        20,
+        "the datapath must keep serving after SIGTERM"
+    );
+    let bpffs = node.bpffs.to_str().unwrap().to_string();
+    node.host_place().run(
+        tests::sys::bin("proxy-agent"),
+        &["cleanup", "--bpffs", &bpffs],
+        T,
+    );
+    assert!(!node.bpffs.exists(), "pins left after cleanup");
+    let out = client.probe(
+        "tcp-probe",
+        &[
+            "--to",
+            "198.19.0.10:80",
+            "--count",
+            "1",
+            "--timeout-ms",
+            "300",
+        ],
+        T,
+    );
+    assert_eq!(
+        out["ok"], 0,
+        "the ClusterIP is still translated after cleanup: {out}"
+    );
+}
