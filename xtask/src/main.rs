@@ -1,6 +1,7 @@
 //! Developer tasks. `cargo xtask demo` runs the main job, `cargo xtask test` runs every test;
 //! both install what they need first (`cargo xtask setup`).
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -22,6 +23,11 @@ enum Cmd {
     Setup,
     /// Build and run the demo on a simulated node.
     Demo,
+    /// Run a benchmark (release build) and print its table: `l4`.
+    Bench {
+        /// Which benchmark.
+        name: String,
+    },
     /// Run every test: unit tests, then the privileged end-to-end tests, then a leak check.
     Test {
         /// Only run tests whose name contains this.
@@ -175,5 +181,29 @@ fn main() -> Result<()> {
             r.and(leaks)
         }
         Cmd::Test { filter } => test(filter),
+        Cmd::Bench { name } => {
+            setup::setup()?;
+            let out = cargo(&[
+                "build",
+                "--release",
+                "-p",
+                "proxy-agent",
+                "-p",
+                "tests",
+                "--bins",
+            ])?;
+            if !out.status.success() {
+                bail!(
+                    "release build failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+            // SAFETY: single-threaded at this point; the harness reads it to find the binaries.
+            unsafe { std::env::set_var("PXT_BIN_DIR", dir) };
+            let r = bench::run(&name);
+            let leaks = leak_check();
+            r.and(leaks)
+        }
     }
 }
