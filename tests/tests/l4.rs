@@ -362,7 +362,7 @@ fn ten_thousand_services_with_ten_endpoints_each_load() {
     node.write_manifest("many.yaml", &yaml);
     let started = Instant::now();
     let mut agent = node.start_agent(&[]);
-    agent.wait_log_count("services=10000", 1, Duration::from_secs(300));
+    agent.wait_log_count("frontends=10000 ", 1, Duration::from_secs(300));
     eprintln!("10,000 Services loaded in {:?}", started.elapsed());
     let dump = node.dump();
     assert_eq!(

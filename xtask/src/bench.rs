@@ -114,11 +114,13 @@ struct Sample {
     failed: u64,
 }
 
-fn measure(client: &Pod, to: &str) -> Result<Sample> {
-    let out: Value = client.probe("tcp-probe", &["--to", to, "--count", CONNECTS, "--read"], T);
+fn measure(client: &Pod, to: &[String]) -> Result<Sample> {
+    let mut args: Vec<&str> = to.iter().map(String::as_str).collect();
+    args.extend(["--count", CONNECTS, "--read"]);
+    let out: Value = client.probe("tcp-probe", &args, T);
     let n: f64 = CONNECTS.parse()?;
     let ok = out["ok"].as_f64().context("ok")?;
-    ensure!(ok > 0.0, "no connect succeeded towards {to}: {out}");
+    ensure!(ok > 0.0, "no connect succeeded towards {to:?}: {out}");
     let ms = out["elapsed_ms"].as_f64().context("elapsed_ms")?;
     Ok(Sample {
         failed: (n - ok) as u64,
@@ -162,20 +164,23 @@ struct BenchNode {
     node: SimNode,
     client: Pod,
     real: Vec<Ipv4Addr>,
-    direct_to: String,
-    vip_to: String,
+    /// `--to` arguments of the direct baseline: three pods that are no backend of the Service.
+    direct_to: Vec<String>,
+    vip_to: Vec<String>,
 }
 
 fn bench_node(n: u32) -> BenchNode {
     let mut node = SimNode::new();
     let webs: Vec<Pod> = (1..=3).map(|i| node.add_pod(&format!("web{i}"))).collect();
-    let direct = node.add_pod("direct");
+    let direct: Vec<Pod> = (1..=3)
+        .map(|i| node.add_pod(&format!("direct{i}")))
+        .collect();
     let client = node.add_pod("client");
-    let mut procs: Vec<_> = webs
+    let procs: Vec<_> = webs
         .iter()
+        .chain(&direct)
         .map(|p| p.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080"]))
         .collect();
-    procs.push(direct.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080"]));
     let real: Vec<Ipv4Addr> = webs.iter().map(|p| p.ip).collect();
     // The measured Service sits in the middle of the list (kube-proxy's chain is linear).
     node.write_manifest("svc.yaml", &manifests(n, n / 2, &real));
@@ -184,8 +189,11 @@ fn bench_node(n: u32) -> BenchNode {
         node,
         client,
         real,
-        direct_to: format!("{}:8080", direct.ip),
-        vip_to: format!("{}:80", vip(n / 2)),
+        direct_to: direct
+            .iter()
+            .flat_map(|p| ["--to".to_string(), format!("{}:8080", p.ip)])
+            .collect(),
+        vip_to: vec!["--to".to_string(), format!("{}:80", vip(n / 2))],
     }
 }
 
@@ -213,7 +221,7 @@ pub fn l4() -> Result<()> {
         let b = bench_node(n);
         let started = Instant::now();
         let mut agent = b.node.start_agent(&[]);
-        agent.wait_log_count(&format!("services={n}"), 1, T);
+        agent.wait_log_count(&format!("frontends={n} "), 1, T);
         let load = started.elapsed();
         let rss_kib = rss_kib(agent.pid());
         let (mut d, mut c) = (Vec::new(), Vec::new());
@@ -248,7 +256,8 @@ pub fn l4() -> Result<()> {
     }
 
     println!(
-        "\nL4 short connections from a pod (connect + read + close), {CONNECTS} sequential connects x {ROUNDS} rounds, medians"
+        "\nL4 short connections from a pod (connect + read + close), {CONNECTS} sequential connects x {ROUNDS} rounds, medians;\n\
+         direct = a random one of 3 pod IPs per connect (3 pods that are no backend of the Service)"
     );
     println!(
         "{:>8}  {:<22} {:>11} {:>8} {:>8} {:>9} {:>7}",
