@@ -29,7 +29,7 @@ pub struct RunConfig {
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let (_datapath, maps) = Datapath::open(&cfg.cgroup, &cfg.bpffs)
+    let (_datapath, maps, _l7) = Datapath::open(&cfg.cgroup, &cfg.bpffs)
         .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?;
     let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps back")?;
     info!(

@@ -29,6 +29,16 @@ pub const MAP_AFFINITY: &str = "PXA_AFFIN_V1";
 /// Name of the affinity membership map (see [`AffinityMatchKey`]).
 pub const MAP_AFFINITY_MATCH: &str = "PXA_AFFMATCH_V1";
 
+/// Name of the L7 redirect configuration array (one [`L7Config`] at index 0).
+pub const MAP_L7_CONFIG: &str = "PXA_L7CFG_V1";
+/// Name of the sockmap holding the node proxy's listening socket at index 0. The kernel drops the
+/// socket from the map when the proxy process dies, so the datapath sees at once that it is gone.
+pub const MAP_PROXY_SOCK: &str = "PXA_PROXY_V1";
+/// Name of the original-destination map the proxy reads after accept (see [`OrigKey`]).
+pub const MAP_ORIG_DST: &str = "PXA_ORIGDST_V1";
+/// Capacity of the original-destination LRU map.
+pub const ORIG_DST_MAX_ENTRIES: u32 = 65_536;
+
 /// Capacity of the service map (entries, i.e. slots over all services).
 pub const SERVICES_MAX_ENTRIES: u32 = 262_144;
 /// Capacity of the backend map.
@@ -42,6 +52,8 @@ pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = 65_536;
 
 /// Service flag: sessionAffinity ClientIP is on; see [`ServiceValue::affinity_timeout_s`].
 pub const SVC_F_AFFINITY: u16 = 1 << 0;
+/// Service flag: an HTTP/gRPC port; TCP connects go to the node proxy while it runs.
+pub const SVC_F_L7: u16 = 1 << 1;
 
 /// Backend state: ready, takes new connections.
 pub const BACKEND_ACTIVE: u8 = 0;
@@ -199,6 +211,32 @@ pub struct AffinityMatchKey {
 }
 const _: () = assert!(size_of::<AffinityMatchKey>() == 8);
 
+/// Where L7 connections are redirected: the node proxy's listen address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct L7Config {
+    /// Proxy address (the node IP), network byte order; 0 disables redirection.
+    pub proxy_addr_be: u32,
+    /// Proxy port, network byte order.
+    pub proxy_port_be: u16,
+    /// Explicit padding; always 0.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<L7Config>() == 8);
+
+/// Key of the original-destination map: the client's address as the proxy sees it at accept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OrigKey {
+    /// Client address, network byte order.
+    pub addr_be: u32,
+    /// Client port, network byte order.
+    pub port_be: u16,
+    /// Explicit padding; always 0.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<OrigKey>() == 8);
+
 /// Picks a backend slot in `1..=count` from a 32-bit random or hash value without a division.
 ///
 /// Returns 0 when `count` is 0 (no backend).
@@ -245,6 +283,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatchKey {}
+    unsafe impl aya::Pod for L7Config {}
+    unsafe impl aya::Pod for OrigKey {}
 }
 
 #[cfg(test)]

@@ -12,17 +12,17 @@ use aya_ebpf::{
     EbpfContext as _,
     helpers::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        generated::bpf_set_retval,
+        generated::{bpf_map_lookup_elem, bpf_set_retval, bpf_sk_release},
     },
-    macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap},
-    programs::SockAddrContext,
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, SockMap},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use proxy_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
-    BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, PROTO_TCP, PROTO_UDP,
-    REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES, SVC_F_AFFINITY, ServiceKey,
-    ServiceValue, mix64, pick_slot, usable_slots,
+    BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, L7Config, ORIG_DST_MAX_ENTRIES,
+    OrigKey, PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES,
+    SVC_F_AFFINITY, SVC_F_L7, ServiceKey, ServiceValue, mix64, pick_slot, usable_slots,
 };
 
 /// Allow the syscall.
@@ -47,6 +47,43 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 #[map(name = "PXA_AFFMATCH_V1")]
 static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
     HashMap::pinned(AFFINITY_MATCH_MAX_ENTRIES, 0);
+
+#[map(name = "PXA_L7CFG_V1")]
+static L7_CONFIG: Array<L7Config> = Array::pinned(1, 0);
+
+/// The proxy's listening socket. Pinned so adopted programs and a restarted proxy share it; the
+/// kernel removes the socket when the proxy process dies, whatever holds the map.
+#[map(name = "PXA_PROXY_V1")]
+static PROXY_SOCK: SockMap = SockMap::pinned(1, 0);
+
+#[map(name = "PXA_ORIGDST_V1")]
+static ORIG_DST: LruHashMap<OrigKey, RevValue> = LruHashMap::pinned(ORIG_DST_MAX_ENTRIES, 0);
+
+/// Whether the node proxy's listening socket is alive (present in the sockmap).
+#[inline(always)]
+fn proxy_alive() -> bool {
+    let key: u32 = 0;
+    // SAFETY: a lookup in a sockmap returns a referenced socket or null; a non-null socket is
+    // released at once, as the verifier requires.
+    unsafe {
+        let sk = bpf_map_lookup_elem(
+            core::ptr::addr_of!(PROXY_SOCK) as *mut core::ffi::c_void,
+            core::ptr::addr_of!(key) as *const core::ffi::c_void,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
+}
+
+/// The L7 redirect target, if redirection is configured.
+#[inline(always)]
+fn l7_target() -> Option<L7Config> {
+    let cfg = L7_CONFIG.get(0).copied()?;
+    (cfg.proxy_addr_be != 0).then_some(cfg)
+}
 
 /// Outcome of a forward lookup.
 enum Fwd {
@@ -90,13 +127,40 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
     let Some(master) = (unsafe { SERVICES.get(&key) }).copied() else {
         return Fwd::Pass;
     };
+    let ctx_ptr = ctx.as_ptr();
+    // SAFETY: helpers called with the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx_ptr) };
+    // HTTP/gRPC Services go to the node proxy while it runs; otherwise they are balanced here
+    // like any other Service (the fallback that keeps a node working without its proxy).
+    if master.flags & SVC_F_L7 != 0 && proto == PROTO_TCP {
+        if let Some(cfg) = l7_target() {
+            if proxy_alive() {
+                let rk = RevKey {
+                    cookie,
+                    addr_be: cfg.proxy_addr_be,
+                    port_be: cfg.proxy_port_be,
+                    _pad: 0,
+                };
+                let rv = RevValue {
+                    addr_be,
+                    port_be,
+                    _pad: 0,
+                    service_id: master.service_id,
+                };
+                let _ = REVERSE.insert(&rk, &rv, 0);
+                return Fwd::To(BackendValue {
+                    addr_be: cfg.proxy_addr_be,
+                    port_be: cfg.proxy_port_be,
+                    proto,
+                    state: 0,
+                });
+            }
+        }
+    }
     let (first, len) = usable_slots(&master);
     if len == 0 {
         return Fwd::Refuse;
     }
-    let ctx_ptr = ctx.as_ptr();
-    // SAFETY: helpers called with the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx_ptr) };
 
     let mut chosen: Option<(u32, BackendValue)> = None;
     let affinity = master.flags & SVC_F_AFFINITY != 0;
@@ -239,6 +303,9 @@ fn fwd4(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: reads and 4-byte writes of context fields the verifier allows for these hooks.
     let (addr_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    if is_proxy_port(addr_be, port_be) {
+        return refuse();
+    }
     match forward(ctx, addr_be, port_be, proto) {
         Fwd::Pass => SYS_PROCEED,
         Fwd::To(b) => {
@@ -260,6 +327,9 @@ fn fwd6(ctx: &SockAddrContext) -> i32 {
         return SYS_PROCEED;
     };
     let port_be = unsafe { (*sa).user_port } as u16;
+    if is_proxy_port(addr_be, port_be) {
+        return refuse();
+    }
     match forward(ctx, addr_be, port_be, proto) {
         Fwd::Pass => SYS_PROCEED,
         Fwd::To(b) => {
@@ -268,6 +338,12 @@ fn fwd6(ctx: &SockAddrContext) -> i32 {
         }
         Fwd::Refuse => refuse(),
     }
+}
+
+/// Pods may reach the proxy only through a redirect: the proxy is no open relay.
+#[inline(always)]
+fn is_proxy_port(addr_be: u32, port_be: u16) -> bool {
+    l7_target().is_some_and(|c| c.proxy_addr_be == addr_be && c.proxy_port_be == port_be)
 }
 
 #[inline(always)]
@@ -353,6 +429,80 @@ pub fn pxa_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn pxa_getpeername6(ctx: SockAddrContext) -> i32 {
     rev6(&ctx)
+}
+
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// At SYN time the client's address and port are known: publish the original destination of a
+/// redirected connection under them, for the proxy to read right after accept.
+/// Reads a sock_ops context field as `*(ctx + const)`: the context pointer is reloaded with a
+/// volatile read right before, so LLVM cannot keep a derived `ctx + offset` pointer around (the
+/// verifier rejects accesses through a modified context pointer).
+macro_rules! ops_field {
+    ($ctx:expr, $($field:tt)+) => {{
+        // SAFETY: the context pointer is valid for the whole program; the field is readable.
+        unsafe {
+            let ops = core::ptr::read_volatile(&$ctx.ops);
+            core::ptr::read_volatile(&raw const (*ops).$($field)+)
+        }
+    }};
+}
+
+/// At SYN time the client's address and port are known: publish the original destination of a
+/// redirected connection under them, for the proxy to read right after accept.
+#[sock_ops]
+pub fn pxa_sockops(ctx: SockOpsContext) -> u32 {
+    if ops_field!(ctx, op) != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    let Some(cfg) = l7_target() else { return 1 };
+    let (remote, local) = match ops_field!(ctx, family) {
+        AF_INET => (ops_field!(ctx, remote_ip4), ops_field!(ctx, local_ip4)),
+        AF_INET6 => {
+            let r = [
+                ops_field!(ctx, remote_ip6[0]),
+                ops_field!(ctx, remote_ip6[1]),
+                ops_field!(ctx, remote_ip6[2]),
+                ops_field!(ctx, remote_ip6[3]),
+            ];
+            let l = [
+                ops_field!(ctx, local_ip6[0]),
+                ops_field!(ctx, local_ip6[1]),
+                ops_field!(ctx, local_ip6[2]),
+                ops_field!(ctx, local_ip6[3]),
+            ];
+            let (Some(r), Some(l)) = (mapped_v4(&r), mapped_v4(&l)) else {
+                return 1;
+            };
+            (r, l)
+        }
+        _ => return 1,
+    };
+    // remote_port is in network order, local_port in host order.
+    let remote_port_be = ops_field!(ctx, remote_port) as u16;
+    if remote != cfg.proxy_addr_be || remote_port_be != cfg.proxy_port_be {
+        return 1;
+    }
+    let local_port = ops_field!(ctx, local_port) as u16;
+    // SAFETY: the sock_ops context may be passed to bpf_get_socket_cookie.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rk = RevKey {
+        cookie,
+        addr_be: remote,
+        port_be: remote_port_be,
+        _pad: 0,
+    };
+    if let Some(rv) = unsafe { REVERSE.get(&rk) }.copied() {
+        let ok = OrigKey {
+            addr_be: local,
+            port_be: local_port.to_be(),
+            _pad: 0,
+        };
+        let _ = ORIG_DST.insert(&ok, &rv, 0);
+    }
+    1
 }
 
 #[cfg(not(test))]

@@ -14,9 +14,11 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
+use aya::maps::{Array, SockMap};
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink, links::PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink, links::PinnedLink};
 use aya::{Ebpf, EbpfLoader};
+use proxy_common::{L7Config, OrigKey, RevValue};
 use tracing::{info, warn};
 
 use super::maps::AyaMaps;
@@ -25,7 +27,8 @@ use super::maps::AyaMaps;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// The programs of the object, all attached to the cgroup.
-pub const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: [&str; 9] = [
+    "pxa_sockops",
     "pxa_connect4",
     "pxa_connect6",
     "pxa_sendmsg4",
@@ -120,7 +123,7 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object with its maps pinned under `bpffs/maps`, and attaches (or adopts) one
     /// link per program on `cgroup`. Returns the datapath and its maps.
-    pub fn open(cgroup: &Path, bpffs: &Path) -> Result<(Self, AyaMaps), DatapathError> {
+    pub fn open(cgroup: &Path, bpffs: &Path) -> Result<(Self, AyaMaps, L7Maps), DatapathError> {
         if fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
             return Err(DatapathError::NotCgroup2(cgroup.to_path_buf()));
         }
@@ -159,31 +162,7 @@ impl Datapath {
                 })?;
             } else {
                 adopted_all = false;
-                let prog: &mut CgroupSockAddr = ebpf
-                    .program_mut(name)
-                    .ok_or(DatapathError::Map(
-                        name,
-                        "program missing from the object".into(),
-                    ))?
-                    .try_into()
-                    .map_err(|source| DatapathError::Program { name, source })?;
-                prog.load()
-                    .map_err(|source| DatapathError::Program { name, source })?;
-                // With bpf_link (kernel >= 5.7) cgroup attachments always compose like
-                // BPF_F_ALLOW_MULTI and the kernel rejects any flag, so the mode must be
-                // `Single` (flags 0) even though the link sits next to others.
-                let id = prog
-                    .attach(&cgroup_fd, CgroupAttachMode::Single)
-                    .map_err(|source| DatapathError::Program { name, source })?;
-                let link = prog
-                    .take_link(id)
-                    .map_err(|source| DatapathError::Program { name, source })?;
-                let fd_link: FdLink =
-                    link.try_into()
-                        .map_err(|e: aya::programs::links::LinkError| DatapathError::Link {
-                            path: pin.clone(),
-                            detail: e.to_string(),
-                        })?;
+                let fd_link = attach(&mut ebpf, name, &cgroup_fd, &pin)?;
                 fd_link.pin(&pin).map_err(|e| DatapathError::Link {
                     path: pin.clone(),
                     detail: e.to_string(),
@@ -202,6 +181,17 @@ impl Datapath {
                 }
             }
         }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::Map(name, "missing from the object".into()))
+        };
+        let l7 = L7Maps {
+            config: Array::try_from(take(&mut ebpf, proxy_common::MAP_L7_CONFIG)?)
+                .map_err(|e| DatapathError::Map(proxy_common::MAP_L7_CONFIG, e.to_string()))?,
+            proxy_sock: SockMap::try_from(take(&mut ebpf, proxy_common::MAP_PROXY_SOCK)?)
+                .map_err(|e| DatapathError::Map(proxy_common::MAP_PROXY_SOCK, e.to_string()))?,
+            orig_dst: take_hash(&mut ebpf, proxy_common::MAP_ORIG_DST)?,
+        };
         let maps = AyaMaps {
             services: take_hash(&mut ebpf, proxy_common::MAP_SERVICES)?,
             backends: take_hash(&mut ebpf, proxy_common::MAP_BACKENDS)?,
@@ -221,8 +211,62 @@ impl Datapath {
                 adopted: adopted_all,
             },
             maps,
+            l7,
         ))
     }
+}
+
+/// Loads program `name` and attaches it to the cgroup, returning its link.
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup_fd: &File,
+    pin: &Path,
+) -> Result<FdLink, DatapathError> {
+    let prog_err = |source| DatapathError::Program { name, source };
+    let link_err = |e: aya::programs::links::LinkError| DatapathError::Link {
+        path: pin.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Map(
+        name,
+        "program missing from the object".into(),
+    ))?;
+    // With bpf_link (kernel >= 5.7) cgroup attachments always compose like BPF_F_ALLOW_MULTI and
+    // the kernel rejects any flag, so the mode must be `Single` (flags 0) even though the link
+    // sits next to others.
+    tracing::debug!(name, kind = ?program.prog_type(), "attaching");
+    if name == "pxa_sockops" {
+        let prog: &mut SockOps = program.try_into().map_err(prog_err)?;
+        prog.load().map_err(prog_err)?;
+        let id = prog
+            .attach(cgroup_fd, CgroupAttachMode::Single)
+            .map_err(prog_err)?;
+        prog.take_link(id)
+            .map_err(prog_err)?
+            .try_into()
+            .map_err(link_err)
+    } else {
+        let prog: &mut CgroupSockAddr = program.try_into().map_err(prog_err)?;
+        prog.load().map_err(prog_err)?;
+        let id = prog
+            .attach(cgroup_fd, CgroupAttachMode::Single)
+            .map_err(prog_err)?;
+        prog.take_link(id)
+            .map_err(prog_err)?
+            .try_into()
+            .map_err(link_err)
+    }
+}
+
+/// Maps of the L7 redirect path.
+pub struct L7Maps {
+    /// Redirect target (index 0).
+    pub config: Array<MapData, L7Config>,
+    /// The proxy's listening socket (index 0).
+    pub proxy_sock: SockMap<MapData>,
+    /// Original destinations by client address.
+    pub orig_dst: AyaHashMap<MapData, OrigKey, RevValue>,
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(
