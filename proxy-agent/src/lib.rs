@@ -6,5 +6,6 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod istio;
 pub mod manifests;
 pub mod model;

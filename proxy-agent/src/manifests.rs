@@ -16,9 +16,10 @@ use k8s_openapi::api::discovery::v1 as discovery;
 use serde::Deserialize;
 use tracing::{debug, error, info};
 
+use crate::istio;
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, EndpointState, ObjectRef, Protocol, Service,
-    ServicePort, State,
+    Endpoint, EndpointPort, EndpointSlice, EndpointState, MODE_ANNOTATION, Mode, ObjectRef,
+    PodInfo, Protocol, Service, ServicePort, State,
 };
 
 /// Default sessionAffinity ClientIP timeout (Kubernetes' default, 3 hours).
@@ -43,6 +44,9 @@ pub struct ManifestError {
 enum Object {
     Service(Service),
     Slice(EndpointSlice),
+    Pod(ObjectRef, PodInfo),
+    VirtualService(ObjectRef, istio::VirtualService),
+    DestinationRule(ObjectRef, istio::DestinationRule),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,13 +158,30 @@ impl ManifestDir {
         let mut errors = Vec::new();
         for (path, entry) in &self.files {
             for obj in &entry.objects {
-                let (kind, id) = match obj {
-                    Object::Service(s) => ("Service", &s.id),
-                    Object::Slice(s) => ("EndpointSlice", &s.id),
-                };
-                let dup = match obj {
-                    Object::Service(s) => st.services.insert(s.id.clone(), s.clone()).is_some(),
-                    Object::Slice(s) => st.slices.insert(s.id.clone(), s.clone()).is_some(),
+                let (kind, id, dup) = match obj {
+                    Object::Service(s) => (
+                        "Service",
+                        &s.id,
+                        st.services.insert(s.id.clone(), s.clone()).is_some(),
+                    ),
+                    Object::Slice(s) => (
+                        "EndpointSlice",
+                        &s.id,
+                        st.slices.insert(s.id.clone(), s.clone()).is_some(),
+                    ),
+                    Object::Pod(id, p) => {
+                        ("Pod", id, st.pods.insert(id.clone(), p.clone()).is_some())
+                    }
+                    Object::VirtualService(id, v) => (
+                        "VirtualService",
+                        id,
+                        st.virtual_services.insert(id.clone(), v.clone()).is_some(),
+                    ),
+                    Object::DestinationRule(id, d) => (
+                        "DestinationRule",
+                        id,
+                        st.destination_rules.insert(id.clone(), d.clone()).is_some(),
+                    ),
                 };
                 if dup {
                     errors.push(ManifestError {
@@ -260,6 +281,27 @@ fn parse_file(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestError>) {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 typed::<discovery::EndpointSlice>(value).and_then(|s| slice(&s).map(Object::Slice))
             }
+            ("v1", "Pod") => typed::<core::Pod>(value).and_then(|p| pod(&p)),
+            (v, "VirtualService") if istio::API_VERSIONS.contains(&v) => {
+                let id = ObjectRef::new(ns.clone(), head.metadata.name.clone());
+                istio_spec(&value)
+                    .and_then(istio::virtual_service)
+                    .map(|vs| Object::VirtualService(id, vs))
+            }
+            (v, "DestinationRule") if istio::API_VERSIONS.contains(&v) => {
+                let id = ObjectRef::new(ns.clone(), head.metadata.name.clone());
+                istio_spec(&value)
+                    .and_then(istio::destination_rule)
+                    .map(|dr| Object::DestinationRule(id, dr))
+            }
+            (_, "VirtualService" | "DestinationRule") => Err((
+                "apiVersion".to_string(),
+                format!(
+                    "unsupported apiVersion {:?}: use one of {:?}",
+                    head.api_version,
+                    istio::API_VERSIONS
+                ),
+            )),
             (_, "Service" | "EndpointSlice") => Err((
                 "apiVersion".to_string(),
                 format!(
@@ -325,6 +367,42 @@ fn meta_ref(
         meta.namespace.clone().unwrap_or_else(|| "default".into()),
         name,
     ))
+}
+
+fn istio_spec(value: &serde_yaml::Value) -> FieldResult<serde_yaml::Value> {
+    value
+        .get("spec")
+        .cloned()
+        .ok_or(("spec".to_string(), "missing".to_string()))
+}
+
+fn pod(p: &core::Pod) -> FieldResult<Object> {
+    let id = meta_ref(&p.metadata)?;
+    let ip = p.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+    let Some(ip) = ip else {
+        // A pod without an address is not running; nothing to select.
+        return Ok(Object::Pod(
+            id,
+            PodInfo {
+                ip: Ipv4Addr::UNSPECIFIED,
+                labels: Default::default(),
+            },
+        ));
+    };
+    let ip: Ipv4Addr = ip.parse().map_err(|_| {
+        (
+            "status.podIP".to_string(),
+            format!("{ip:?} is not an IPv4 address"),
+        )
+    })?;
+    let labels = p
+        .metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    Ok(Object::Pod(id, PodInfo { ip, labels }))
 }
 
 fn service(s: &core::Service) -> FieldResult<Service> {
@@ -397,11 +475,28 @@ fn service(s: &core::Service) -> FieldResult<Service> {
             ));
         }
     };
+    let annotation = s
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MODE_ANNOTATION));
+    let mode = match annotation.map(String::as_str) {
+        None => None,
+        Some("l4" | "L4") => Some(Mode::L4),
+        Some("l7" | "L7") => Some(Mode::L7),
+        Some(other) => {
+            return Err((
+                format!("metadata.annotations[{MODE_ANNOTATION}]"),
+                format!("{other:?}: expected l4 or l7"),
+            ));
+        }
+    };
     Ok(Service {
         id,
         cluster_ip,
         ports,
         affinity_timeout_s,
+        mode,
     })
 }
 

@@ -73,6 +73,66 @@ pub struct ServicePort {
     pub app_protocol: Option<String>,
 }
 
+/// Annotation forcing a Service's ports to L4 (`l4`) or L7 (`l7`).
+pub const MODE_ANNOTATION: &str = "proxy-agent.io/mode";
+
+/// A forced protocol mode from [`MODE_ANNOTATION`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Always balanced in the kernel.
+    L4,
+    /// HTTP through the node proxy (TCP ports only).
+    L7,
+}
+
+impl ServicePort {
+    /// Whether this port carries HTTP/gRPC for the node proxy: appProtocol `http`,
+    /// `kubernetes.io/h2c` or `grpc`, or a port named `http`, `http-*`, `http2`, `grpc`,
+    /// `grpc-*` (Istio's convention); a [`Mode`] annotation overrides both.
+    pub fn is_l7(&self, mode: Option<Mode>) -> bool {
+        if self.protocol != Protocol::Tcp {
+            return false;
+        }
+        match mode {
+            Some(Mode::L4) => false,
+            Some(Mode::L7) => true,
+            None => {
+                let app = self.app_protocol.as_deref().map(str::to_ascii_lowercase);
+                matches!(
+                    app.as_deref(),
+                    Some("http" | "kubernetes.io/h2c" | "grpc" | "http2")
+                ) || (app.is_none() && {
+                    let n = self.name.to_ascii_lowercase();
+                    n == "http"
+                        || n == "http2"
+                        || n == "grpc"
+                        || n.starts_with("http-")
+                        || n.starts_with("grpc-")
+                })
+            }
+        }
+    }
+
+    /// Whether upstream connections speak HTTP/2 (h2c/gRPC ports).
+    pub fn is_h2(&self) -> bool {
+        let app = self.app_protocol.as_deref().map(str::to_ascii_lowercase);
+        matches!(app.as_deref(), Some("kubernetes.io/h2c" | "grpc" | "http2"))
+            || (app.is_none() && {
+                let n = self.name.to_ascii_lowercase();
+                n == "http2" || n == "grpc" || n.starts_with("grpc-")
+            })
+    }
+}
+
+/// A pod's address and labels (for DestinationRule subsets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    /// `status.podIP`.
+    pub ip: Ipv4Addr,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+}
+
 /// A Service as the datapath needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
@@ -84,6 +144,8 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// sessionAffinity ClientIP timeout in seconds, if affinity is on.
     pub affinity_timeout_s: Option<u32>,
+    /// [`MODE_ANNOTATION`], if set.
+    pub mode: Option<Mode>,
 }
 
 /// Readiness of an endpoint (EndpointSlice conditions).
@@ -133,12 +195,18 @@ pub struct EndpointSlice {
 }
 
 /// Everything the node should serve.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     /// Services by namespace/name.
     pub services: BTreeMap<ObjectRef, Service>,
     /// EndpointSlices by namespace/name.
     pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    /// Pods by namespace/name (labels for subsets).
+    pub pods: BTreeMap<ObjectRef, PodInfo>,
+    /// Istio VirtualServices by namespace/name.
+    pub virtual_services: BTreeMap<ObjectRef, crate::istio::VirtualService>,
+    /// Istio DestinationRules by namespace/name.
+    pub destination_rules: BTreeMap<ObjectRef, crate::istio::DestinationRule>,
 }
 
 /// A backend of one frontend.
@@ -167,6 +235,10 @@ pub struct Frontend {
     pub protocol: Protocol,
     /// sessionAffinity ClientIP timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// HTTP/gRPC: connections go to the node proxy while it runs.
+    pub l7: bool,
+    /// Upstream HTTP/2 (h2c, gRPC).
+    pub h2: bool,
     /// Backends, sorted and deduplicated: ready ones, or if none is ready the serving+terminating
     /// ones are kept with `terminating = true`.
     pub backends: Vec<Backend>,
@@ -221,6 +293,8 @@ impl State {
                     port: sp.port,
                     protocol: sp.protocol,
                     affinity_timeout_s: svc.affinity_timeout_s,
+                    l7: sp.is_l7(svc.mode),
+                    h2: sp.is_h2(),
                     backends: ready.into_iter().chain(terminating).collect(),
                 });
             }
@@ -245,6 +319,7 @@ mod tests {
                 app_protocol: None,
             }],
             affinity_timeout_s: None,
+            mode: None,
         }
     }
 
@@ -311,6 +386,25 @@ mod tests {
             .map(|b| (b.addr.octets()[3], b.terminating))
             .collect();
         assert_eq!(addrs, vec![(2, false), (5, true)]);
+    }
+
+    #[test]
+    fn http_ports_are_recognised_like_istio_does() {
+        let port = |name: &str, app: Option<&str>| ServicePort {
+            name: name.into(),
+            port: 80,
+            protocol: Protocol::Tcp,
+            app_protocol: app.map(String::from),
+        };
+        assert!(port("http", None).is_l7(None));
+        assert!(port("http-web", None).is_l7(None));
+        assert!(port("grpc-api", None).is_l7(None) && port("grpc-api", None).is_h2());
+        assert!(port("web", Some("http")).is_l7(None));
+        assert!(port("x", Some("kubernetes.io/h2c")).is_h2());
+        assert!(!port("web", None).is_l7(None));
+        assert!(!port("httpx", None).is_l7(None));
+        assert!(!port("http", None).is_l7(Some(Mode::L4)));
+        assert!(port("db", None).is_l7(Some(Mode::L7)));
     }
 
     #[test]

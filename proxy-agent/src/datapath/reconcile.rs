@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use proxy_common::{
-    AffinityMatchKey, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, SVC_F_AFFINITY,
+    AffinityMatchKey, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, SVC_F_AFFINITY, SVC_F_L7,
     ServiceKey, ServiceValue,
 };
 use tracing::warn;
@@ -273,7 +273,7 @@ impl<M: LbMaps> Reconciler<M> {
                 SVC_F_AFFINITY
             } else {
                 0
-            },
+            } | if fe.l7 { SVC_F_L7 } else { 0 },
             _pad: 0,
         };
         let applied = self.frontends.entry(key).or_default();
@@ -438,6 +438,8 @@ mod tests {
             port,
             protocol: Protocol::Tcp,
             affinity_timeout_s: None,
+            l7: false,
+            h2: false,
             backends: backends
                 .iter()
                 .map(|&(last, terminating)| Backend {
