@@ -1,14 +1,20 @@
 //! The `run` loop: desired state in, datapath writes out, until SIGTERM/SIGINT.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use proxy_common::{L7Config, OrigKey, RevValue};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use crate::datapath::{Datapath, Reconciler};
+use crate::datapath::{Datapath, L7Maps, Reconciler};
+use crate::proxy::{self, OrigDst, Registry, RouteTable};
+
 use crate::manifests;
 use crate::model::State;
 
@@ -23,15 +29,64 @@ pub struct RunConfig {
     pub bpffs: PathBuf,
     /// How often the manifests directory is checked for changes.
     pub poll: Duration,
+    /// The node's IP: the L7 proxy listens there (`None`: no L7 proxy, all Services in L4).
+    pub node_ip: Option<Ipv4Addr>,
+    /// The L7 proxy's port.
+    pub proxy_port: u16,
+}
+
+/// The original-destination map of the datapath, read after each accept.
+struct MapOrigDst(Mutex<aya::maps::HashMap<aya::maps::MapData, OrigKey, RevValue>>);
+
+impl OrigDst for MapOrigDst {
+    fn take(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = OrigKey { addr_be: u32::from(*client.ip()).to_be(), port_be: client.port().to_be(), _pad: 0 };
+        let mut map = self.0.lock().ok()?;
+        let v = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.addr_be)), u16::from_be(v.port_be)))
+    }
+}
+
+/// Binds the proxy listener, publishes it to the datapath (redirect target and liveness).
+fn start_proxy(
+    node_ip: Ipv4Addr,
+    port: u16,
+    mut l7: L7Maps,
+    table: Arc<ArcSwap<RouteTable>>,
+) -> anyhow::Result<()> {
+    let addr = SocketAddrV4::new(node_ip, port);
+    let std_listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding the L7 proxy to {addr} (is --node-ip an address of this node, and the port free?)"))?;
+    std_listener.set_nonblocking(true).context("setting the proxy listener non-blocking")?;
+    let cfg = L7Config { proxy_addr_be: u32::from(node_ip).to_be(), proxy_port_be: port.to_be(), _pad: 0 };
+    l7.config.set(0, cfg, 0).context("writing the L7 redirect configuration")?;
+    // From here on the datapath redirects HTTP Services to us; the kernel removes the socket from
+    // the map when this process dies, and connects fall back to in-kernel balancing at once.
+    l7.proxy_sock.set(0, &std_listener, 0).context("publishing the proxy listener to the datapath")?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).context("registering the proxy listener")?;
+    let orig: Arc<dyn OrigDst> = Arc::new(MapOrigDst(Mutex::new(l7.orig_dst)));
+    tokio::spawn(proxy::serve(listener, orig, table));
+    info!(%addr, "L7 proxy listening");
+    Ok(())
 }
 
 /// Runs the agent until SIGTERM or SIGINT; the datapath stays pinned and serving afterwards.
 pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let (_datapath, maps, _l7) = Datapath::open(&cfg.cgroup, &cfg.bpffs)
+    let (_datapath, maps, mut l7) = Datapath::open(&cfg.cgroup, &cfg.bpffs)
         .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?;
     let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps back")?;
+    let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let mut registry = Registry::default();
+    match cfg.node_ip {
+        Some(ip) => start_proxy(ip, cfg.proxy_port, l7, table.clone())?,
+        None => {
+            l7.config.set(0, L7Config::default(), 0).context("clearing the L7 redirect configuration")?;
+            warn!("no --node-ip (or NODE_IP): the L7 proxy is off and HTTP Services are balanced in the kernel");
+        }
+    }
     info!(
         frontends = reconciler.frontend_count(),
         "restored datapath state from pinned maps"
@@ -62,6 +117,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         };
         let frontends = state.frontends();
         generation += 1;
+        let (routes, problems) = registry.build(&state, &frontends);
+        for p in &problems {
+            error!(generation, "{p}");
+        }
+        let l7_routes = routes.routes.len();
+        table.store(Arc::new(routes));
+
         match reconciler.apply(&frontends) {
             Ok(stats) => {
                 retry = None;
@@ -70,6 +132,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     services = state.services.len(),
                     frontends = stats.frontends,
                     backends = stats.backends,
+                    l7_routes,
+
                     writes = stats.writes,
                     "datapath synced"
                 );

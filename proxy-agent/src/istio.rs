@@ -348,17 +348,19 @@ pub struct OutlierDetection {
 
 impl Default for OutlierDetection {
     /// The safe default for HTTP Services without a policy: 5 consecutive gateway errors,
-    /// 10 s interval, 30 s base ejection.
+    /// 10 s interval, 30 s base ejection, at most half of the backends ejected (so a two-pod
+    /// Service can lose its broken pod; Istio's 10% would never eject one of 2 or 3 pods).
     fn default() -> Self {
         Self {
             consecutive_5xx: None,
             consecutive_gateway: Some(5),
             interval: Duration::from_secs(10),
             base_ejection: Duration::from_secs(30),
-            max_ejection_percent: 10,
+            max_ejection_percent: 50,
             min_health_percent: 0,
         }
     }
+
 }
 
 /// `trafficPolicy` after defaults.

@@ -9,3 +9,4 @@ pub mod datapath;
 pub mod istio;
 pub mod manifests;
 pub mod model;
+pub mod proxy;

@@ -32,6 +32,13 @@ enum Command {
         /// Interval between checks of the manifests directory, in milliseconds.
         #[arg(long, default_value_t = 200)]
         poll_ms: u64,
+        /// This node's IP, where the L7 proxy listens (from the downward API in a DaemonSet).
+        /// Without it the proxy is off and HTTP Services are balanced in the kernel.
+        #[arg(long, env = "NODE_IP")]
+        node_ip: Option<std::net::Ipv4Addr>,
+        /// Port of the L7 proxy.
+        #[arg(long, default_value_t = 15001)]
+        proxy_port: u16,
     },
     /// Print the datapath maps as text.
     Dump {
@@ -76,7 +83,10 @@ fn main() -> anyhow::Result<()> {
             cgroup,
             bpffs,
             poll_ms,
+            node_ip,
+            proxy_port,
         } => {
+
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => cgroup2_root()?,
@@ -91,7 +101,10 @@ fn main() -> anyhow::Result<()> {
                 cgroup,
                 bpffs,
                 poll: Duration::from_millis(poll_ms),
+                node_ip,
+                proxy_port,
             }))
+
         }
         Command::Dump { bpffs } => {
             let maps = datapath::loader::open_pinned_maps(&bpffs)

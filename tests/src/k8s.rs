@@ -75,3 +75,21 @@ pub fn service_with_endpoints(
         slice(&format!("{name}-1"), name, target, protocol, &eps)
     )
 }
+
+/// A Service with one HTTP port (named `http`, so it goes through the L7 proxy) and its slice.
+pub fn http_service(name: &str, cluster_ip: &str, port: u16, target: u16, ready: &[Ipv4Addr]) -> String {
+    service_with_endpoints(name, cluster_ip, port, "TCP", target, ready).replace("- name: p\n", "- name: http\n")
+}
+
+/// A v1 Pod with an address and labels (for DestinationRule subsets).
+pub fn pod(name: &str, ip: Ipv4Addr, labels: &[(&str, &str)]) -> String {
+    let mut s = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n");
+    for (k, v) in labels {
+        let _ = writeln!(s, "    {k}: {v}");
+    }
+    if labels.is_empty() {
+        s = s.replace("  labels:\n", "");
+    }
+    let _ = write!(s, "status:\n  podIP: {ip}\n");
+    s
+}

@@ -5,6 +5,6 @@ pub mod loader;
 pub mod maps;
 pub mod reconcile;
 
-pub use loader::{Datapath, DatapathError, cleanup};
+pub use loader::{Datapath, DatapathError, L7Maps, cleanup};
 pub use maps::{AyaMaps, LbMaps, MapError, MemMaps, dump};
 pub use reconcile::{ApplyStats, Reconciler};

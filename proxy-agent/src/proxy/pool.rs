@@ -1,0 +1,190 @@
+//! Upstream connections to one backend: pooled HTTP/1.1 keep-alive connections, or one shared
+//! HTTP/2 connection multiplexing all requests.
+//!
+//! Errors say whether the request reached the backend: a request that was never written (connect
+//! failure, a pooled connection that closed under us, an HTTP/2 stream the server refused) can be
+//! retried whatever its method.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::BodyExt as _;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::body::{ProxyBody, Tracked};
+
+/// Why an attempt got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// TCP connect failed (refused, unreachable).
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    /// TCP connect took longer than the connect timeout.
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The request was not written: the connection closed before it could be sent.
+    #[error("connection closed before the request was sent: {0}")]
+    NotSent(hyper::Error),
+    /// The connection broke after the request was (maybe partly) sent, before a response.
+    #[error("connection reset before a response: {0}")]
+    Reset(hyper::Error),
+}
+
+impl UpstreamError {
+    /// Whether the backend cannot have seen the request.
+    pub fn never_sent(&self) -> bool {
+        !matches!(self, Self::Reset(_))
+    }
+
+    /// Whether this is a connect failure (for `retryOn: connect-failure`).
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::ConnectTimeout)
+    }
+
+    /// A short reason for logs and response headers.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Connect(_) => "connect-failure",
+            Self::ConnectTimeout => "connect-timeout",
+            Self::NotSent(_) => "not-sent",
+            Self::Reset(_) => "reset",
+        }
+    }
+}
+
+/// Per-connection settings from the DestinationRule.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnOpts {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Requests per HTTP/1.1 connection before it is closed (`None`: unlimited).
+    pub max_requests_per_connection: Option<u32>,
+}
+
+struct Http1Conn {
+    sender: http1::SendRequest<ProxyBody>,
+    used: u32,
+}
+
+/// The connections to one backend.
+pub struct Conns {
+    addr: SocketAddr,
+    h2: bool,
+    idle: Mutex<Vec<Http1Conn>>,
+    shared: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+}
+
+async fn connect(addr: SocketAddr, opts: &ConnOpts) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    let stream = tokio::time::timeout(opts.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout)?
+        .map_err(UpstreamError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(TokioIo::new(stream))
+}
+
+impl Conns {
+    /// No connection yet; they are made on demand.
+    pub fn new(addr: SocketAddr, h2: bool) -> Self {
+        Self { addr, h2, idle: Mutex::new(Vec::new()), shared: Mutex::new(None) }
+    }
+
+    /// Idle HTTP/1.1 connections (for tests and the admin view).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Sends one request and returns the response with a streaming body.
+    pub async fn send(self: &Arc<Self>, req: Request<ProxyBody>, opts: &ConnOpts) -> Result<Response<ProxyBody>, UpstreamError> {
+        if self.h2 { self.send_h2(req, opts).await } else { self.send_h1(req, opts).await }
+    }
+
+    async fn send_h1(self: &Arc<Self>, req: Request<ProxyBody>, opts: &ConnOpts) -> Result<Response<ProxyBody>, UpstreamError> {
+        let pooled = loop {
+            let c = self.idle.lock().ok().and_then(|mut v| v.pop());
+            match c {
+                Some(c) if c.sender.is_ready() => break Some(c),
+                Some(_) => continue, // closed by the server while idle
+                None => break None,
+            }
+        };
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => {
+                let io = connect(self.addr, opts).await?;
+                let (sender, conn) = http1::handshake(io)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                Http1Conn { sender, used: 0 }
+            }
+        };
+        conn.used += 1;
+        let reuse = opts.max_requests_per_connection.is_none_or(|m| conn.used < m);
+        let mut req = req;
+        if !reuse {
+            req.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                let this = Arc::clone(self);
+                let tracked = Tracked::new(body, move |ok| {
+                    if ok && reuse {
+                        if let Ok(mut idle) = this.idle.lock() {
+                            idle.push(conn);
+                        }
+                    }
+                });
+                Ok(Response::from_parts(parts, tracked.boxed()))
+            }
+            Err(mut e) => {
+                if e.take_message().is_some() {
+                    Err(UpstreamError::NotSent(e.into_error()))
+                } else {
+                    Err(UpstreamError::Reset(e.into_error()))
+                }
+            }
+        }
+    }
+
+    async fn send_h2(self: &Arc<Self>, req: Request<ProxyBody>, opts: &ConnOpts) -> Result<Response<ProxyBody>, UpstreamError> {
+        let existing = self.shared.lock().ok().and_then(|g| g.as_ref().filter(|s| !s.is_closed()).cloned());
+        let mut sender = match existing {
+            Some(s) => s,
+            None => {
+                let io = connect(self.addr, opts).await?;
+                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                if let Ok(mut g) = self.shared.lock() {
+                    *g = Some(sender.clone());
+                }
+                sender
+            }
+        };
+        sender.ready().await.map_err(UpstreamError::NotSent)?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                let (parts, body) = resp.into_parts();
+                Ok(Response::from_parts(parts, Tracked::new(body, |_| {}).boxed()))
+            }
+            Err(mut e) => {
+                if e.take_message().is_some() {
+                    Err(UpstreamError::NotSent(e.into_error()))
+                } else {
+                    Err(UpstreamError::Reset(e.into_error()))
+                }
+            }
+        }
+    }
+}
