@@ -40,11 +40,18 @@ struct MapOrigDst(Mutex<aya::maps::HashMap<aya::maps::MapData, OrigKey, RevValue
 
 impl OrigDst for MapOrigDst {
     fn take(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
-        let key = OrigKey { addr_be: u32::from(*client.ip()).to_be(), port_be: client.port().to_be(), _pad: 0 };
+        let key = OrigKey {
+            addr_be: u32::from(*client.ip()).to_be(),
+            port_be: client.port().to_be(),
+            _pad: 0,
+        };
         let mut map = self.0.lock().ok()?;
         let v = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
-        Some(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(v.addr_be)), u16::from_be(v.port_be)))
+        Some(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(v.addr_be)),
+            u16::from_be(v.port_be),
+        ))
     }
 }
 
@@ -58,13 +65,24 @@ fn start_proxy(
     let addr = SocketAddrV4::new(node_ip, port);
     let std_listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding the L7 proxy to {addr} (is --node-ip an address of this node, and the port free?)"))?;
-    std_listener.set_nonblocking(true).context("setting the proxy listener non-blocking")?;
-    let cfg = L7Config { proxy_addr_be: u32::from(node_ip).to_be(), proxy_port_be: port.to_be(), _pad: 0 };
-    l7.config.set(0, cfg, 0).context("writing the L7 redirect configuration")?;
+    std_listener
+        .set_nonblocking(true)
+        .context("setting the proxy listener non-blocking")?;
+    let cfg = L7Config {
+        proxy_addr_be: u32::from(node_ip).to_be(),
+        proxy_port_be: port.to_be(),
+        _pad: 0,
+    };
+    l7.config
+        .set(0, cfg, 0)
+        .context("writing the L7 redirect configuration")?;
     // From here on the datapath redirects HTTP Services to us; the kernel removes the socket from
     // the map when this process dies, and connects fall back to in-kernel balancing at once.
-    l7.proxy_sock.set(0, &std_listener, 0).context("publishing the proxy listener to the datapath")?;
-    let listener = tokio::net::TcpListener::from_std(std_listener).context("registering the proxy listener")?;
+    l7.proxy_sock
+        .set(0, &std_listener, 0)
+        .context("publishing the proxy listener to the datapath")?;
+    let listener = tokio::net::TcpListener::from_std(std_listener)
+        .context("registering the proxy listener")?;
     let orig: Arc<dyn OrigDst> = Arc::new(MapOrigDst(Mutex::new(l7.orig_dst)));
     tokio::spawn(proxy::serve(listener, orig, table));
     info!(%addr, "L7 proxy listening");
@@ -83,8 +101,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     match cfg.node_ip {
         Some(ip) => start_proxy(ip, cfg.proxy_port, l7, table.clone())?,
         None => {
-            l7.config.set(0, L7Config::default(), 0).context("clearing the L7 redirect configuration")?;
-            warn!("no --node-ip (or NODE_IP): the L7 proxy is off and HTTP Services are balanced in the kernel");
+            l7.config
+                .set(0, L7Config::default(), 0)
+                .context("clearing the L7 redirect configuration")?;
+            warn!(
+                "no --node-ip (or NODE_IP): the L7 proxy is off and HTTP Services are balanced in the kernel"
+            );
         }
     }
     info!(
@@ -133,7 +155,6 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     frontends = stats.frontends,
                     backends = stats.backends,
                     l7_routes,
-
                     writes = stats.writes,
                     "datapath synced"
                 );

@@ -360,7 +360,6 @@ impl Default for OutlierDetection {
             min_health_percent: 0,
         }
     }
-
 }
 
 /// `trafficPolicy` after defaults.

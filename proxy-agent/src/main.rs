@@ -86,7 +86,6 @@ fn main() -> anyhow::Result<()> {
             node_ip,
             proxy_port,
         } => {
-
             let cgroup = match cgroup {
                 Some(c) => c,
                 None => cgroup2_root()?,
@@ -104,7 +103,6 @@ fn main() -> anyhow::Result<()> {
                 node_ip,
                 proxy_port,
             }))
-
         }
         Command::Dump { bpffs } => {
             let maps = datapath::loader::open_pinned_maps(&bpffs)

@@ -483,7 +483,11 @@ pub fn pxa_sockops(ctx: SockOpsContext) -> u32 {
     // remote_port holds the network-order port in its upper 16 bits on little-endian hosts (the
     // kernel loads skc_dport and shifts it left by 16); local_port is in host order.
     let remote_port = ops_field!(ctx, remote_port);
-    let remote_port_be = if cfg!(target_endian = "little") { (remote_port >> 16) as u16 } else { remote_port as u16 };
+    let remote_port_be = if cfg!(target_endian = "little") {
+        (remote_port >> 16) as u16
+    } else {
+        remote_port as u16
+    };
 
     if remote != cfg.proxy_addr_be || remote_port_be != cfg.proxy_port_be {
         return 1;

@@ -77,13 +77,22 @@ pub fn service_with_endpoints(
 }
 
 /// A Service with one HTTP port (named `http`, so it goes through the L7 proxy) and its slice.
-pub fn http_service(name: &str, cluster_ip: &str, port: u16, target: u16, ready: &[Ipv4Addr]) -> String {
-    service_with_endpoints(name, cluster_ip, port, "TCP", target, ready).replace("- name: p\n", "- name: http\n")
+pub fn http_service(
+    name: &str,
+    cluster_ip: &str,
+    port: u16,
+    target: u16,
+    ready: &[Ipv4Addr],
+) -> String {
+    service_with_endpoints(name, cluster_ip, port, "TCP", target, ready)
+        .replace("- name: p\n", "- name: http\n")
 }
 
 /// A v1 Pod with an address and labels (for DestinationRule subsets).
 pub fn pod(name: &str, ip: Ipv4Addr, labels: &[(&str, &str)]) -> String {
-    let mut s = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n");
+    let mut s = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n"
+    );
     for (k, v) in labels {
         let _ = writeln!(s, "    {k}: {v}");
     }

@@ -234,6 +234,24 @@ impl Pod {
         p
     }
 
+    /// Starts a fixture server that is restarted `delay` after it dies (a crashing container
+    /// under a kubelet). Its stderr, across restarts, goes to `<logs>/<pod>-<kind>.log`.
+    pub fn fixture_server_supervised(
+        &self,
+        kind: &str,
+        args: &[&str],
+        delay: Duration,
+    ) -> crate::proc::Supervised {
+        let mut all: Vec<String> = vec![kind.to_string(), "--id".into(), self.name.clone()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let place = self.place.clone();
+        let log = self.place.logs.join(format!("{}-{kind}.log", self.name));
+        crate::proc::Supervised::start(&format!("{kind}@{}", self.name), delay, log, move || {
+            let args: Vec<&str> = all.iter().map(String::as_str).collect();
+            place.command(sys::bin("fixture"), &args)
+        })
+    }
+
     /// Runs a fixture probe (`fixture KIND ARGS…`) to completion and parses its JSON output.
     pub fn probe(&self, kind: &str, args: &[&str], timeout: Duration) -> serde_json::Value {
         let mut all = vec![kind];

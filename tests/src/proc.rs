@@ -255,3 +255,95 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// A process restarted after it exits, like a kubelet restarting a crashed container.
+pub struct Supervised {
+    name: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    pid: Arc<std::sync::atomic::AtomicU32>,
+    restarts: Arc<std::sync::atomic::AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Supervised {
+    /// Runs `make()` and restarts it `delay` after each exit, until dropped. `make` builds the
+    /// command each time; `log` receives stderr of all runs (appended).
+    pub fn start(
+        name: &str,
+        delay: Duration,
+        log: PathBuf,
+        make: impl Fn() -> Command + Send + 'static,
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let pid = Arc::new(AtomicU32::new(0));
+        let restarts = Arc::new(AtomicU32::new(0));
+        let (s, p, r) = (stop.clone(), pid.clone(), restarts.clone());
+        let label = name.to_string();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let err = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("supervised log");
+                let out = err.try_clone().expect("supervised log");
+                let mut child = match make().stdin(Stdio::null()).stdout(out).stderr(err).spawn() {
+                    Ok(c) => c,
+                    Err(e) => panic!("spawn {label}: {e}"),
+                };
+                p.store(child.id(), Ordering::SeqCst);
+                let _ = child.wait();
+                p.store(0, Ordering::SeqCst);
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                r.fetch_add(1, Ordering::SeqCst);
+                // The kubelet's restart delay: a simulated wait, not a wait for state.
+                std::thread::sleep(delay);
+            }
+        });
+        Self {
+            name: name.to_string(),
+            stop,
+            pid,
+            restarts,
+            thread: Some(thread),
+        }
+    }
+
+    /// How many times the process was restarted.
+    pub fn restarts(&self) -> u32 {
+        self.restarts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::SeqCst);
+        // End the current run by PID; the thread then sees `stop` and returns.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Some(t) = self.thread.as_ref() {
+            if t.is_finished() || std::time::Instant::now() > deadline {
+                break;
+            }
+            let pid = self.pid.load(Ordering::SeqCst);
+            if pid != 0 {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -53,14 +53,22 @@ impl RequestBody {
     pub fn take_for_attempt(&mut self) -> Option<ProxyBody> {
         match self {
             Self::Replayable(b) => Some(full(b.clone())),
-            Self::Streaming(s) => s.take().map(|(prefix, rest)| Prefixed { prefix: Some(prefix), rest }.boxed()),
+            Self::Streaming(s) => s.take().map(|(prefix, rest)| {
+                Prefixed {
+                    prefix: Some(prefix),
+                    rest,
+                }
+                .boxed()
+            }),
         }
     }
 }
 
 /// A body of bytes.
 pub fn full(b: Bytes) -> ProxyBody {
-    http_body_util::Full::new(b).map_err(|never| match never {}).boxed()
+    http_body_util::Full::new(b)
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A short text body (for the proxy's own responses).
@@ -77,7 +85,10 @@ impl Body for Prefixed {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         if let Some(p) = self.prefix.take() {
             return Poll::Ready(Some(Ok(Frame::data(p))));
         }
@@ -99,7 +110,10 @@ pub struct Tracked {
 impl Tracked {
     /// Wraps `inner`; `done` runs exactly once.
     pub fn new(inner: Incoming, done: impl FnOnce(bool) + Send + Sync + 'static) -> Self {
-        let mut t = Self { inner, done: Some(Box::new(done)) };
+        let mut t = Self {
+            inner,
+            done: Some(Box::new(done)),
+        };
         if t.inner.is_end_stream() {
             t.finish(true);
         }
@@ -117,7 +131,10 @@ impl Body for Tracked {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(None) => self.finish(true),
@@ -152,7 +169,10 @@ pub struct Holding {
 impl Holding {
     /// Wraps `inner`, holding `held` until the body is dropped.
     pub fn new(inner: ProxyBody, held: impl Send + Sync + 'static) -> Self {
-        Self { inner, _held: Box::new(held) }
+        Self {
+            inner,
+            _held: Box::new(held),
+        }
     }
 }
 
@@ -160,7 +180,10 @@ impl Body for Holding {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 

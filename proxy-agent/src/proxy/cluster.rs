@@ -145,7 +145,10 @@ impl Cluster {
                 conn_opts: conn_opts(&policy.pool),
                 policy: policy.clone(),
             }),
-            limits: ArcSwap::from_pointee(Limits { key: (None, false), permits: None }),
+            limits: ArcSwap::from_pointee(Limits {
+                key: (None, false),
+                permits: None,
+            }),
             rr: AtomicUsize::new(0),
             epoch: Instant::now(),
             active_requests: AtomicU32::new(0),
@@ -159,11 +162,18 @@ impl Cluster {
     /// Replaces backends and policy, keeping the state (health, pools) of backends that stay.
     pub fn update(&self, addrs: &[SocketAddr], policy: ClusterPolicy) {
         let old = self.state.load();
-        let mut by_addr: HashMap<SocketAddr, Arc<Backend>> =
-            if old.policy.h2 == policy.h2 { old.backends.iter().map(|b| (b.addr, b.clone())).collect() } else { HashMap::new() };
+        let mut by_addr: HashMap<SocketAddr, Arc<Backend>> = if old.policy.h2 == policy.h2 {
+            old.backends.iter().map(|b| (b.addr, b.clone())).collect()
+        } else {
+            HashMap::new()
+        };
         let backends: Vec<Arc<Backend>> = addrs
             .iter()
-            .map(|a| by_addr.remove(a).unwrap_or_else(|| Arc::new(Backend::new(*a, policy.h2))))
+            .map(|a| {
+                by_addr
+                    .remove(a)
+                    .unwrap_or_else(|| Arc::new(Backend::new(*a, policy.h2)))
+            })
             .collect();
         let mut ring: Vec<(u64, usize)> = backends
             .iter()
@@ -171,12 +181,24 @@ impl Cluster {
             .flat_map(|(i, b)| (0..RING_POINTS).map(move |k| (point(&b.addr, k), i)))
             .collect();
         ring.sort_unstable();
-        let key = (policy.pool.max_connections.or(if policy.h2 { policy.pool.http2_max_requests } else { None }), policy.h2);
+        let key = (
+            policy.pool.max_connections.or(if policy.h2 {
+                policy.pool.http2_max_requests
+            } else {
+                None
+            }),
+            policy.h2,
+        );
         if self.limits.load().key != key {
             let permits = key.0.map(|n| Arc::new(Semaphore::new(n as usize)));
             self.limits.store(Arc::new(Limits { key, permits }));
         }
-        self.state.store(Arc::new(State { backends, ring, conn_opts: conn_opts(&policy.pool), policy }));
+        self.state.store(Arc::new(State {
+            backends,
+            ring,
+            conn_opts: conn_opts(&policy.pool),
+            policy,
+        }));
     }
 
     /// The current policy.
@@ -212,25 +234,44 @@ impl Cluster {
             return None;
         }
         let now = self.now_ms();
-        let min_health = st.policy.outlier.as_ref().map_or(0, |o| o.min_health_percent);
+        let min_health = st
+            .policy
+            .outlier
+            .as_ref()
+            .map_or(0, |o| o.min_health_percent);
         let healthy: Vec<usize> = (0..n).filter(|&i| !st.backends[i].ejected(now)).collect();
-        let mut candidates: Vec<usize> = if healthy.len() * 100 < min_health as usize * n { (0..n).collect() } else { healthy };
+        let mut candidates: Vec<usize> = if healthy.len() * 100 < min_health as usize * n {
+            (0..n).collect()
+        } else {
+            healthy
+        };
         if candidates.is_empty() {
             return None;
         }
-        let untried: Vec<usize> = candidates.iter().copied().filter(|&i| !tried.contains(&st.backends[i].addr)).collect();
+        let untried: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| !tried.contains(&st.backends[i].addr))
+            .collect();
         if !untried.is_empty() {
             candidates = untried;
         }
         let i = match (&st.policy.lb, key) {
-            (LoadBalancer::HashHeader(_) | LoadBalancer::HashCookie(_) | LoadBalancer::HashSourceIp, Some(k)) => {
+            (
+                LoadBalancer::HashHeader(_)
+                | LoadBalancer::HashCookie(_)
+                | LoadBalancer::HashSourceIp,
+                Some(k),
+            ) => {
                 let start = st.ring.partition_point(|(p, _)| *p < k);
                 (0..st.ring.len())
                     .map(|j| st.ring[(start + j) % st.ring.len()].1)
                     .find(|i| candidates.contains(i))
                     .unwrap_or(candidates[0])
             }
-            (LoadBalancer::RoundRobin, _) => candidates[self.rr.fetch_add(1, Relaxed) % candidates.len()],
+            (LoadBalancer::RoundRobin, _) => {
+                candidates[self.rr.fetch_add(1, Relaxed) % candidates.len()]
+            }
             (LoadBalancer::LeastRequest | LoadBalancer::LeastConn, _) if candidates.len() > 1 => {
                 // Power of two choices on requests in flight.
                 let a = candidates[rand::random_range(0..candidates.len())];
@@ -238,7 +279,11 @@ impl Cluster {
                 if b == a {
                     b = candidates[candidates.len() - 1];
                 }
-                if st.backends[b].active.load(Relaxed) < st.backends[a].active.load(Relaxed) { b } else { a }
+                if st.backends[b].active.load(Relaxed) < st.backends[a].active.load(Relaxed) {
+                    b
+                } else {
+                    a
+                }
             }
             // RANDOM, and hashing policies without a key (Envoy falls back to random).
             _ => candidates[rand::random_range(0..candidates.len())],
@@ -249,7 +294,9 @@ impl Cluster {
     /// Feeds one attempt's result to outlier detection.
     pub fn record(&self, b: &Backend, outcome: Outcome) {
         let st = self.state.load();
-        let Some(od) = st.policy.outlier.as_ref() else { return };
+        let Some(od) = st.policy.outlier.as_ref() else {
+            return;
+        };
         let (five, gw) = match outcome {
             Outcome::Success => {
                 b.consecutive_5xx.store(0, Relaxed);
@@ -266,11 +313,13 @@ impl Cluster {
                 };
                 (five, gw)
             }
-            Outcome::LocalFailure => {
-                (b.consecutive_5xx.fetch_add(1, Relaxed) + 1, b.consecutive_gateway.fetch_add(1, Relaxed) + 1)
-            }
+            Outcome::LocalFailure => (
+                b.consecutive_5xx.fetch_add(1, Relaxed) + 1,
+                b.consecutive_gateway.fetch_add(1, Relaxed) + 1,
+            ),
         };
-        let tripped = od.consecutive_5xx.is_some_and(|t| five >= t) || od.consecutive_gateway.is_some_and(|t| gw >= t);
+        let tripped = od.consecutive_5xx.is_some_and(|t| five >= t)
+            || od.consecutive_gateway.is_some_and(|t| gw >= t);
         if !tripped {
             return;
         }
@@ -302,7 +351,9 @@ impl Cluster {
     /// `wait` for a connection. The permit is held until the response is complete.
     pub async fn admit(&self, wait: Duration) -> Result<Option<OwnedSemaphorePermit>, Overflow> {
         let limits = self.limits.load_full();
-        let Some(sem) = limits.permits.clone() else { return Ok(None) };
+        let Some(sem) = limits.permits.clone() else {
+            return Ok(None);
+        };
         if let Ok(p) = sem.clone().try_acquire_owned() {
             return Ok(Some(p));
         }
@@ -322,7 +373,13 @@ impl Cluster {
 
     /// Reserves a retry under the budget (20% of active requests, at least 3, and `maxRetries`).
     pub fn begin_retry(self: &Arc<Self>) -> Option<RetryGuard> {
-        let max = self.state.load().policy.pool.max_retries.unwrap_or(u32::MAX);
+        let max = self
+            .state
+            .load()
+            .policy
+            .pool
+            .max_retries
+            .unwrap_or(u32::MAX);
         let budget = (self.active_requests.load(Relaxed) / 5).max(3).min(max);
         let cur = self.active_retries.fetch_add(1, Relaxed);
         if cur >= budget {
@@ -354,11 +411,18 @@ mod tests {
     use super::*;
 
     fn policy(lb: LoadBalancer, outlier: Option<OutlierDetection>) -> ClusterPolicy {
-        ClusterPolicy { lb, pool: ConnectionPool::default(), outlier, h2: false }
+        ClusterPolicy {
+            lb,
+            pool: ConnectionPool::default(),
+            outlier,
+            h2: false,
+        }
     }
 
     fn addrs(n: u8) -> Vec<SocketAddr> {
-        (1..=n).map(|i| SocketAddr::from(([198, 18, 0, i], 8080))).collect()
+        (1..=n)
+            .map(|i| SocketAddr::from(([198, 18, 0, i], 8080)))
+            .collect()
     }
 
     #[test]
@@ -374,18 +438,31 @@ mod tests {
 
     #[test]
     fn consistent_hash_is_stable_and_spreads() {
-        let c = Cluster::new("t".into(), &addrs(4), policy(LoadBalancer::HashHeader("user".into()), None));
+        let c = Cluster::new(
+            "t".into(),
+            &addrs(4),
+            policy(LoadBalancer::HashHeader("user".into()), None),
+        );
         let a = c.pick(Some(hash_key(b"tomas")), &[]).unwrap().addr;
         for _ in 0..50 {
             assert_eq!(c.pick(Some(hash_key(b"tomas")), &[]).unwrap().addr, a);
         }
         let mut seen = std::collections::HashSet::new();
         for u in 0..200 {
-            seen.insert(c.pick(Some(hash_key(format!("user{u}").as_bytes())), &[]).unwrap().addr);
+            seen.insert(
+                c.pick(Some(hash_key(format!("user{u}").as_bytes())), &[])
+                    .unwrap()
+                    .addr,
+            );
         }
         assert_eq!(seen.len(), 4);
         // Removing another backend does not move this key.
-        let other: Vec<_> = addrs(4).into_iter().filter(|x| *x != a).take(2).chain([a]).collect();
+        let other: Vec<_> = addrs(4)
+            .into_iter()
+            .filter(|x| *x != a)
+            .take(2)
+            .chain([a])
+            .collect();
         c.update(&other, c.policy());
         assert_eq!(c.pick(Some(hash_key(b"tomas")), &[]).unwrap().addr, a);
     }
@@ -400,7 +477,11 @@ mod tests {
             max_ejection_percent: 50,
             min_health_percent: 0,
         };
-        let c = Cluster::new("t".into(), &addrs(2), policy(LoadBalancer::RoundRobin, Some(od)));
+        let c = Cluster::new(
+            "t".into(),
+            &addrs(2),
+            policy(LoadBalancer::RoundRobin, Some(od)),
+        );
         let [a, b] = [c.backends()[0].clone(), c.backends()[1].clone()];
         c.record(&a, Outcome::Status(503));
         assert!(!c.is_ejected(&a));
@@ -432,7 +513,11 @@ mod tests {
             max_ejection_percent: 100,
             ..OutlierDetection::default()
         };
-        let c = Cluster::new("t".into(), &addrs(2), policy(LoadBalancer::RoundRobin, Some(od.clone())));
+        let c = Cluster::new(
+            "t".into(),
+            &addrs(2),
+            policy(LoadBalancer::RoundRobin, Some(od.clone())),
+        );
         for b in c.backends() {
             c.record(&b, Outcome::LocalFailure);
         }
@@ -450,12 +535,18 @@ mod tests {
         let c = Arc::new(Cluster::new("t".into(), &addrs(1), p));
         let first = c.admit(Duration::from_secs(5)).await.unwrap();
         let c2 = c.clone();
-        let waiter = tokio::spawn(async move { c2.admit(Duration::from_secs(5)).await.map(|p| p.is_some()) });
+        let waiter =
+            tokio::spawn(
+                async move { c2.admit(Duration::from_secs(5)).await.map(|p| p.is_some()) },
+            );
         // The second request waits (pending = 1); poll until it is queued.
         while c.pending.load(Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(c.admit(Duration::from_secs(5)).await.err(), Some(Overflow::Pending));
+        assert_eq!(
+            c.admit(Duration::from_secs(5)).await.err(),
+            Some(Overflow::Pending)
+        );
         drop(first);
         assert_eq!(waiter.await.unwrap(), Ok(true));
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::cluster::{Cluster, ClusterPolicy};
-use crate::istio::{Destination, DestinationRule, LoadBalancer, OutlierDetection, RetryOn, VirtualService};
+use crate::istio::{Destination, DestinationRule, LoadBalancer, RetryOn, VirtualService};
 use crate::model::{Frontend, ObjectRef, State};
 
 /// Retries of a route.
@@ -29,7 +29,12 @@ impl RetryPolicy {
         Self {
             attempts: 2,
             per_try_timeout: None,
-            on: RetryOn { connect_failure: true, reset: true, status_codes: vec![503], ..Default::default() },
+            on: RetryOn {
+                connect_failure: true,
+                reset: true,
+                status_codes: vec![503],
+                ..Default::default()
+            },
         }
     }
 }
@@ -121,31 +126,78 @@ impl Registry {
             }
         }
         let pod_labels = state.pods.values().map(|p| (p.ip, &p.labels)).collect();
-        let ctx = Ctx { state, by_service, rules, pod_labels };
+        let ctx = Ctx {
+            state,
+            by_service,
+            rules,
+            pod_labels,
+        };
         let mut used = HashMap::new();
         let mut table = RouteTable::default();
         for fe in frontends.iter().filter(|f| f.l7) {
-            let own = Destination { host: fe.service.name.clone(), subset: None, port: Some(fe.port) };
+            let own = Destination {
+                host: fe.service.name.clone(),
+                subset: None,
+                port: Some(fe.port),
+            };
             let route = match services.get(&fe.service) {
                 Some((vs_id, vs)) if !vs.http.is_empty() => {
                     let r = &vs.http[0];
                     let mut destinations = Vec::new();
                     for (j, (d, w)) in r.route.iter().enumerate() {
-                        let field = format!("VirtualService {vs_id}: spec.http[0].route[{j}].destination");
-                        destinations.push((self.cluster(&ctx, d, &vs_id.namespace, Some(fe), &field, &mut errors, &mut used), *w));
+                        let field =
+                            format!("VirtualService {vs_id}: spec.http[0].route[{j}].destination");
+                        destinations.push((
+                            self.cluster(
+                                &ctx,
+                                d,
+                                &vs_id.namespace,
+                                Some(fe),
+                                &field,
+                                &mut errors,
+                                &mut used,
+                            ),
+                            *w,
+                        ));
                     }
                     let mirror = r.mirror.as_ref().map(|(d, pct)| Mirror {
-                        cluster: self.cluster(&ctx, d, &vs_id.namespace, None, &format!("VirtualService {vs_id}: spec.http[0].mirror"), &mut errors, &mut used),
+                        cluster: self.cluster(
+                            &ctx,
+                            d,
+                            &vs_id.namespace,
+                            None,
+                            &format!("VirtualService {vs_id}: spec.http[0].mirror"),
+                            &mut errors,
+                            &mut used,
+                        ),
                         percent: *pct,
                     });
                     let retry = match &r.retries {
                         None => RetryPolicy::safe_default(),
-                        Some(rt) => RetryPolicy { attempts: rt.attempts, per_try_timeout: rt.per_try_timeout, on: rt.retry_on.clone() },
+                        Some(rt) => RetryPolicy {
+                            attempts: rt.attempts,
+                            per_try_timeout: rt.per_try_timeout,
+                            on: rt.retry_on.clone(),
+                        },
                     };
-                    Route { service: fe.service.clone(), destinations, timeout: r.timeout, retry, mirror }
+                    Route {
+                        service: fe.service.clone(),
+                        destinations,
+                        timeout: r.timeout,
+                        retry,
+                        mirror,
+                    }
                 }
                 _ => {
-                    let c = self.cluster(&ctx, &own, &fe.service.namespace, Some(fe), "", &mut errors, &mut used);
+                    let c = self.cluster(
+                        &ctx,
+                        &own,
+                        &fe.service.namespace,
+                        Some(fe),
+                        "",
+                        &mut errors,
+                        &mut used,
+                    );
                     Route {
                         service: fe.service.clone(),
                         destinations: vec![(c, 100)],
@@ -155,7 +207,9 @@ impl Registry {
                     }
                 }
             };
-            table.routes.insert(SocketAddrV4::new(fe.vip, fe.port), Arc::new(route));
+            table
+                .routes
+                .insert(SocketAddrV4::new(fe.vip, fe.port), Arc::new(route));
         }
         self.clusters = used;
         (table, errors)
@@ -177,18 +231,31 @@ impl Registry {
         let fe = match d.port {
             Some(p) => fes.iter().find(|f| f.port == p),
             None if fes.len() == 1 => fes.first(),
-            None => from.filter(|f| f.service == svc).and_then(|f| fes.iter().find(|x| x.port == f.port)).or(fes.first()),
+            None => from
+                .filter(|f| f.service == svc)
+                .and_then(|f| fes.iter().find(|x| x.port == f.port))
+                .or(fes.first()),
         };
         let mut addrs: Vec<SocketAddr> = Vec::new();
         let mut h2 = from.is_some_and(|f| f.h2);
         match fe {
-            None if !field.is_empty() => errors.push(format!("{field}.host: no Service port {svc}{} is known", d.port.map(|p| format!(":{p}")).unwrap_or_default())),
+            None if !field.is_empty() => errors.push(format!(
+                "{field}.host: no Service port {svc}{} is known",
+                d.port.map(|p| format!(":{p}")).unwrap_or_default()
+            )),
             None => {}
             Some(fe) => {
                 h2 = fe.h2;
                 let ready: Vec<_> = fe.backends.iter().filter(|b| !b.terminating).collect();
-                let set = if ready.is_empty() { fe.backends.iter().collect() } else { ready };
-                addrs = set.iter().map(|b| SocketAddr::from((b.addr, b.port))).collect();
+                let set = if ready.is_empty() {
+                    fe.backends.iter().collect()
+                } else {
+                    ready
+                };
+                addrs = set
+                    .iter()
+                    .map(|b| SocketAddr::from((b.addr, b.port)))
+                    .collect();
             }
         }
         let rule = ctx.rules.get(&svc);
@@ -198,13 +265,25 @@ impl Registry {
                 Some(s) => {
                     policy = s.policy.clone();
                     addrs.retain(|a| {
-                        let std::net::IpAddr::V4(ip) = a.ip() else { return false };
-                        ctx.pod_labels.get(&ip).is_some_and(|l| s.labels.iter().all(|(k, v)| l.get(k) == Some(v)))
+                        let std::net::IpAddr::V4(ip) = a.ip() else {
+                            return false;
+                        };
+                        ctx.pod_labels
+                            .get(&ip)
+                            .is_some_and(|l| s.labels.iter().all(|(k, v)| l.get(k) == Some(v)))
                     });
                 }
                 None => {
-                    let known = rule.map(|(id, r)| format!("DestinationRule {id} defines {:?}", r.subsets.iter().map(|s| &s.name).collect::<Vec<_>>()));
-                    errors.push(format!("{field}.subset: unknown subset {name:?} ({})", known.unwrap_or_else(|| format!("no DestinationRule for {svc}"))));
+                    let known = rule.map(|(id, r)| {
+                        format!(
+                            "DestinationRule {id} defines {:?}",
+                            r.subsets.iter().map(|s| &s.name).collect::<Vec<_>>()
+                        )
+                    });
+                    errors.push(format!(
+                        "{field}.subset: unknown subset {name:?} ({})",
+                        known.unwrap_or_else(|| format!("no DestinationRule for {svc}"))
+                    ));
                     addrs.clear();
                 }
             }
@@ -213,11 +292,16 @@ impl Registry {
         let policy = ClusterPolicy {
             lb: policy.load_balancer.unwrap_or(LoadBalancer::LeastRequest),
             pool: policy.connection_pool.unwrap_or_default(),
-            outlier: Some(policy.outlier.unwrap_or_else(OutlierDetection::default)),
+            outlier: Some(policy.outlier.unwrap_or_default()),
+
             h2,
         };
         let port = fe.map_or(d.port.unwrap_or(0), |f| f.port);
-        let key = ClusterKey { service: svc.clone(), port, subset: d.subset.clone() };
+        let key = ClusterKey {
+            service: svc.clone(),
+            port,
+            subset: d.subset.clone(),
+        };
         if let Some(c) = used.get(&key) {
             return c.clone();
         }
@@ -227,7 +311,13 @@ impl Registry {
                 c.clone()
             }
             None => {
-                let name = format!("{svc}:{port}{}", d.subset.as_ref().map(|s| format!("/{s}")).unwrap_or_default());
+                let name = format!(
+                    "{svc}:{port}{}",
+                    d.subset
+                        .as_ref()
+                        .map(|s| format!("/{s}"))
+                        .unwrap_or_default()
+                );
                 Arc::new(Cluster::new(name, &addrs, policy))
             }
         };

@@ -53,17 +53,27 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 fn local_reply(status: StatusCode, reason: &str, attempts: u32) -> Response<ProxyBody> {
     let mut r = Response::new(text(format!("{reason}\n")));
     *r.status_mut() = status;
-    r.headers_mut().insert(ERROR_HEADER, HeaderValue::from_str(reason).unwrap_or(HeaderValue::from_static("error")));
-    r.headers_mut().insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
+    r.headers_mut().insert(
+        ERROR_HEADER,
+        HeaderValue::from_str(reason).unwrap_or(HeaderValue::from_static("error")),
+    );
+    r.headers_mut()
+        .insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
     r
 }
 
 fn idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 fn retry_status(on: &RetryOn, s: u16) -> bool {
-    (on.five_xx && s >= 500) || (on.gateway_error && matches!(s, 502..=504)) || on.status_codes.contains(&s) || (on.retriable_4xx && s == 409)
+    (on.five_xx && s >= 500)
+        || (on.gateway_error && matches!(s, 502..=504))
+        || on.status_codes.contains(&s)
+        || (on.retriable_4xx && s == 409)
 }
 
 fn retry_error(on: &RetryOn, e: &UpstreamError) -> bool {
@@ -71,7 +81,11 @@ fn retry_error(on: &RetryOn, e: &UpstreamError) -> bool {
         // The request never left: always worth another connection.
         UpstreamError::NotSent(_) => true,
         UpstreamError::Connect(_) | UpstreamError::ConnectTimeout => {
-            on.connect_failure || on.five_xx || on.gateway_error || on.reset || on.status_codes.contains(&503)
+            on.connect_failure
+                || on.five_xx
+                || on.gateway_error
+                || on.reset
+                || on.status_codes.contains(&503)
         }
         UpstreamError::Reset(_) => on.reset || on.five_xx || on.gateway_error,
     }
@@ -80,7 +94,9 @@ fn retry_error(on: &RetryOn, e: &UpstreamError) -> bool {
 /// The consistent-hash key of a request under the cluster's policy.
 fn hash_of(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Option<u64> {
     match lb {
-        LoadBalancer::HashHeader(name) => headers.get(name.as_str()).map(|v| hash_key(v.as_bytes())),
+        LoadBalancer::HashHeader(name) => {
+            headers.get(name.as_str()).map(|v| hash_key(v.as_bytes()))
+        }
         LoadBalancer::HashCookie(name) => headers
             .get_all(header::COOKIE)
             .iter()
@@ -104,21 +120,27 @@ struct Head {
 impl Head {
     fn request(&self, h2: bool, body: ProxyBody) -> Request<ProxyBody> {
         let uri: Uri = if h2 {
-            format!("http://{}{}", self.authority, self.path).parse().unwrap_or_else(|_| Uri::from_static("/"))
+            format!("http://{}{}", self.authority, self.path)
+                .parse()
+                .unwrap_or_else(|_| Uri::from_static("/"))
         } else {
             self.path.parse().unwrap_or_else(|_| Uri::from_static("/"))
         };
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = uri;
-        *r.version_mut() = if h2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        *r.version_mut() = if h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
         *r.headers_mut() = self.headers.clone();
         if h2 {
             r.headers_mut().remove(header::HOST);
-        } else if !r.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(&self.authority) {
-                r.headers_mut().insert(header::HOST, v);
-            }
+        } else if !r.headers().contains_key(header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&self.authority)
+        {
+            r.headers_mut().insert(header::HOST, v);
         }
         r
     }
@@ -161,8 +183,18 @@ fn mirror(m: &Mirror, head: &Head, body: bytes::Bytes, client: SocketAddr) {
         return;
     }
     let policy = m.cluster.policy();
-    let Some(backend) = m.cluster.pick(hash_of(&policy.lb, &head.headers, client), &[]) else { return };
-    let host = head.headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or(&head.authority).to_string();
+    let Some(backend) = m
+        .cluster
+        .pick(hash_of(&policy.lb, &head.headers, client), &[])
+    else {
+        return;
+    };
+    let host = head
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(&head.authority)
+        .to_string();
     let (name, port) = match host.rsplit_once(':') {
         Some((n, p)) if p.chars().all(|c| c.is_ascii_digit()) => (n.to_string(), format!(":{p}")),
         _ => (host.clone(), String::new()),
@@ -183,16 +215,21 @@ fn mirror(m: &Mirror, head: &Head, body: bytes::Bytes, client: SocketAddr) {
     let opts = m.cluster.conn_opts();
     // Fire and forget: the primary response never waits for the copy.
     tokio::spawn(async move {
-        if let Ok(resp) = tokio::time::timeout(Duration::from_secs(30), backend.conns.send(req, &opts)).await {
-            if let Ok(resp) = resp {
-                let _ = resp.into_body().collect().await;
-            }
+        if let Ok(Ok(resp)) =
+            tokio::time::timeout(Duration::from_secs(30), backend.conns.send(req, &opts)).await
+        {
+            let _ = resp.into_body().collect().await;
         }
     });
 }
 
 /// Handles one downstream request for `route`.
-pub async fn handle(req: Request<Incoming>, client: SocketAddr, orig: std::net::SocketAddrV4, route: Arc<Route>) -> Response<ProxyBody> {
+pub async fn handle(
+    req: Request<Incoming>,
+    client: SocketAddr,
+    orig: std::net::SocketAddrV4,
+    route: Arc<Route>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
     let deadline = route.timeout.map(|t| started + t);
     let (parts, body) = req.into_parts();
@@ -202,17 +239,31 @@ pub async fn handle(req: Request<Incoming>, client: SocketAddr, orig: std::net::
         .uri
         .authority()
         .map(|a| a.to_string())
-        .or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(String::from))
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        })
         .unwrap_or_else(|| orig.to_string());
     let head = Head {
         method: parts.method,
-        path: parts.uri.path_and_query().map_or("/".to_string(), |p| p.to_string()),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.to_string()),
         authority,
         headers,
     };
     let mut body = match RequestBody::buffer(body).await {
         Ok(b) => b,
-        Err(e) => return local_reply(StatusCode::BAD_REQUEST, &format!("reading the request body failed: {e}"), 0),
+        Err(e) => {
+            return local_reply(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the request body failed: {e}"),
+                0,
+            );
+        }
     };
     let Some(cluster) = pick_destination(&route) else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no-route", 0);
@@ -236,15 +287,38 @@ pub async fn handle(req: Request<Incoming>, client: SocketAddr, orig: std::net::
             return local_reply(StatusCode::GATEWAY_TIMEOUT, "timeout", attempt - 1);
         }
         let Some(backend) = cluster.pick(key, &tried) else {
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no-healthy-upstream", attempt - 1);
+            return local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-healthy-upstream",
+                attempt - 1,
+            );
         };
-        let permit = match cluster.admit(remaining.unwrap_or(Duration::from_secs(3600))).await {
+        let permit = match cluster
+            .admit(remaining.unwrap_or(Duration::from_secs(3600)))
+            .await
+        {
             Ok(p) => p,
-            Err(Overflow::Pending) => return local_reply(StatusCode::SERVICE_UNAVAILABLE, "overflow-pending-requests", attempt - 1),
-            Err(Overflow::Timeout) => return local_reply(StatusCode::GATEWAY_TIMEOUT, "timeout-waiting-for-connection", attempt - 1),
+            Err(Overflow::Pending) => {
+                return local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overflow-pending-requests",
+                    attempt - 1,
+                );
+            }
+            Err(Overflow::Timeout) => {
+                return local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout-waiting-for-connection",
+                    attempt - 1,
+                );
+            }
         };
         let Some(b) = body.take_for_attempt() else {
-            return local_reply(StatusCode::BAD_GATEWAY, "request-body-not-replayable", attempt - 1);
+            return local_reply(
+                StatusCode::BAD_GATEWAY,
+                "request-body-not-replayable",
+                attempt - 1,
+            );
         };
         tried.push(backend.addr);
         backend.active.fetch_add(1, Relaxed);
@@ -256,10 +330,8 @@ pub async fn handle(req: Request<Incoming>, client: SocketAddr, orig: std::net::
         };
         let send = backend.conns.send(head.request(policy.h2, b), &opts);
         let result = match try_timeout {
-            Some(t) => match tokio::time::timeout(t, send).await {
-                Ok(r) => Some(r),
-                Err(_) => None, // per-try or overall timeout
-            },
+            // `None`: the per-try or overall timeout fired.
+            Some(t) => tokio::time::timeout(t, send).await.ok(),
             None => Some(send.await),
         };
         let safe = body.replayable().is_some() && idempotent(&head.method);
@@ -267,13 +339,25 @@ pub async fn handle(req: Request<Incoming>, client: SocketAddr, orig: std::net::
         let (retryable, outcome) = match &result {
             Some(Ok(resp)) => {
                 let s = resp.status().as_u16();
-                (retry_status(&retry.on, s) && safe, if s >= 500 { Outcome::Status(s) } else { Outcome::Success })
+                (
+                    retry_status(&retry.on, s) && safe,
+                    if s >= 500 {
+                        Outcome::Status(s)
+                    } else {
+                        Outcome::Success
+                    },
+                )
             }
             Some(Err(e)) => (
-                retry_error(&retry.on, e) && body.replayable().is_some() && (e.never_sent() || idempotent(&head.method)),
+                retry_error(&retry.on, e)
+                    && body.replayable().is_some()
+                    && (e.never_sent() || idempotent(&head.method)),
                 Outcome::LocalFailure,
             ),
-            None => ((retry.on.five_xx || retry.on.gateway_error) && safe, Outcome::LocalFailure),
+            None => (
+                (retry.on.five_xx || retry.on.gateway_error) && safe,
+                Outcome::LocalFailure,
+            ),
         };
         cluster.record(&backend, outcome);
         let can_retry = retryable && more && {
@@ -285,7 +369,9 @@ pub async fn handle(req: Request<Incoming>, client: SocketAddr, orig: std::net::
                 Some(Ok(resp)) => {
                     let (mut parts, rbody) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
-                    parts.headers.insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
+                    parts
+                        .headers
+                        .insert(ATTEMPTS_HEADER, HeaderValue::from(attempt));
                     let held = (permit, active, in_flight);
                     Response::from_parts(parts, Holding::new(rbody, held).boxed())
                 }
@@ -295,18 +381,28 @@ pub async fn handle(req: Request<Incoming>, client: SocketAddr, orig: std::net::
                 }
                 None => {
                     let overall = deadline.is_some_and(|d| Instant::now() >= d);
-                    local_reply(StatusCode::GATEWAY_TIMEOUT, if overall { "timeout" } else { "per-try-timeout" }, attempt)
+                    local_reply(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        if overall {
+                            "timeout"
+                        } else {
+                            "per-try-timeout"
+                        },
+                        attempt,
+                    )
                 }
             };
         }
         if let Some(Ok(resp)) = result {
             // Read the failed response to its end so its connection goes back to the pool.
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect()).await;
             });
         }
         drop((permit, active));
-        let cap = Duration::from_millis(250).min(Duration::from_millis(25) * 2u32.saturating_pow(attempt - 1));
+        let cap = Duration::from_millis(250)
+            .min(Duration::from_millis(25) * 2u32.saturating_pow(attempt - 1));
         let mut backoff = Duration::from_micros(rand::random_range(0..=cap.as_micros() as u64));
         if let Some(d) = deadline {
             backoff = backoff.min(d.saturating_duration_since(Instant::now()));

@@ -90,7 +90,12 @@ async fn connect(addr: SocketAddr, opts: &ConnOpts) -> Result<TokioIo<TcpStream>
 impl Conns {
     /// No connection yet; they are made on demand.
     pub fn new(addr: SocketAddr, h2: bool) -> Self {
-        Self { addr, h2, idle: Mutex::new(Vec::new()), shared: Mutex::new(None) }
+        Self {
+            addr,
+            h2,
+            idle: Mutex::new(Vec::new()),
+            shared: Mutex::new(None),
+        }
     }
 
     /// Idle HTTP/1.1 connections (for tests and the admin view).
@@ -99,11 +104,23 @@ impl Conns {
     }
 
     /// Sends one request and returns the response with a streaming body.
-    pub async fn send(self: &Arc<Self>, req: Request<ProxyBody>, opts: &ConnOpts) -> Result<Response<ProxyBody>, UpstreamError> {
-        if self.h2 { self.send_h2(req, opts).await } else { self.send_h1(req, opts).await }
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        opts: &ConnOpts,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        if self.h2 {
+            self.send_h2(req, opts).await
+        } else {
+            self.send_h1(req, opts).await
+        }
     }
 
-    async fn send_h1(self: &Arc<Self>, req: Request<ProxyBody>, opts: &ConnOpts) -> Result<Response<ProxyBody>, UpstreamError> {
+    async fn send_h1(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        opts: &ConnOpts,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
         let pooled = loop {
             let c = self.idle.lock().ok().and_then(|mut v| v.pop());
             match c {
@@ -126,20 +143,26 @@ impl Conns {
             }
         };
         conn.used += 1;
-        let reuse = opts.max_requests_per_connection.is_none_or(|m| conn.used < m);
+        let reuse = opts
+            .max_requests_per_connection
+            .is_none_or(|m| conn.used < m);
         let mut req = req;
         if !reuse {
-            req.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            req.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
         }
         match conn.sender.try_send_request(req).await {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
                 let this = Arc::clone(self);
                 let tracked = Tracked::new(body, move |ok| {
-                    if ok && reuse {
-                        if let Ok(mut idle) = this.idle.lock() {
-                            idle.push(conn);
-                        }
+                    if ok
+                        && reuse
+                        && let Ok(mut idle) = this.idle.lock()
+                    {
+                        idle.push(conn);
                     }
                 });
                 Ok(Response::from_parts(parts, tracked.boxed()))
@@ -154,8 +177,16 @@ impl Conns {
         }
     }
 
-    async fn send_h2(self: &Arc<Self>, req: Request<ProxyBody>, opts: &ConnOpts) -> Result<Response<ProxyBody>, UpstreamError> {
-        let existing = self.shared.lock().ok().and_then(|g| g.as_ref().filter(|s| !s.is_closed()).cloned());
+    async fn send_h2(
+        self: &Arc<Self>,
+        req: Request<ProxyBody>,
+        opts: &ConnOpts,
+    ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let existing = self
+            .shared
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().filter(|s| !s.is_closed()).cloned());
         let mut sender = match existing {
             Some(s) => s,
             None => {
@@ -176,7 +207,10 @@ impl Conns {
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
-                Ok(Response::from_parts(parts, Tracked::new(body, |_| {}).boxed()))
+                Ok(Response::from_parts(
+                    parts,
+                    Tracked::new(body, |_| {}).boxed(),
+                ))
             }
             Err(mut e) => {
                 if e.take_message().is_some() {

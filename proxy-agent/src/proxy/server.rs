@@ -23,7 +23,10 @@ pub trait OrigDst: Send + Sync + 'static {
 fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     match a {
         SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, a.port())),
+        SocketAddr::V6(a) => a
+            .ip()
+            .to_ipv4_mapped()
+            .map(|ip| SocketAddrV4::new(ip, a.port())),
     }
 }
 
@@ -52,15 +55,23 @@ pub async fn serve(listener: TcpListener, orig: Arc<dyn OrigDst>, table: Arc<Arc
                     Ok::<_, std::convert::Infallible>(match route {
                         Some(route) => handler::handle(req, peer, dst, route).await,
                         None => {
-                            let mut r = hyper::Response::new(super::body::text(format!("no HTTP route for {dst}\n")));
+                            let mut r = hyper::Response::new(super::body::text(format!(
+                                "no HTTP route for {dst}\n"
+                            )));
                             *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                            r.headers_mut().insert(handler::ERROR_HEADER, hyper::header::HeaderValue::from_static("no-route"));
+                            r.headers_mut().insert(
+                                handler::ERROR_HEADER,
+                                hyper::header::HeaderValue::from_static("no-route"),
+                            );
                             r
                         }
                     })
                 }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 debug!(%peer, error = %e, "downstream connection ended with an error");
             }
         });
