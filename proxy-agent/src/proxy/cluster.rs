@@ -371,8 +371,9 @@ impl Cluster {
         }
     }
 
-    /// Reserves a retry under the budget (20% of active requests, at least 3, and `maxRetries`).
-    pub fn begin_retry(self: &Arc<Self>) -> Option<RetryGuard> {
+    /// Reserves a retry slot: never more than `maxRetries` at once, and with `budgeted` at most
+    /// 20% of the active requests (at least 3).
+    pub fn begin_retry(self: &Arc<Self>, budgeted: bool) -> Option<RetryGuard> {
         let max = self
             .state
             .load()
@@ -380,7 +381,11 @@ impl Cluster {
             .pool
             .max_retries
             .unwrap_or(u32::MAX);
-        let budget = (self.active_requests.load(Relaxed) / 5).max(3).min(max);
+        let budget = if budgeted {
+            (self.active_requests.load(Relaxed) / 5).max(3).min(max)
+        } else {
+            max
+        };
         let cur = self.active_retries.fetch_add(1, Relaxed);
         if cur >= budget {
             self.active_retries.fetch_sub(1, Relaxed);
@@ -549,5 +554,38 @@ mod tests {
         );
         drop(first);
         assert_eq!(waiter.await.unwrap(), Ok(true));
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn the_default_budget_allows_20_percent_of_active_requests_and_at_least_3() {
+        let p = ClusterPolicy {
+            lb: LoadBalancer::Random,
+            pool: ConnectionPool::default(),
+            outlier: None,
+            h2: false,
+        };
+        let c = Arc::new(Cluster::new("t".into(), &[], p.clone()));
+        let hold: Vec<_> = (0..3)
+            .map(|_| c.begin_retry(true).expect("3 at least"))
+            .collect();
+        assert!(c.begin_retry(true).is_none());
+        c.active_requests.store(50, Relaxed);
+        let more: Vec<_> = (0..7)
+            .map(|_| c.begin_retry(true).expect("20% of 50"))
+            .collect();
+        assert!(c.begin_retry(true).is_none());
+        // An explicit policy is bounded only by maxRetries.
+        assert!(c.begin_retry(false).is_some());
+        let mut limited = p;
+        limited.pool.max_retries = Some(10);
+        c.update(&[], limited);
+        assert!(c.begin_retry(false).is_none(), "10 in flight already");
+        drop((hold, more));
+        assert!(c.begin_retry(false).is_some());
     }
 }

@@ -20,6 +20,10 @@ pub struct RetryPolicy {
     pub per_try_timeout: Option<Duration>,
     /// Conditions.
     pub on: RetryOn,
+    /// Whether the default retry budget applies (retries at most 20% of active requests, at
+    /// least 3). True for the safe default; an explicit VirtualService policy is limited by the
+    /// DestinationRule's `maxRetries` instead, as in Istio.
+    pub budgeted: bool,
 }
 
 impl RetryPolicy {
@@ -35,6 +39,7 @@ impl RetryPolicy {
                 status_codes: vec![503],
                 ..Default::default()
             },
+            budgeted: true,
         }
     }
 }
@@ -178,6 +183,7 @@ impl Registry {
                             attempts: rt.attempts,
                             per_try_timeout: rt.per_try_timeout,
                             on: rt.retry_on.clone(),
+                            budgeted: false,
                         },
                     };
                     Route {

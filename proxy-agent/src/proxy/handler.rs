@@ -361,7 +361,8 @@ pub async fn handle(
         };
         cluster.record(&backend, outcome);
         let can_retry = retryable && more && {
-            _retry_slot = cluster.begin_retry();
+            _retry_slot = cluster.begin_retry(retry.budgeted);
+
             _retry_slot.is_some()
         };
         if !can_retry {
