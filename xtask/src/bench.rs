@@ -309,6 +309,7 @@ pub fn l4() -> Result<()> {
 pub fn run(name: &str) -> Result<()> {
     match name {
         "l4" => l4(),
-        other => bail!("unknown benchmark {other:?}; available: l4"),
+        "seed" => crate::seed::compare(),
+        other => bail!("unknown benchmark {other:?}; available: l4, seed"),
     }
 }

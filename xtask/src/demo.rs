@@ -116,6 +116,11 @@ pub fn run() -> Result<()> {
         adopted,
         "the restarted agent did not adopt the pinned state"
     );
-    println!("\n== done; removing the node");
+    drop(agent2);
+    drop(node);
+
+    println!("\n== the seed experiment (mission.md): one pod starts failing under load");
+    crate::seed::compare()?;
+    println!("\n== done");
     Ok(())
 }

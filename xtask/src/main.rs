@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod seed;
 mod setup;
 
 use std::process::Command;
