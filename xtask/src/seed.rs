@@ -210,7 +210,7 @@ pub fn compare() -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+mod ab_parsing {
     #[test]
     fn parses_ab_output() {
         let out = "Complete requests:      20000\nFailed requests:        4\n   (Connect: 0, Receive: 0, Length: 4, Exceptions: 0)\nNon-2xx responses:      4\nRequests per second:    5123.45 [#/sec] (mean)\n  99%     31\n";
