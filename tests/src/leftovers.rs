@@ -169,11 +169,20 @@ pub fn list_all() -> Vec<String> {
             if name.parse::<u32>().is_err() {
                 continue;
             }
+            let zombie = std::fs::read_to_string(e.path().join("status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z'))
+            });
             if let Ok(c) = std::fs::read_to_string(e.path().join("cgroup"))
-                && c.lines()
-                    .any(|l| l.starts_with("0::/") && l.contains(&format!("/{PREFIX}")))
+                && let Some(ours) = c
+                    .lines()
+                    .find(|l| l.starts_with("0::/") && l.contains(&format!("/{PREFIX}")))
+                && !zombie
             {
-                out.push(format!("process {name} in {}", c.trim()));
+                out.push(format!(
+                    "process {name} in cgroup {}",
+                    ours.trim_start_matches("0::")
+                ));
             }
         }
     }

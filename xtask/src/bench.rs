@@ -310,6 +310,7 @@ pub fn run(name: &str) -> Result<()> {
     match name {
         "l4" => l4(),
         "seed" => crate::seed::compare(),
-        other => bail!("unknown benchmark {other:?}; available: l4, seed"),
+        "l7" => crate::l7bench::run(),
+        other => bail!("unknown benchmark {other:?}; available: l4, l7, seed"),
     }
 }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod l7bench;
 mod seed;
 mod setup;
 
@@ -122,7 +123,13 @@ pub fn leak_check() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         return Ok(()); // nothing privileged could have been created
     }
-    let left = tests::node::present_resources();
+    // Processes killed a moment ago may still be exiting: poll briefly before judging.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut left = tests::node::present_resources();
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        left = tests::node::present_resources();
+    }
     if !left.is_empty() {
         bail!(
             "left behind by the run (must be removed):\n  {}",

@@ -61,6 +61,11 @@ fn apt_install(pkgs: &[String]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Installs Debian packages a benchmark needs (e.g. the peers it compares against).
+pub fn ensure_packages(pkgs: &[&str]) -> Result<()> {
+    apt_install(&missing_packages(pkgs))
+}
+
 /// Installs everything; prints one line per thing it checked.
 pub fn setup() -> Result<()> {
     apt_install(&missing_packages(TEST_PACKAGES))?;

@@ -1,0 +1,340 @@
+//! `cargo xtask bench l7`: requests/s and latency at 16 connections (wrk) and at a fixed
+//! 1,000 requests/s (hey), directly to a pod, through our node proxy, through HAProxy and through
+//! nginx (both configured with retries and upstream keep-alive), in the same run; plus CPU per
+//! 1,000 requests and RSS of each proxy.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use tests::k8s;
+use tests::node::NODE_IP;
+use tests::{Pod, Proc, SimNode};
+
+const T: Duration = Duration::from_secs(120);
+
+#[derive(Default, Clone, Copy)]
+struct Run {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    requests: f64,
+}
+
+/// Parses `215.00us`, `1.23ms`, `2.5s` into milliseconds.
+fn ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn parse_wrk(out: &str) -> Result<Run> {
+    let pct = |p: &str| {
+        out.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(p))
+            .and_then(|l| ms(l.split_whitespace().nth(1)?))
+    };
+    let rps = out
+        .lines()
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+    let requests = out
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok());
+    let non2xx = out
+        .lines()
+        .find(|l| l.contains("Non-2xx or 3xx responses"))
+        .is_some();
+    ensure!(!non2xx, "wrk saw error responses:\n{out}");
+    Ok(Run {
+        rps: rps.context("wrk printed no Requests/sec")?,
+        p50_ms: pct("50%").context("wrk printed no 50%")?,
+        p99_ms: pct("99%").context("wrk printed no 99%")?,
+        requests: requests.context("wrk printed no request count")?,
+    })
+}
+
+fn parse_hey(out: &str) -> Result<Run> {
+    let pct = |p: &str| {
+        out.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(&format!("{p} in ")))
+            .and_then(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok())
+            .map(|s| s * 1000.0)
+    };
+    let rps = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("Requests/sec:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok());
+    let ok = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("[200]"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok());
+    let total: f64 = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('['))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .sum();
+    ensure!(
+        ok.is_some() && ok == Some(total),
+        "hey saw non-200 responses:\n{out}"
+    );
+    Ok(Run {
+        rps: rps.context("hey printed no Requests/sec")?,
+        p50_ms: pct("50%").context("hey printed no 50%")?,
+        p99_ms: pct("99%").context("hey printed no 99%")?,
+        requests: total,
+    })
+}
+
+/// (utime + stime in clock ticks, RSS in KiB) summed over a process and its descendants.
+fn tree_usage(root: u32) -> (u64, u64) {
+    let mut pids = vec![root];
+    let mut i = 0;
+    while i < pids.len() {
+        let parent = pids[i];
+        if let Ok(d) = std::fs::read_dir("/proc") {
+            for e in d.flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
+                if after
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|p| p.parse::<u32>().ok())
+                    == Some(parent)
+                    && !pids.contains(&pid)
+                {
+                    pids.push(pid);
+                }
+            }
+        }
+        i += 1;
+    }
+    let (mut cpu, mut rss) = (0, 0);
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|x| x.1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        // After the command name: state(0) ppid(1) ... utime(11) stime(12).
+        cpu += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        rss += std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+    }
+    (cpu, rss)
+}
+
+fn haproxy_cfg(backends: &[Ipv4Addr]) -> String {
+    let mut c = format!(
+        "global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode http\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n  retries 2\n  option redispatch 1\n  retry-on conn-failure empty-response response-timeout 503\n  http-reuse always\nfrontend fe\n  bind {NODE_IP}:8081\n  default_backend be\nbackend be\n  balance leastconn\n"
+    );
+    for (i, b) in backends.iter().enumerate() {
+        let _ = writeln!(c, "  server w{i} {b}:8080");
+    }
+    c
+}
+
+fn nginx_cfg(dir: &str, backends: &[Ipv4Addr]) -> String {
+    let mut up = String::new();
+    for b in backends {
+        let _ = writeln!(up, "    server {b}:8080 max_fails=0;");
+    }
+    format!(
+        "daemon off;\nworker_processes 2;\npid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n  upstream be {{\n    least_conn;\n{up}    keepalive 64;\n  }}\n  server {{\n    listen {NODE_IP}:8082;\n    location / {{\n      proxy_pass http://be;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_next_upstream error timeout http_503;\n      proxy_next_upstream_tries 3;\n    }}\n  }}\n}}\n"
+    )
+}
+
+struct Target {
+    name: &'static str,
+    url: String,
+    pid: Option<u32>,
+}
+
+/// wrk at 16 connections, hey at 1,000 req/s, and (CPU ms per 1,000 requests, RSS KiB).
+type Measured = (Run, Run, Option<(f64, u64)>);
+
+fn measure(client: &Pod, t: &Target) -> Result<Measured> {
+    // Warm up connections and caches.
+    client.run("wrk", &["-t1", "-c4", "-d1s", &t.url], T);
+    let before = t.pid.map(tree_usage);
+    let wrk = parse_wrk(&client.run("wrk", &["-t2", "-c16", "-d10s", "--latency", &t.url], T))?;
+    let after = t.pid.map(tree_usage);
+    let hey = parse_hey(&client.run("hey", &["-z", "10s", "-c", "10", "-q", "100", &t.url], T))?;
+    let ticks = 100.0; // USER_HZ
+    let usage = match (before, after) {
+        (Some(b), Some(a)) => Some((
+            (a.0 - b.0) as f64 / ticks * 1000.0 / wrk.requests * 1000.0,
+            a.1,
+        )),
+        _ => None,
+    };
+    Ok((wrk, hey, usage))
+}
+
+/// Runs the L7 benchmark and prints its table.
+pub fn run() -> Result<()> {
+    crate::setup::ensure_packages(&["wrk", "hey", "haproxy", "nginx-light"])?;
+    let mut node = SimNode::new();
+    let pods: Vec<Pod> = (1..=2)
+        .map(|i| node.add_pod(&format!("webapp{i}")))
+        .collect();
+    let client = node.add_pod("client");
+    let _servers: Vec<Proc> = pods
+        .iter()
+        .map(|p| p.fixture_server("webapp", &["--listen", "0.0.0.0:8080"]))
+        .collect();
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    node.write_manifest(
+        "webapp.yaml",
+        &k8s::http_service("webapp", "198.19.0.10", 80, 8080, &ips),
+    );
+    let mut agent = node.start_agent(&["--node-ip", &NODE_IP.to_string()]);
+    agent.wait_log_count("l7_routes=1", 1, T);
+
+    let dir = node.dir.to_str().context("utf-8")?.to_string();
+    std::fs::write(node.dir.join("haproxy.cfg"), haproxy_cfg(&ips))?;
+    for sub in ["body", "proxy"] {
+        std::fs::create_dir_all(node.dir.join(sub))?;
+    }
+    std::fs::write(node.dir.join("nginx.conf"), nginx_cfg(&dir, &ips))?;
+    let host = node.host_place();
+    let hap = Proc::spawn(
+        "haproxy",
+        host.command("haproxy", &["-db", "-f", &format!("{dir}/haproxy.cfg")]),
+        node.dir.join("logs/haproxy.log"),
+    );
+    let ngx = Proc::spawn(
+        "nginx",
+        host.command("nginx", &["-p", &dir, "-c", &format!("{dir}/nginx.conf")]),
+        node.dir.join("logs/nginx.log"),
+    );
+    for port in ["8081", "8082"] {
+        let url = format!("http://{NODE_IP}:{port}/");
+        tests::sys::poll(&format!("{url} to answer"), T, || {
+            let out = client.probe(
+                "http-probe",
+                &["--url", &url, "--count", "1", "--timeout-ms", "500"],
+                T,
+            );
+            (out["ok"] == 1).then_some(())
+        });
+    }
+    let targets = [
+        Target {
+            name: "direct to a pod",
+            url: format!("http://{}:8080/", ips[0]),
+            pid: None,
+        },
+        Target {
+            name: "our node proxy",
+            url: "http://198.19.0.10/".into(),
+            pid: Some(agent.pid()),
+        },
+        Target {
+            name: "HAProxy 2.6",
+            url: format!("http://{NODE_IP}:8081/"),
+            pid: Some(hap.pid()),
+        },
+        Target {
+            name: "nginx 1.22",
+            url: format!("http://{NODE_IP}:8082/"),
+            pid: Some(ngx.pid()),
+        },
+    ];
+    let mut rows = Vec::new();
+    for t in &targets {
+        eprintln!("bench l7: {}", t.name);
+        rows.push((t.name, measure(&client, t)?));
+    }
+    let direct = rows[0].1;
+    println!(
+        "\nL7: webapp with 2 pods; wrk -t2 -c16 -d10s, and hey -c10 -q100 (1,000 req/s) for 10 s, from a pod"
+    );
+    println!(
+        "{:<16} {:>10} {:>9} {:>9} {:>12} | {:>9} {:>9} {:>13} | {:>13} {:>8}",
+        "path",
+        "16c req/s",
+        "p50 ms",
+        "p99 ms",
+        "+p99 ms",
+        "1k p50",
+        "1k p99",
+        "+p99 @1k ms",
+        "CPU ms/1k req",
+        "RSS MiB"
+    );
+    for (name, (wrk, hey, usage)) in &rows {
+        let (cpu, rss) = usage.map_or(("-".to_string(), "-".to_string()), |(c, r)| {
+            (format!("{c:.1}"), format!("{}", r / 1024))
+        });
+        println!(
+            "{:<16} {:>10.0} {:>9.3} {:>9.3} {:>12.3} | {:>9.3} {:>9.3} {:>13.3} | {:>13} {:>8}",
+            name,
+            wrk.rps,
+            wrk.p50_ms,
+            wrk.p99_ms,
+            wrk.p99_ms - direct.0.p99_ms,
+            hey.p50_ms,
+            hey.p99_ms,
+            hey.p99_ms - direct.1.p99_ms,
+            cpu,
+            rss
+        );
+    }
+    // nginx's master ends its workers on SIGTERM; a SIGKILL would orphan them.
+    let (mut hap, mut ngx) = (hap, ngx);
+    ngx.terminate(T);
+    hap.terminate(T);
+    Ok(())
+}
+
+#[cfg(test)]
+mod output_parsing {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_and_hey() {
+        let wrk = "  Latency Distribution\n     50%  215.00us\n     75%  300.00us\n     90%  1.00ms\n     99%    1.23ms\n  123456 requests in 10.00s, 10.00MB read\nRequests/sec:  12345.67\n";
+        let r = parse_wrk(wrk).unwrap();
+        assert_eq!((r.p50_ms, r.p99_ms, r.requests), (0.215, 1.23, 123456.0));
+        let hey = "Summary:\n  Requests/sec:\t999.7\n\nLatency distribution:\n  50% in 0.0004 secs\n  99% in 0.0012 secs\n\nStatus code distribution:\n  [200]\t10000 responses\n";
+        let r = parse_hey(hey).unwrap();
+        assert!((r.p99_ms - 1.2).abs() < 1e-9 && r.rps == 999.7);
+        assert!(
+            parse_hey(&hey.replace(
+                "\n  [200]\t10000 responses\n",
+                "\n  [200]\t9000 responses\n  [503]\t1000 responses\n"
+            ))
+            .is_err()
+        );
+    }
+}
