@@ -537,3 +537,25 @@ fn scenario_8_one_http2_connection_reaches_all_backends() {
     assert!(h2.contains("300 succeeded, 0 failed, 0 errored"), "{h2}");
     assert!(h2.contains("status codes: 300 2xx"), "{h2}");
 }
+
+#[test]
+fn grpc_ports_use_http2_upstream_and_balance_per_request() {
+    let (node, pods, client, servers) = http_node("webapp", &[], 3);
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    let yaml = k8s::http_service("svc", VIP, 80, 8080, &ips)
+        .replace("- name: http\n", "- name: grpc-api\n");
+    node.write_manifest("svc.yaml", &yaml);
+    let _agent = node.start_agent(&agent_args());
+    let out = http(&client, "http://198.19.0.10/", 60, &["--http2"]);
+    assert_eq!(out["ok"], 60, "{out}");
+    assert_eq!(tally(&out, "server_ids").len(), 3, "{out}");
+    // The backends saw HTTP/2 from the proxy, not HTTP/1.1.
+    for s in &servers {
+        let log = s.log_text();
+        let requests: Vec<&str> = log.lines().filter(|l| l.contains(" GET ")).collect();
+        assert!(
+            !requests.is_empty() && requests.iter().all(|l| l.contains(" HTTP/2.0 ")),
+            "upstream was not HTTP/2:\n{log}"
+        );
+    }
+}
