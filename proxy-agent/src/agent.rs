@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::datapath::{Datapath, L7Maps, Reconciler};
+use crate::kube_source::{self, KubeConfig};
 use crate::proxy::{self, OrigDst, Registry, RouteTable};
 
 use crate::manifests;
@@ -21,8 +22,10 @@ use crate::model::State;
 /// Settings of `proxy-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    /// Directory of Kubernetes YAML to serve.
-    pub manifests: PathBuf,
+    /// Where the desired state comes from.
+    pub source: Source,
+    /// This node's name (`internalTrafficPolicy: Local`, Event reporting instance).
+    pub node_name: Option<String>,
     /// cgroup v2 directory the programs attach to.
     pub cgroup: PathBuf,
     /// bpffs directory for pins.
@@ -33,6 +36,31 @@ pub struct RunConfig {
     pub node_ip: Option<Ipv4Addr>,
     /// The L7 proxy's port.
     pub proxy_port: u16,
+}
+
+/// Where the desired state comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A directory of Kubernetes YAML.
+    Manifests(PathBuf),
+    /// The API server: a kubeconfig file, or the in-cluster configuration when `None`.
+    Kubernetes(Option<PathBuf>),
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using the kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster configuration and no kubeconfig: pass --manifests DIR or --kubeconfig FILE")?,
+    };
+    kube::Client::try_from(config).context("creating the Kubernetes client")
 }
 
 /// The original-destination map of the datapath, read after each accept.
@@ -117,7 +145,21 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // `None` until the directory was read once: an empty map must never be applied before the
     // source has spoken, or a restarted agent would flush the pinned state it just adopted.
     let (tx, mut rx) = watch::channel(None::<State>);
-    tokio::spawn(manifests::watch(cfg.manifests.clone(), cfg.poll, tx));
+    let problems = match &cfg.source {
+        Source::Manifests(dir) => {
+            tokio::spawn(manifests::watch(dir.clone(), cfg.poll, tx));
+            None
+        }
+        Source::Kubernetes(kubeconfig) => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let kc = KubeConfig {
+                node_name: cfg.node_name.clone(),
+                optional_wait: Duration::from_secs(10),
+                debounce: Duration::from_millis(2),
+            };
+            Some(kube_source::start(client, kc, tx).await)
+        }
+    };
 
     let mut generation = 0u64;
     let mut retry: Option<tokio::time::Instant> = None;
@@ -134,14 +176,30 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = term.recv() => { info!("SIGTERM: exiting, the datapath stays pinned and serving"); return Ok(()); }
             _ = int.recv() => { info!("SIGINT: exiting, the datapath stays pinned and serving"); return Ok(()); }
         }
-        let Some(state) = rx.borrow_and_update().clone() else {
+        let Some(mut state) = rx.borrow_and_update().clone() else {
             continue;
         };
+        state.node_name = cfg.node_name.clone();
         let frontends = state.frontends();
         generation += 1;
-        let (routes, problems) = registry.build(&state, &frontends);
-        for p in &problems {
-            error!(generation, "{p}");
+        let (routes, found) = registry.build(&state, &frontends, &table.load());
+        for p in &found {
+            error!(
+                generation,
+                "{p}; the affected Service keeps its last good route"
+            );
+            if let Some(tx) = &problems {
+                let _ = tx.send(kube_source::Problem {
+                    reference: k8s_openapi::api::core::v1::ObjectReference {
+                        api_version: Some("networking.istio.io/v1".into()),
+                        kind: Some(p.kind.into()),
+                        name: Some(p.object.name.clone()),
+                        namespace: Some(p.object.namespace.clone()),
+                        ..Default::default()
+                    },
+                    message: p.to_string(),
+                });
+            }
         }
         let l7_routes = routes.routes.len();
         table.store(Arc::new(routes));

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod istio;
+pub mod kube_source;
 pub mod manifests;
 pub mod model;
 pub mod proxy;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use proxy_agent::agent::{self, RunConfig};
+use proxy_agent::agent::{self, RunConfig, Source};
 use proxy_agent::datapath;
 
 /// Node-level Kubernetes service proxy with an eBPF datapath.
@@ -18,11 +18,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve the Services of a manifests directory until SIGTERM/SIGINT.
+    /// Serve the node's Services until SIGTERM/SIGINT, from the API server (in-cluster or
+    /// `--kubeconfig`) or from a manifests directory.
     Run {
-        /// Directory of Kubernetes YAML (v1 Service, discovery.k8s.io/v1 EndpointSlice).
-        #[arg(long)]
-        manifests: PathBuf,
+        /// Directory of Kubernetes YAML (Service, EndpointSlice, Pod, VirtualService,
+        /// DestinationRule) instead of an API server.
+        #[arg(long, conflicts_with = "kubeconfig")]
+        manifests: Option<PathBuf>,
+        /// kubeconfig file (default without --manifests: the in-cluster configuration).
+        #[arg(long, env = "KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (from the downward API in a DaemonSet), for
+        /// internalTrafficPolicy: Local and as the reporter of Events.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// cgroup v2 directory to attach to (default: the root of the cgroup2 mount).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -80,6 +89,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run {
             manifests,
+            kubeconfig,
+            node_name,
             cgroup,
             bpffs,
             poll_ms,
@@ -95,8 +106,13 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
+            let source = match manifests {
+                Some(dir) => Source::Manifests(dir),
+                None => Source::Kubernetes(kubeconfig),
+            };
             rt.block_on(agent::run(RunConfig {
-                manifests,
+                source,
+                node_name,
                 cgroup,
                 bpffs,
                 poll: Duration::from_millis(poll_ms),

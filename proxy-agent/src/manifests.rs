@@ -325,7 +325,8 @@ fn parse_file(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestError>) {
     (objects, errors)
 }
 
-type FieldResult<T> = Result<T, (String, String)>;
+/// A result whose error names the field and what is wrong with it.
+pub type FieldResult<T> = Result<T, (String, String)>;
 
 fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> FieldResult<T> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -405,7 +406,8 @@ fn pod(p: &core::Pod) -> FieldResult<Object> {
     Ok(Object::Pod(id, PodInfo { ip, labels }))
 }
 
-fn service(s: &core::Service) -> FieldResult<Service> {
+/// Validates a v1 Service into the model.
+pub fn service(s: &core::Service) -> FieldResult<Service> {
     let id = meta_ref(&s.metadata)?;
     let spec = s
         .spec
@@ -491,16 +493,19 @@ fn service(s: &core::Service) -> FieldResult<Service> {
             ));
         }
     };
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     Ok(Service {
         id,
         cluster_ip,
         ports,
         affinity_timeout_s,
         mode,
+        internal_local,
     })
 }
 
-fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
+/// Validates a discovery.k8s.io/v1 EndpointSlice into the model.
+pub fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
     let id = meta_ref(&s.metadata)?;
     if s.address_type != "IPv4" {
         return Err((
@@ -553,10 +558,16 @@ fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
                 format!("{a:?} is not an IPv4 address"),
             )
         })?;
+        let pod = ep
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .and_then(|r| r.name.clone());
         endpoints.push(Endpoint {
             addr,
             state,
             node_name: ep.node_name.clone(),
+            pod,
         });
     }
     Ok(EndpointSlice {

@@ -146,6 +146,8 @@ pub struct Service {
     pub affinity_timeout_s: Option<u32>,
     /// [`MODE_ANNOTATION`], if set.
     pub mode: Option<Mode>,
+    /// `internalTrafficPolicy: Local`: only endpoints on this node are used.
+    pub internal_local: bool,
 }
 
 /// Readiness of an endpoint (EndpointSlice conditions).
@@ -168,6 +170,8 @@ pub struct Endpoint {
     pub state: EndpointState,
     /// Name of the node hosting it, if known.
     pub node_name: Option<String>,
+    /// The Pod behind it (`targetRef` of kind Pod), if known.
+    pub pod: Option<String>,
 }
 
 /// A port of an EndpointSlice.
@@ -207,6 +211,8 @@ pub struct State {
     pub virtual_services: BTreeMap<ObjectRef, crate::istio::VirtualService>,
     /// Istio DestinationRules by namespace/name.
     pub destination_rules: BTreeMap<ObjectRef, crate::istio::DestinationRule>,
+    /// This node's name (for `internalTrafficPolicy: Local`).
+    pub node_name: Option<String>,
 }
 
 /// A backend of one frontend.
@@ -266,6 +272,12 @@ impl State {
                         continue;
                     };
                     for ep in &slice.endpoints {
+                        if svc.internal_local
+                            && self.node_name.is_some()
+                            && ep.node_name != self.node_name
+                        {
+                            continue;
+                        }
                         let b = Backend {
                             addr: ep.addr,
                             port: ep_port.port,
@@ -320,6 +332,7 @@ mod tests {
             }],
             affinity_timeout_s: None,
             mode: None,
+            internal_local: false,
         }
     }
 
@@ -338,6 +351,7 @@ mod tests {
                     addr: Ipv4Addr::new(198, 18, 0, last),
                     state,
                     node_name: None,
+                    pod: None,
                 })
                 .collect(),
         }

@@ -80,6 +80,33 @@ struct ClusterKey {
     subset: Option<String>,
 }
 
+/// A problem in the traffic policy, on the object that has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// `VirtualService` or `DestinationRule`.
+    pub kind: &'static str,
+    /// The object.
+    pub object: ObjectRef,
+    /// Field and what is wrong.
+    pub message: String,
+}
+
+impl ConfigProblem {
+    fn new(kind: &'static str, object: &ObjectRef, message: String) -> Self {
+        Self {
+            kind,
+            object: object.clone(),
+            message,
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.object, self.message)
+    }
+}
+
 /// Clusters by destination, kept across rebuilds.
 #[derive(Default)]
 pub struct Registry {
@@ -106,8 +133,13 @@ struct Ctx<'a> {
 impl Registry {
     /// Builds the routing table for the L7 frontends of `state`; returns it with the problems
     /// found (each naming the object and field), which leave the affected route without backends.
-    pub fn build(&mut self, state: &State, frontends: &[Frontend]) -> (RouteTable, Vec<String>) {
-        let mut errors = Vec::new();
+    pub fn build(
+        &mut self,
+        state: &State,
+        frontends: &[Frontend],
+        previous: &RouteTable,
+    ) -> (RouteTable, Vec<ConfigProblem>) {
+        let mut errors: Vec<ConfigProblem> = Vec::new();
         let mut by_service: BTreeMap<&ObjectRef, Vec<&Frontend>> = BTreeMap::new();
         for f in frontends {
             by_service.entry(&f.service).or_default().push(f);
@@ -116,7 +148,11 @@ impl Registry {
         for (id, dr) in &state.destination_rules {
             let svc = resolve_host(&dr.host, &id.namespace);
             if let Some((other, _)) = rules.insert(svc.clone(), (id, dr)) {
-                errors.push(format!("DestinationRule {id}: spec.host: {svc} already has DestinationRule {other}; using {id}"));
+                errors.push(ConfigProblem::new(
+                    "DestinationRule",
+                    id,
+                    format!("spec.host: {svc} already has DestinationRule {other}; using {id}"),
+                ));
             }
         }
         let mut services: HashMap<ObjectRef, (&ObjectRef, &VirtualService)> = HashMap::new();
@@ -124,7 +160,13 @@ impl Registry {
             for h in &vs.hosts {
                 let svc = resolve_host(h, &id.namespace);
                 if let Some((other, _)) = services.get(&svc) {
-                    errors.push(format!("VirtualService {id}: spec.hosts: {svc} is already routed by VirtualService {other}; ignored"));
+                    errors.push(ConfigProblem::new(
+                        "VirtualService",
+                        id,
+                        format!(
+                            "spec.hosts: {svc} is already routed by VirtualService {other}; ignored"
+                        ),
+                    ));
                     continue;
                 }
                 services.insert(svc, (id, vs));
@@ -140,6 +182,7 @@ impl Registry {
         let mut used = HashMap::new();
         let mut table = RouteTable::default();
         for fe in frontends.iter().filter(|f| f.l7) {
+            let problems_before = errors.len();
             let own = Destination {
                 host: fe.service.name.clone(),
                 subset: None,
@@ -150,14 +193,14 @@ impl Registry {
                     let r = &vs.http[0];
                     let mut destinations = Vec::new();
                     for (j, (d, w)) in r.route.iter().enumerate() {
-                        let field =
-                            format!("VirtualService {vs_id}: spec.http[0].route[{j}].destination");
+                        let field = format!("spec.http[0].route[{j}].destination");
                         destinations.push((
                             self.cluster(
                                 &ctx,
                                 d,
                                 &vs_id.namespace,
                                 Some(fe),
+                                Some(("VirtualService", vs_id)),
                                 &field,
                                 &mut errors,
                                 &mut used,
@@ -171,7 +214,8 @@ impl Registry {
                             d,
                             &vs_id.namespace,
                             None,
-                            &format!("VirtualService {vs_id}: spec.http[0].mirror"),
+                            Some(("VirtualService", vs_id)),
+                            "spec.http[0].mirror",
                             &mut errors,
                             &mut used,
                         ),
@@ -200,6 +244,7 @@ impl Registry {
                         &own,
                         &fe.service.namespace,
                         Some(fe),
+                        None,
                         "",
                         &mut errors,
                         &mut used,
@@ -213,9 +258,13 @@ impl Registry {
                     }
                 }
             };
-            table
-                .routes
-                .insert(SocketAddrV4::new(fe.vip, fe.port), Arc::new(route));
+            let key = SocketAddrV4::new(fe.vip, fe.port);
+            // A route whose policy has a problem keeps its last good version, if it had one.
+            let route = match previous.routes.get(&key) {
+                Some(old) if errors.len() > problems_before => old.clone(),
+                _ => Arc::new(route),
+            };
+            table.routes.insert(key, route);
         }
         self.clusters = used;
         (table, errors)
@@ -228,8 +277,9 @@ impl Registry {
         d: &Destination,
         namespace: &str,
         from: Option<&Frontend>,
+        origin: Option<(&'static str, &ObjectRef)>,
         field: &str,
-        errors: &mut Vec<String>,
+        errors: &mut Vec<ConfigProblem>,
         used: &mut HashMap<ClusterKey, Arc<Cluster>>,
     ) -> Arc<Cluster> {
         let svc = resolve_host(&d.host, namespace);
@@ -245,11 +295,18 @@ impl Registry {
         let mut addrs: Vec<SocketAddr> = Vec::new();
         let mut h2 = from.is_some_and(|f| f.h2);
         match fe {
-            None if !field.is_empty() => errors.push(format!(
-                "{field}.host: no Service port {svc}{} is known",
-                d.port.map(|p| format!(":{p}")).unwrap_or_default()
-            )),
-            None => {}
+            None => {
+                if let Some((kind, id)) = origin {
+                    errors.push(ConfigProblem::new(
+                        kind,
+                        id,
+                        format!(
+                            "{field}.host: no Service port {svc}{} is known",
+                            d.port.map(|p| format!(":{p}")).unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
             Some(fe) => {
                 h2 = fe.h2;
                 let ready: Vec<_> = fe.backends.iter().filter(|b| !b.terminating).collect();
@@ -286,10 +343,16 @@ impl Registry {
                             r.subsets.iter().map(|s| &s.name).collect::<Vec<_>>()
                         )
                     });
-                    errors.push(format!(
-                        "{field}.subset: unknown subset {name:?} ({})",
-                        known.unwrap_or_else(|| format!("no DestinationRule for {svc}"))
-                    ));
+                    if let Some((kind, id)) = origin {
+                        errors.push(ConfigProblem::new(
+                            kind,
+                            id,
+                            format!(
+                                "{field}.subset: unknown subset {name:?} ({})",
+                                known.unwrap_or_else(|| format!("no DestinationRule for {svc}"))
+                            ),
+                        ));
+                    }
                     addrs.clear();
                 }
             }

@@ -1,0 +1,525 @@
+//! The Kubernetes source: follows the API server and produces the same desired [`State`] as the
+//! manifests directory.
+//!
+//! One kube-runtime watcher per kind (Services, EndpointSlices, Pods metadata-only, Istio
+//! VirtualServices and DestinationRules) feeds a single aggregator. A (re)list replaces a kind's
+//! objects wholesale at `InitDone`, so removals come from the full state, never from delete events
+//! alone. The first state is published only after every kind has listed once (Services and
+//! EndpointSlices are waited for indefinitely; optional kinds for a bounded time). Watch errors,
+//! 410 Gone and dropped connections lead to a re-list with backoff while the datapath keeps its
+//! last state. An invalid object is reported in the log and as a Kubernetes Event on the object,
+//! and its last good version keeps serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service as K8sService};
+use k8s_openapi::api::discovery::v1::EndpointSlice as K8sSlice;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, Resource, ResourceExt as _};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::istio;
+use crate::manifests;
+use crate::model::{ObjectRef, PodInfo, State};
+
+/// Kinds followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    Slice,
+    Pod,
+    VirtualService,
+    DestinationRule,
+}
+
+impl Kind {
+    const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::Slice,
+        Kind::Pod,
+        Kind::VirtualService,
+        Kind::DestinationRule,
+    ];
+
+    /// Without these the datapath would be emptied: wait for them however long it takes.
+    fn required(self) -> bool {
+        matches!(self, Kind::Service | Kind::Slice)
+    }
+}
+
+/// A validated object.
+#[derive(Clone, Debug)]
+enum Obj {
+    Service(crate::model::Service),
+    Slice(crate::model::EndpointSlice),
+    Pod(BTreeMap<String, String>),
+    VirtualService(istio::VirtualService),
+    DestinationRule(istio::DestinationRule),
+}
+
+/// What a watcher reports to the aggregator.
+enum Msg {
+    Init(Kind),
+    Apply {
+        kind: Kind,
+        id: ObjectRef,
+        reference: Box<ObjectReference>,
+        parsed: Box<Result<Obj, (String, String)>>,
+        initial: bool,
+    },
+    Delete(Kind, ObjectRef),
+    InitDone(Kind),
+    /// The kind is not served by this API server (e.g. Istio CRDs not installed).
+    Unavailable(Kind),
+}
+
+/// A configuration problem to report as an Event on an object.
+#[derive(Clone, Debug)]
+pub struct Problem {
+    /// The object.
+    pub reference: ObjectReference,
+    /// What is wrong (field and message).
+    pub message: String,
+}
+
+/// Settings of the Kubernetes source.
+#[derive(Clone, Debug)]
+pub struct KubeConfig {
+    /// This node's name: the Events' reporting instance.
+    pub node_name: Option<String>,
+    /// How long optional kinds (Pods, Istio) may take to list before the first state is published.
+    pub optional_wait: Duration,
+    /// Coalescing delay between a change and the publication of the new state.
+    pub debounce: Duration,
+}
+
+fn object_ref<K: Resource<DynamicType = ()>>(o: &K) -> ObjectRef {
+    ObjectRef::new(
+        o.namespace().unwrap_or_else(|| "default".into()),
+        o.name_any(),
+    )
+}
+
+fn reference_of(kind: &str, api_version: &str, meta: &kube::api::ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(api_version.to_string()),
+        kind: Some(kind.to_string()),
+        name: meta.name.clone(),
+        namespace: Some(meta.namespace.clone().unwrap_or_else(|| "default".into())),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        field_path: None,
+    }
+}
+
+/// Runs one kind's watcher, forwarding parsed objects to the aggregator until it goes away.
+async fn pump<K, S>(
+    kind: Kind,
+    stream: S,
+    parse: impl Fn(&K) -> (ObjectRef, ObjectReference, Result<Obj, (String, String)>),
+    tx: mpsc::Sender<Msg>,
+) where
+    S: futures::Stream<Item = Result<Event<K>, watcher::Error>> + Send,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(ev) = stream.next().await {
+        let msg = match ev {
+            Ok(Event::Init) => Msg::Init(kind),
+            Ok(Event::InitApply(o)) => {
+                let (id, reference, parsed) = parse(&o);
+                Msg::Apply {
+                    kind,
+                    id,
+                    reference: Box::new(reference),
+                    parsed: Box::new(parsed),
+                    initial: true,
+                }
+            }
+            Ok(Event::InitDone) => Msg::InitDone(kind),
+            Ok(Event::Apply(o)) => {
+                let (id, reference, parsed) = parse(&o);
+                Msg::Apply {
+                    kind,
+                    id,
+                    reference: Box::new(reference),
+                    parsed: Box::new(parsed),
+                    initial: false,
+                }
+            }
+            Ok(Event::Delete(o)) => Msg::Delete(kind, parse(&o).0),
+            Err(e) => {
+                // The watcher re-lists with backoff (410 Gone, dropped connections, API server
+                // restarts); the datapath keeps its last state meanwhile.
+                warn!(?kind, error = %e, "watch failed; re-listing with backoff, the datapath keeps its last state");
+                continue;
+            }
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Finds which networking.istio.io version this API server serves.
+async fn istio_resource(client: &Client, kind: &str, plural: &str) -> Option<ApiResource> {
+    for version in ["v1", "v1beta1", "v1alpha3"] {
+        let ar = ApiResource {
+            group: "networking.istio.io".into(),
+            version: version.into(),
+            api_version: format!("networking.istio.io/{version}"),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+        match api.list(&ListParams::default().limit(1)).await {
+            Ok(_) => return Some(ar),
+            Err(kube::Error::Api(e)) if e.code == 404 => continue,
+            Err(e) => {
+                warn!(kind, error = %e, "cannot list Istio {kind}s; assuming they are not served");
+                return None;
+            }
+        }
+    }
+    None
+}
+
+fn dynamic_spec(o: &DynamicObject) -> Result<serde_yaml::Value, (String, String)> {
+    let spec = o
+        .data
+        .get("spec")
+        .ok_or(("spec".to_string(), "missing".to_string()))?;
+    serde_yaml::to_value(spec).map_err(|e| ("spec".to_string(), e.to_string()))
+}
+
+/// Starts the watchers; publishes the desired state on `tx` and reports problems received on
+/// the returned sender (and its own) as Events.
+pub async fn start(
+    client: Client,
+    cfg: KubeConfig,
+    tx: watch::Sender<Option<State>>,
+) -> mpsc::UnboundedSender<Problem> {
+    let (msg_tx, msg_rx) = mpsc::channel::<Msg>(1024);
+    let wcfg = || watcher::Config::default();
+
+    let t = msg_tx.clone();
+    let s = watcher::watcher(Api::<K8sService>::all(client.clone()), wcfg()).default_backoff();
+    tokio::spawn(pump(
+        Kind::Service,
+        s,
+        |o: &K8sService| {
+            let r = reference_of("Service", "v1", &o.metadata);
+            (object_ref(o), r, manifests::service(o).map(Obj::Service))
+        },
+        t,
+    ));
+
+    let t = msg_tx.clone();
+    let s = watcher::watcher(Api::<K8sSlice>::all(client.clone()), wcfg()).default_backoff();
+    tokio::spawn(pump(
+        Kind::Slice,
+        s,
+        |o: &K8sSlice| {
+            let r = reference_of("EndpointSlice", "discovery.k8s.io/v1", &o.metadata);
+            (object_ref(o), r, manifests::slice(o).map(Obj::Slice))
+        },
+        t,
+    ));
+
+    let t = msg_tx.clone();
+    // Metadata only: labels are all the proxy needs from Pods (addresses come from the slices).
+    let s = watcher::watcher(Api::<PartialObjectMeta<Pod>>::all(client.clone()), wcfg())
+        .default_backoff();
+    tokio::spawn(pump(
+        Kind::Pod,
+        s,
+        |o: &PartialObjectMeta<Pod>| {
+            let id = ObjectRef::new(
+                o.metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                o.metadata.name.clone().unwrap_or_default(),
+            );
+            let r = reference_of("Pod", "v1", &o.metadata);
+            (
+                id,
+                r,
+                Ok(Obj::Pod(o.metadata.labels.clone().unwrap_or_default())),
+            )
+        },
+        t,
+    ));
+
+    for (kind, k, plural) in [
+        (Kind::VirtualService, "VirtualService", "virtualservices"),
+        (Kind::DestinationRule, "DestinationRule", "destinationrules"),
+    ] {
+        let t = msg_tx.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let Some(ar) = istio_resource(&client, k, plural).await else {
+                info!(
+                    kind = k,
+                    "networking.istio.io {k} is not served: Istio policies are off (install the CRDs from deploy/crds)"
+                );
+                let _ = t.send(Msg::Unavailable(kind)).await;
+                return;
+            };
+            let api_version = ar.api_version.clone();
+            let s = watcher::watcher(Api::<DynamicObject>::all_with(client, &ar), wcfg())
+                .default_backoff();
+            pump(
+                kind,
+                s,
+                move |o: &DynamicObject| {
+                    let id = ObjectRef::new(
+                        o.namespace().unwrap_or_else(|| "default".into()),
+                        o.name_any(),
+                    );
+                    let r = reference_of(k, &api_version, &o.metadata);
+                    let parsed = dynamic_spec(o).and_then(|spec| match kind {
+                        Kind::VirtualService => {
+                            istio::virtual_service(spec).map(Obj::VirtualService)
+                        }
+                        _ => istio::destination_rule(spec).map(Obj::DestinationRule),
+                    });
+                    (id, r, parsed)
+                },
+                t,
+            )
+            .await;
+        });
+    }
+
+    let (problem_tx, problem_rx) = mpsc::unbounded_channel::<Problem>();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "proxy-agent".into(),
+            instance: cfg.node_name.clone(),
+        },
+    );
+    tokio::spawn(publish_events(recorder, problem_rx));
+    tokio::spawn(aggregate(cfg, msg_rx, tx, problem_tx.clone()));
+    problem_tx
+}
+
+async fn publish_events(recorder: Recorder, mut rx: mpsc::UnboundedReceiver<Problem>) {
+    while let Some(p) = rx.recv().await {
+        let ev = KubeEvent {
+            type_: EventType::Warning,
+            reason: "InvalidConfiguration".into(),
+            note: Some(p.message.chars().take(1000).collect()),
+            action: "Validate".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &p.reference).await {
+            warn!(error = %e, object = ?p.reference.name, "cannot publish a Kubernetes Event");
+        }
+    }
+}
+
+#[derive(Default)]
+struct Stores {
+    objects: BTreeMap<(Kind, ObjectRef), Obj>,
+    /// Objects of a kind being re-listed (between Init and InitDone).
+    relist: HashMap<Kind, BTreeMap<ObjectRef, Obj>>,
+    listed: BTreeMap<Kind, bool>,
+}
+
+impl Stores {
+    fn state(&self) -> State {
+        let mut st = State::default();
+        let mut labels: HashMap<&ObjectRef, &BTreeMap<String, String>> = HashMap::new();
+        for ((kind, id), obj) in &self.objects {
+            match (kind, obj) {
+                (_, Obj::Service(s)) => {
+                    st.services.insert(id.clone(), s.clone());
+                }
+                (_, Obj::Slice(s)) => {
+                    st.slices.insert(id.clone(), s.clone());
+                }
+                (_, Obj::Pod(l)) => {
+                    labels.insert(id, l);
+                }
+                (_, Obj::VirtualService(v)) => {
+                    st.virtual_services.insert(id.clone(), v.clone());
+                }
+                (_, Obj::DestinationRule(d)) => {
+                    st.destination_rules.insert(id.clone(), d.clone());
+                }
+            }
+        }
+        // Metadata-only Pods carry no address: join them with the endpoints that point at them.
+        for slice in st.slices.values() {
+            for ep in &slice.endpoints {
+                if let Some(pod) = &ep.pod {
+                    let id = ObjectRef::new(slice.id.namespace.clone(), pod.clone());
+                    if let Some(l) = labels.get(&id) {
+                        st.pods.insert(
+                            id,
+                            PodInfo {
+                                ip: ep.addr,
+                                labels: (*l).clone(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        st
+    }
+}
+
+async fn aggregate(
+    cfg: KubeConfig,
+    mut rx: mpsc::Receiver<Msg>,
+    tx: watch::Sender<Option<State>>,
+    problems: mpsc::UnboundedSender<Problem>,
+) {
+    let mut stores = Stores::default();
+    let started = tokio::time::Instant::now();
+    let mut published = false;
+    let mut last_wait_log = started;
+    loop {
+        // Take everything queued, then publish once (coalescing bursts such as a re-list).
+        let first = match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some(m)) => Some(m),
+            Ok(None) => return,
+            Err(_) => None,
+        };
+        let mut batch: Vec<Msg> = first.into_iter().collect();
+        if !batch.is_empty() {
+            tokio::time::sleep(cfg.debounce).await;
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
+            }
+        }
+        let mut changed = false;
+        for m in batch {
+            changed |= apply(&mut stores, m, &problems);
+        }
+        let waited = started.elapsed();
+        let ready = Kind::ALL.iter().all(|k| {
+            stores.listed.get(k).copied().unwrap_or(false)
+                || (!k.required() && waited >= cfg.optional_wait)
+        });
+        if !ready {
+            if last_wait_log.elapsed() >= Duration::from_secs(10) {
+                let missing: Vec<_> = Kind::ALL
+                    .iter()
+                    .filter(|k| !stores.listed.get(k).copied().unwrap_or(false))
+                    .collect();
+                info!(
+                    ?missing,
+                    "waiting for the first list of every kind before the first datapath write"
+                );
+                last_wait_log = tokio::time::Instant::now();
+            }
+            continue;
+        }
+        if !published {
+            let missing: Vec<_> = Kind::ALL
+                .iter()
+                .filter(|k| !stores.listed.get(k).copied().unwrap_or(false))
+                .collect();
+            if !missing.is_empty() {
+                warn!(
+                    ?missing,
+                    "these kinds did not list within the wait; starting without them"
+                );
+            }
+            info!(
+                after_ms = waited.as_millis() as u64,
+                "every watched kind listed; publishing the first state"
+            );
+        }
+        if changed || !published {
+            published = true;
+            let state = stores.state();
+            tx.send_if_modified(|cur| {
+                if cur.as_ref() == Some(&state) {
+                    false
+                } else {
+                    *cur = Some(state);
+                    true
+                }
+            });
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+/// Applies one message; returns whether the visible state may have changed.
+fn apply(stores: &mut Stores, m: Msg, problems: &mpsc::UnboundedSender<Problem>) -> bool {
+    match m {
+        Msg::Init(kind) => {
+            stores.relist.insert(kind, BTreeMap::new());
+            false
+        }
+        Msg::Apply {
+            kind,
+            id,
+            reference,
+            parsed,
+            initial,
+        } => {
+            let obj = match *parsed {
+                Ok(o) => Some(o),
+                Err((field, message)) => {
+                    let text = format!(
+                        "{}: field `{field}`: {message}; its last good version keeps serving",
+                        reference.kind.clone().unwrap_or_default()
+                    );
+                    error!(object = %id, field = %field, "{message}; the last good version of this object keeps serving");
+                    let _ = problems.send(Problem {
+                        reference: *reference,
+                        message: text,
+                    });
+                    None
+                }
+            };
+            // An invalid object keeps its last good version (if any).
+            let obj = obj.or_else(|| stores.objects.get(&(kind, id.clone())).cloned());
+            match (initial, stores.relist.get_mut(&kind)) {
+                (true, Some(buf)) => {
+                    if let Some(o) = obj {
+                        buf.insert(id, o);
+                    }
+                    false
+                }
+                _ => match obj {
+                    Some(o) => {
+                        stores.objects.insert((kind, id), o);
+                        true
+                    }
+                    None => false,
+                },
+            }
+        }
+        Msg::Delete(kind, id) => stores.objects.remove(&(kind, id)).is_some(),
+        Msg::InitDone(kind) => {
+            // Replace the kind's objects with the full listed set: removals come from here.
+            let buf = stores.relist.remove(&kind).unwrap_or_default();
+            stores.objects.retain(|(k, _), _| *k != kind);
+            for (id, o) in buf {
+                stores.objects.insert((kind, id), o);
+            }
+            stores.listed.insert(kind, true);
+            true
+        }
+        Msg::Unavailable(kind) => {
+            stores.listed.insert(kind, true);
+            true
+        }
+    }
+}
