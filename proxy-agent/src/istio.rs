@@ -20,6 +20,7 @@ pub const API_VERSIONS: [&str; 3] = [
 // ---------------------------------------------------------------- wire types (strict)
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct VsSpec {
     #[serde(default)]
@@ -33,6 +34,7 @@ struct VsSpec {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct HttpRouteWire {
     #[serde(default)]
@@ -52,6 +54,7 @@ struct HttpRouteWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RouteDestWire {
     destination: DestinationWire,
@@ -60,6 +63,7 @@ struct RouteDestWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct DestinationWire {
     host: String,
@@ -70,18 +74,21 @@ struct DestinationWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct PortWire {
     number: u32,
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 struct PercentWire {
     value: f64,
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RetriesWire {
     #[serde(default)]
@@ -93,6 +100,7 @@ struct RetriesWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct DrSpec {
     host: String,
@@ -105,6 +113,7 @@ struct DrSpec {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct SubsetWire {
     name: String,
@@ -115,6 +124,7 @@ struct SubsetWire {
 }
 
 #[derive(Deserialize, Debug, Default)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct TrafficPolicyWire {
     #[serde(default)]
@@ -126,6 +136,7 @@ struct TrafficPolicyWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct LoadBalancerWire {
     #[serde(default)]
@@ -135,6 +146,7 @@ struct LoadBalancerWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ConsistentHashWire {
     #[serde(default)]
@@ -146,6 +158,7 @@ struct ConsistentHashWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CookieWire {
     name: String,
@@ -156,6 +169,7 @@ struct CookieWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ConnectionPoolWire {
     #[serde(default)]
@@ -165,6 +179,7 @@ struct ConnectionPoolWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct TcpPoolWire {
     #[serde(default)]
@@ -174,6 +189,7 @@ struct TcpPoolWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct HttpPoolWire {
     #[serde(default)]
@@ -187,6 +203,7 @@ struct HttpPoolWire {
 }
 
 #[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct OutlierWire {
     #[serde(default, rename = "consecutive5xxErrors")]
@@ -203,6 +220,95 @@ struct OutlierWire {
     max_ejection_percent: Option<i64>,
     #[serde(default)]
     min_health_percent: Option<i64>,
+}
+
+// ---------------------------------------------------------------- CRD manifests
+
+/// CustomResourceDefinitions for the accepted kinds, generated from the wire types above, for
+/// clusters where Istio itself is not installed. Served as v1, v1beta1 and v1alpha3 (v1 stored).
+#[cfg(feature = "codegen")]
+pub fn crd_yaml() -> String {
+    use schemars::generate::SchemaSettings;
+    fn clean(v: &mut serde_json::Value) {
+        if let serde_json::Value::Object(m) = v {
+            // Structural schemas forbid some of these and need none of them; unknown fields are
+            // rejected by the agent anyway.
+            for k in [
+                "additionalProperties",
+                "$schema",
+                "title",
+                "format",
+                "default",
+            ] {
+                m.remove(k);
+            }
+            for (_, child) in m.iter_mut() {
+                clean(child);
+            }
+        } else if let serde_json::Value::Array(a) = v {
+            for child in a {
+                clean(child);
+            }
+        }
+    }
+    let generator = || {
+        SchemaSettings::openapi3()
+            .with(|s| s.inline_subschemas = true)
+            .into_generator()
+    };
+    let mut out = String::from(
+        "# Generated by `cargo xtask codegen` from proxy-agent/src/istio.rs; do not edit.\n",
+    );
+    for (kind, plural, short, mut spec) in [
+        (
+            "VirtualService",
+            "virtualservices",
+            "vs",
+            serde_json::to_value(generator().into_root_schema_for::<VsSpec>()).unwrap_or_default(),
+        ),
+        (
+            "DestinationRule",
+            "destinationrules",
+            "dr",
+            serde_json::to_value(generator().into_root_schema_for::<DrSpec>()).unwrap_or_default(),
+        ),
+    ] {
+        clean(&mut spec);
+        let versions: Vec<serde_json::Value> = ["v1", "v1beta1", "v1alpha3"]
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "name": v,
+                    "served": true,
+                    "storage": *v == "v1",
+                    "schema": {"openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "metadata": {"type": "object"},
+                            "spec": spec,
+                            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+                        }
+                    }}
+                })
+            })
+            .collect();
+        let crd = serde_json::json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.networking.istio.io"), "labels": {"app.kubernetes.io/part-of": "proxy-agent"}},
+            "spec": {
+                "group": "networking.istio.io",
+                "names": {"kind": kind, "listKind": format!("{kind}List"), "plural": plural, "singular": kind.to_ascii_lowercase(), "shortNames": [short]},
+                "scope": "Namespaced",
+                "versions": versions
+            }
+        });
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd).unwrap_or_default());
+    }
+    out
 }
 
 // ---------------------------------------------------------------- validated model

@@ -49,6 +49,10 @@ enum Command {
         #[arg(long, default_value_t = 15001)]
         proxy_port: u16,
     },
+    /// Print CustomResourceDefinitions for the accepted Istio kinds (`cargo xtask codegen`).
+    #[cfg(feature = "codegen")]
+    #[command(hide = true)]
+    Crds,
     /// Print the datapath maps as text.
     Dump {
         /// bpffs directory of the agent.
@@ -119,6 +123,11 @@ fn main() -> anyhow::Result<()> {
                 node_ip,
                 proxy_port,
             }))
+        }
+        #[cfg(feature = "codegen")]
+        Command::Crds => {
+            print!("{}", proxy_agent::istio::crd_yaml());
+            Ok(())
         }
         Command::Dump { bpffs } => {
             let maps = datapath::loader::open_pinned_maps(&bpffs)

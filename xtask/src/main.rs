@@ -30,6 +30,12 @@ enum Cmd {
         /// Which benchmark.
         name: String,
     },
+    /// Regenerate checked-in files from the Rust types (deploy/crds).
+    Codegen {
+        /// Fail if the checked-in files differ instead of writing them.
+        #[arg(long)]
+        check: bool,
+    },
     /// Run every test: unit tests, then the privileged end-to-end tests, then a leak check.
     Test {
         /// Only run tests whose name contains this.
@@ -73,6 +79,44 @@ pub fn build_bins() -> Result<()> {
     Ok(())
 }
 
+const CRDS: &str = "deploy/crds/istio-networking.yaml";
+
+/// Writes (or with `check`, verifies) the CRD manifests generated from proxy-agent's Istio types.
+fn codegen(check: bool) -> Result<()> {
+    let out = cargo(&[
+        "run",
+        "--quiet",
+        "-p",
+        "proxy-agent",
+        "--features",
+        "codegen",
+        "--",
+        "crds",
+    ])?;
+    if !out.status.success() {
+        bail!(
+            "generating CRDs failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = root.join(CRDS);
+    if check {
+        let current = std::fs::read(&path).unwrap_or_default();
+        if current != out.stdout {
+            bail!(
+                "{CRDS} is out of date with proxy-agent/src/istio.rs: run `cargo xtask codegen` and commit it"
+            );
+        }
+        eprintln!("xtask: {CRDS} is up to date");
+    } else {
+        std::fs::create_dir_all(path.parent().context("path")?)?;
+        std::fs::write(&path, &out.stdout)?;
+        eprintln!("xtask: wrote {CRDS}");
+    }
+    Ok(())
+}
+
 /// `cargo fmt --check` and `cargo clippy -D warnings` over the host crates.
 fn lint() -> Result<()> {
     let fmt = cargo(&["fmt", "--all", "--check"])?;
@@ -99,6 +143,7 @@ fn lint() -> Result<()> {
         );
     }
     eprintln!("xtask: fmt and clippy clean");
+    codegen(true)?;
     Ok(())
 }
 
@@ -189,6 +234,7 @@ fn main() -> Result<()> {
             r.and(leaks)
         }
         Cmd::Test { filter } => test(filter),
+        Cmd::Codegen { check } => codegen(check),
         Cmd::Bench { name } => {
             setup::setup()?;
             let out = cargo(&[
