@@ -173,20 +173,37 @@ impl SimNode {
         }
     }
 
-    /// Starts `proxy-agent run` on this node with `extra` arguments and waits for the first
-    /// "datapath synced".
+    /// Starts `proxy-agent run` on this node's manifests directory with `extra` arguments and
+    /// waits for the first "datapath synced".
     pub fn start_agent(&self, extra: &[&str]) -> Proc {
         let manifests = self.manifests();
+        let mut args = vec!["--manifests", manifests.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        self.start_agent_with(&args)
+    }
+
+    /// Starts `proxy-agent run` against an API server through `kubeconfig` (a file path) and
+    /// waits for the first "datapath synced".
+    pub fn start_agent_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec![
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8 path"),
+            "--node-name",
+            "node1",
+        ];
+        args.extend_from_slice(extra);
+        self.start_agent_with(&args)
+    }
+
+    fn start_agent_with(&self, source: &[&str]) -> Proc {
         let mut args = vec![
             "run",
-            "--manifests",
-            manifests.to_str().expect("utf-8 path"),
             "--cgroup",
             self.cgroup.to_str().expect("utf-8 path"),
             "--bpffs",
             self.bpffs.to_str().expect("utf-8 path"),
         ];
-        args.extend_from_slice(extra);
+        args.extend_from_slice(source);
         let place = self.host_place();
         let mut cmd = place.command(sys::bin("proxy-agent"), &args);
         cmd.env(
@@ -201,8 +218,13 @@ impl SimNode {
             cmd,
             place.logs.join(format!("agent-{n}.log")),
         );
-        agent.wait_log_count("datapath synced", 1, Duration::from_secs(20));
+        agent.wait_log_count("datapath synced", 1, Duration::from_secs(30));
         agent
+    }
+
+    /// The node's network namespace file (for servers that must live on the node).
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.netns))
     }
 
     /// Runs `proxy-agent dump` against this node's pins.

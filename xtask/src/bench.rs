@@ -311,6 +311,7 @@ pub fn run(name: &str) -> Result<()> {
         "l4" => l4(),
         "seed" => crate::seed::compare(),
         "l7" => crate::l7bench::run(),
-        other => bail!("unknown benchmark {other:?}; available: l4, l7, seed"),
+        "sync" => crate::syncbench::run(),
+        other => bail!("unknown benchmark {other:?}; available: l4, l7, seed, sync"),
     }
 }

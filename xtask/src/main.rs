@@ -6,6 +6,7 @@ mod demo;
 mod l7bench;
 mod seed;
 mod setup;
+mod syncbench;
 
 use std::process::Command;
 

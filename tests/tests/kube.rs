@@ -1,0 +1,326 @@
+//! The agent following an API server (a double speaking the real list/watch protocol, reached
+//! through a kubeconfig from the node's network namespace). Needs root.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tests::apiserver::ApiServer;
+use tests::k8s;
+use tests::{Pod, Proc, SimNode};
+
+const T: Duration = Duration::from_secs(120);
+
+fn tally(v: &Value, key: &str) -> BTreeMap<String, u64> {
+    v[key]
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A node, an API server double on its loopback, and a kubeconfig file for the agent.
+fn cluster() -> (SimNode, ApiServer, std::path::PathBuf) {
+    let node = SimNode::new();
+    let api = ApiServer::start(Some(&node.netns_path()));
+    let kubeconfig = node.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).expect("write kubeconfig");
+    (node, api, kubeconfig)
+}
+
+fn servers(pods: &[Pod], kind: &str) -> Vec<Proc> {
+    pods.iter()
+        .map(|p| p.fixture_server(kind, &["--listen", "0.0.0.0:8080"]))
+        .collect()
+}
+
+fn tcp(client: &Pod, count: usize) -> Value {
+    client.probe(
+        "tcp-probe",
+        &[
+            "--to",
+            "198.19.0.10:80",
+            "--count",
+            &count.to_string(),
+            "--read",
+            "--timeout-ms",
+            "2000",
+        ],
+        T,
+    )
+}
+
+#[test]
+fn services_and_endpoints_come_from_the_api_server() {
+    let (mut node, api, kubeconfig) = cluster();
+    let webs: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("web{i}"))).collect();
+    let client = node.add_pod("client");
+    let _s = servers(&webs, "tcp-id");
+    let ips: Vec<Ipv4Addr> = webs.iter().map(|p| p.ip).collect();
+    api.apply_yaml(&k8s::service_with_endpoints(
+        "web",
+        "198.19.0.10",
+        80,
+        "TCP",
+        8080,
+        &ips,
+    ));
+    let mut agent = node.start_agent_kube(&kubeconfig, &[]);
+    let log = agent.wait_log_count("every watched kind listed", 1, T);
+    assert!(log.contains("datapath synced"), "{log}");
+    let out = tcp(&client, 100);
+    assert_eq!(out["ok"], 100, "{out}");
+    assert_eq!(tally(&out, "reads").len(), 2, "{out}");
+    // An EndpointSlice change reaches the datapath.
+    api.apply_yaml(&k8s::slice(
+        "web-1",
+        "web",
+        8080,
+        "TCP",
+        &[(ips[1], k8s::Cond::Ready)],
+    ));
+    agent.wait_log_count("datapath synced", 2, T);
+    let out = tcp(&client, 50);
+    assert_eq!(
+        tally(&out, "reads").keys().collect::<Vec<_>>(),
+        ["web2"],
+        "{out}"
+    );
+}
+
+#[test]
+fn an_api_server_restart_loses_no_entry_and_changes_made_while_away_are_applied() {
+    let (mut node, api, kubeconfig) = cluster();
+    let webs: Vec<Pod> = (1..=3).map(|i| node.add_pod(&format!("web{i}"))).collect();
+    let client = node.add_pod("client");
+    let _s = servers(&webs, "tcp-id");
+    let ips: Vec<Ipv4Addr> = webs.iter().map(|p| p.ip).collect();
+    api.apply_yaml(&k8s::service_with_endpoints(
+        "web",
+        "198.19.0.10",
+        80,
+        "TCP",
+        8080,
+        &ips[..2],
+    ));
+    api.apply_yaml(&k8s::service_with_endpoints(
+        "old",
+        "198.19.0.20",
+        80,
+        "TCP",
+        8080,
+        &ips[..1],
+    ));
+    let mut agent = node.start_agent_kube(&kubeconfig, &[]);
+    agent.wait_log_count("every watched kind listed", 1, T);
+    let before = node.dump();
+
+    // The API server goes away: the datapath keeps every entry.
+    api.stop();
+    let out = tcp(&client, 100);
+    assert_eq!(out["ok"], 100, "{out}");
+    agent.wait_log_count("watch failed", 1, T);
+    assert_eq!(
+        node.dump(),
+        before,
+        "map entries changed while the API server was away"
+    );
+
+    // Changes while it is away: web3 joins, `old` is deleted (a delete event the agent never sees).
+    api.apply_yaml(&k8s::service_with_endpoints(
+        "web",
+        "198.19.0.10",
+        80,
+        "TCP",
+        8080,
+        &ips,
+    ));
+    assert!(api.delete("v1", "Service", "default", "old"));
+    assert!(api.delete("discovery.k8s.io/v1", "EndpointSlice", "default", "old-1"));
+    // Make the agent's resume point too old: it must re-list (410 Gone) and derive the removal.
+    api.compact();
+    api.start_again();
+    let dump = tests::sys::poll("the changes made while away to reach the maps", T, || {
+        let d = node.dump();
+        (d.contains(&format!("{}:8080", ips[2])) && !d.contains("198.19.0.20")).then_some(d)
+    });
+    assert!(
+        dump.contains("SVC 198.19.0.10:80/TCP id=1 count=3"),
+        "{dump}"
+    );
+    assert_eq!(tally(&tcp(&client, 300), "reads").len(), 3);
+    // The watchers really re-listed after 410 Gone.
+    let lists = api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services") && !r.contains("watch="))
+        .count();
+    assert!(
+        lists >= 2,
+        "expected a re-list of Services: {:?}",
+        api.requests()
+    );
+}
+
+#[test]
+fn dropped_watch_connections_are_resumed() {
+    let (mut node, api, kubeconfig) = cluster();
+    let webs: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("web{i}"))).collect();
+    let client = node.add_pod("client");
+    let _s = servers(&webs, "tcp-id");
+    let ips: Vec<Ipv4Addr> = webs.iter().map(|p| p.ip).collect();
+    api.apply_yaml(&k8s::service_with_endpoints(
+        "web",
+        "198.19.0.10",
+        80,
+        "TCP",
+        8080,
+        &ips[..1],
+    ));
+    let mut agent = node.start_agent_kube(&kubeconfig, &[]);
+    agent.wait_log_count("every watched kind listed", 1, T);
+    api.drop_connections();
+    api.apply_yaml(&k8s::service_with_endpoints(
+        "web",
+        "198.19.0.10",
+        80,
+        "TCP",
+        8080,
+        &ips,
+    ));
+    tests::sys::poll("the change after the dropped connections", T, || {
+        node.dump()
+            .contains(&format!("{}:8080", ips[1]))
+            .then_some(())
+    });
+    assert_eq!(tally(&tcp(&client, 200), "reads").len(), 2);
+}
+
+#[test]
+fn invalid_objects_become_events_and_the_last_good_configuration_keeps_serving() {
+    let (mut node, api, kubeconfig) = cluster();
+    let webs: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("web{i}"))).collect();
+    let client = node.add_pod("client");
+    let _s = servers(&webs, "webapp");
+    let ips: Vec<Ipv4Addr> = webs.iter().map(|p| p.ip).collect();
+    api.apply_yaml(&k8s::http_service("web", "198.19.0.10", 80, 8080, &ips));
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: default}\nspec:\n  host: web\n  subsets: [{name: v1, labels: {app: web}}]\n  trafficPolicy: {outlierDetection: {interval: 5s}}\n";
+    api.apply_yaml(dr);
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n";
+    api.apply_yaml(vs);
+    let mut agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
+    agent.wait_log_count("l7_routes=1", 1, T);
+    let ok = |n: usize| {
+        client.probe(
+            "http-probe",
+            &["--url", "http://198.19.0.10/", "--count", &n.to_string()],
+            T,
+        )
+    };
+    assert_eq!(ok(20)["ok"], 20);
+
+    // A DestinationRule with a negative interval: logged, an Event on it, the old one serves.
+    api.apply_yaml(&dr.replace("interval: 5s", "interval: -5s"));
+    agent.wait_log_count("spec.trafficPolicy.outlierDetection.interval", 1, T);
+    // A VirtualService naming an unknown subset: logged, an Event, the last good route serves.
+    api.apply_yaml(&vs.replace("{host: web}", "{host: web, subset: v9}"));
+    agent.wait_log_count("unknown subset", 1, T);
+    let events = tests::sys::poll("both Events to be posted", T, || {
+        let ev = api.events();
+        let on = |kind: &str| {
+            ev.iter().any(|e| {
+                e["regarding"]["kind"] == kind
+                    && e["regarding"]["name"] == "web"
+                    && e["reason"] == "InvalidConfiguration"
+            })
+        };
+        (on("DestinationRule") && on("VirtualService")).then_some(ev)
+    });
+    assert!(
+        events
+            .iter()
+            .any(|e| e["note"].as_str().is_some_and(|n| n.contains("interval"))),
+        "{events:?}"
+    );
+    let out = ok(40);
+    assert_eq!(
+        out["ok"], 40,
+        "the last good configuration must keep serving: {out}"
+    );
+    assert_eq!(tally(&out, "server_ids").len(), 2, "{out}");
+}
+
+const SEED_POLICY: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: webapp, namespace: default}\nspec:\n  hosts: [svc]\n  http:\n  - route: [{destination: {host: svc}}]\n    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: webapp, namespace: default}\nspec:\n  host: svc\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}\n";
+
+#[test]
+fn scenario_6_seed_experiment_with_objects_from_the_api_server() {
+    let (mut node, api, kubeconfig) = cluster();
+    let pods: Vec<Pod> = (1..=2)
+        .map(|i| node.add_pod(&format!("webapp{i}")))
+        .collect();
+    let client = node.add_pod("client");
+    let servers = servers(&pods, "webapp");
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    api.apply_yaml(&k8s::http_service("svc", "198.19.0.10", 80, 8080, &ips));
+    api.apply_yaml(SEED_POLICY);
+    let mut agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
+    agent.wait_log_count("l7_routes=1", 1, T);
+    let cmd = client
+        .place
+        .command("ab", &["-c", "50", "-n", "20000", "http://198.19.0.10/"]);
+    let mut ab = Proc::spawn("ab", cmd, client.place.logs.join("ab.log"));
+    let served = || {
+        servers
+            .iter()
+            .map(|s| s.log_text().matches(" GET / ").count())
+            .sum::<usize>()
+    };
+    tests::sys::poll("ab to be a third of the way", T, || {
+        (served() >= 6667).then_some(())
+    });
+    let url = format!("http://{}:8080/err", pods[0].ip);
+    assert_eq!(
+        client.probe("http-probe", &["--url", &url, "--count", "1"], T)["ok"],
+        1
+    );
+    assert!(ab.wait_exit(T).success(), "ab failed: {}", ab.log_text());
+    let out = ab.stdout_lines().join("\n");
+    let field = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().next_back()?.parse::<u64>().ok())
+    };
+    assert_eq!(field("Complete requests:"), Some(20000), "{out}");
+    assert_eq!(field("Failed requests:"), Some(0), "{out}");
+    assert_eq!(field("Non-2xx responses:").unwrap_or(0), 0, "{out}");
+}
+
+#[test]
+fn scenario_1_retries_with_objects_from_the_api_server() {
+    let (mut node, api, kubeconfig) = cluster();
+    let pods: Vec<Pod> = (1..=3)
+        .map(|i| node.add_pod(&format!("retry{i}")))
+        .collect();
+    let client = node.add_pod("client");
+    let _s = servers(&pods, "retry-backend");
+    let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    api.apply_yaml(&k8s::http_service("svc", "198.19.0.10", 80, 8080, &ips));
+    api.apply_yaml("apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: retry, namespace: default}\nspec:\n  hosts: [svc]\n  http:\n  - route: [{destination: {host: svc}}]\n    timeout: 15s\n    retries: {attempts: 15, perTryTimeout: 1s, retryOn: 'gateway-error,reset,5xx'}\n");
+    let mut agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
+    agent.wait_log_count("l7_routes=1", 1, T);
+    let out = client.probe(
+        "http-probe",
+        &[
+            "--url",
+            "http://198.19.0.10/?failRate=50&mode=busy",
+            "--count",
+            "50",
+        ],
+        T,
+    );
+    assert_eq!(out["ok"], 50, "{out}");
+}
