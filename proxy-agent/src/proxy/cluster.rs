@@ -162,6 +162,13 @@ impl Cluster {
     /// Replaces backends and policy, keeping the state (health, pools) of backends that stay.
     pub fn update(&self, addrs: &[SocketAddr], policy: ClusterPolicy) {
         let old = self.state.load();
+        // Configuration rebuilds touch every cluster; an unchanged one costs a comparison only.
+        if old.policy == policy
+            && old.backends.len() == addrs.len()
+            && old.backends.iter().zip(addrs).all(|(b, a)| b.addr == *a)
+        {
+            return;
+        }
         let mut by_addr: HashMap<SocketAddr, Arc<Backend>> = if old.policy.h2 == policy.h2 {
             old.backends.iter().map(|b| (b.addr, b.clone())).collect()
         } else {
@@ -175,11 +182,20 @@ impl Cluster {
                     .unwrap_or_else(|| Arc::new(Backend::new(*a, policy.h2)))
             })
             .collect();
-        let mut ring: Vec<(u64, usize)> = backends
-            .iter()
-            .enumerate()
-            .flat_map(|(i, b)| (0..RING_POINTS).map(move |k| (point(&b.addr, k), i)))
-            .collect();
+        // The ring exists only for hashing policies: 160 points per backend add up at 10k Services.
+        let hashing = matches!(
+            policy.lb,
+            LoadBalancer::HashHeader(_) | LoadBalancer::HashCookie(_) | LoadBalancer::HashSourceIp
+        );
+        let mut ring: Vec<(u64, usize)> = if hashing {
+            backends
+                .iter()
+                .enumerate()
+                .flat_map(|(i, b)| (0..RING_POINTS).map(move |k| (point(&b.addr, k), i)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         ring.sort_unstable();
         let key = (
             policy.pool.max_connections.or(if policy.h2 {
@@ -263,6 +279,9 @@ impl Cluster {
                 | LoadBalancer::HashSourceIp,
                 Some(k),
             ) => {
+                if st.ring.is_empty() {
+                    return Some(st.backends[candidates[0]].clone());
+                }
                 let start = st.ring.partition_point(|(p, _)| *p < k);
                 (0..st.ring.len())
                     .map(|j| st.ring[(start + j) % st.ring.len()].1)
