@@ -126,6 +126,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps back")?;
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
     let mut registry = Registry::default();
+    let mut frontend_cache = crate::model::FrontendCache::default();
     match cfg.node_ip {
         Some(ip) => start_proxy(ip, cfg.proxy_port, l7, table.clone())?,
         None => {
@@ -144,7 +145,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     // `None` until the directory was read once: an empty map must never be applied before the
     // source has spoken, or a restarted agent would flush the pinned state it just adopted.
-    let (tx, mut rx) = watch::channel(None::<State>);
+    let (tx, mut rx) = watch::channel(None::<Arc<State>>);
     let problems = match &cfg.source {
         Source::Manifests(dir) => {
             tokio::spawn(manifests::watch(dir.clone(), cfg.poll, tx));
@@ -176,13 +177,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = term.recv() => { info!("SIGTERM: exiting, the datapath stays pinned and serving"); return Ok(()); }
             _ = int.recv() => { info!("SIGINT: exiting, the datapath stays pinned and serving"); return Ok(()); }
         }
-        let Some(mut state) = rx.borrow_and_update().clone() else {
+        let t0 = std::time::Instant::now();
+        let Some(state) = rx.borrow_and_update().clone() else {
             continue;
         };
-        state.node_name = cfg.node_name.clone();
-        let frontends = state.frontends();
+        let frontends = frontend_cache.frontends(&state, cfg.node_name.as_deref());
+        let t_model = t0.elapsed();
         generation += 1;
         let (routes, found) = registry.build(&state, &frontends, &table.load());
+        let t_routes = t0.elapsed() - t_model;
         for p in &found {
             error!(
                 generation,
@@ -204,9 +207,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         let l7_routes = routes.routes.len();
         table.store(Arc::new(routes));
 
+        let t_maps_start = t0.elapsed();
         match reconciler.apply(&frontends) {
             Ok(stats) => {
                 retry = None;
+                let t_maps = t0.elapsed() - t_maps_start;
                 info!(
                     generation,
                     services = state.services.len(),
@@ -214,6 +219,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     backends = stats.backends,
                     l7_routes,
                     writes = stats.writes,
+                    model_ms = t_model.as_millis() as u64,
+                    routes_ms = t_routes.as_millis() as u64,
+                    maps_ms = t_maps.as_millis() as u64,
                     "datapath synced"
                 );
             }

@@ -57,8 +57,8 @@ impl Kind {
 /// A validated object.
 #[derive(Clone, Debug)]
 enum Obj {
-    Service(crate::model::Service),
-    Slice(crate::model::EndpointSlice),
+    Service(std::sync::Arc<crate::model::Service>),
+    Slice(std::sync::Arc<crate::model::EndpointSlice>),
     Pod(BTreeMap<String, String>),
     VirtualService(istio::VirtualService),
     DestinationRule(istio::DestinationRule),
@@ -203,7 +203,7 @@ fn dynamic_spec(o: &DynamicObject) -> Result<serde_yaml::Value, (String, String)
 pub async fn start(
     client: Client,
     cfg: KubeConfig,
-    tx: watch::Sender<Option<State>>,
+    tx: watch::Sender<Option<std::sync::Arc<State>>>,
 ) -> mpsc::UnboundedSender<Problem> {
     let (msg_tx, msg_rx) = mpsc::channel::<Msg>(1024);
     let wcfg = || watcher::Config::default();
@@ -215,7 +215,11 @@ pub async fn start(
         s,
         |o: &K8sService| {
             let r = reference_of("Service", "v1", &o.metadata);
-            (object_ref(o), r, manifests::service(o).map(Obj::Service))
+            (
+                object_ref(o),
+                r,
+                manifests::service(o).map(|s| Obj::Service(std::sync::Arc::new(s))),
+            )
         },
         t,
     ));
@@ -227,7 +231,11 @@ pub async fn start(
         s,
         |o: &K8sSlice| {
             let r = reference_of("EndpointSlice", "discovery.k8s.io/v1", &o.metadata);
-            (object_ref(o), r, manifests::slice(o).map(Obj::Slice))
+            (
+                object_ref(o),
+                r,
+                manifests::slice(o).map(|s| Obj::Slice(std::sync::Arc::new(s))),
+            )
         },
         t,
     ));
@@ -381,7 +389,7 @@ impl Stores {
 async fn aggregate(
     cfg: KubeConfig,
     mut rx: mpsc::Receiver<Msg>,
-    tx: watch::Sender<Option<State>>,
+    tx: watch::Sender<Option<std::sync::Arc<State>>>,
     problems: mpsc::UnboundedSender<Problem>,
 ) {
     let mut stores = Stores::default();
@@ -443,12 +451,17 @@ async fn aggregate(
         }
         if changed || !published {
             published = true;
+            let t = std::time::Instant::now();
             let state = stores.state();
+            tracing::debug!(
+                ms = t.elapsed().as_millis() as u64,
+                "state rebuilt from the watched objects"
+            );
             tx.send_if_modified(|cur| {
-                if cur.as_ref() == Some(&state) {
+                if cur.as_deref() == Some(&state) {
                     false
                 } else {
-                    *cur = Some(state);
+                    *cur = Some(std::sync::Arc::new(state));
                     true
                 }
             });

@@ -162,12 +162,16 @@ impl ManifestDir {
                     Object::Service(s) => (
                         "Service",
                         &s.id,
-                        st.services.insert(s.id.clone(), s.clone()).is_some(),
+                        st.services
+                            .insert(s.id.clone(), std::sync::Arc::new(s.clone()))
+                            .is_some(),
                     ),
                     Object::Slice(s) => (
                         "EndpointSlice",
                         &s.id,
-                        st.slices.insert(s.id.clone(), s.clone()).is_some(),
+                        st.slices
+                            .insert(s.id.clone(), std::sync::Arc::new(s.clone()))
+                            .is_some(),
                     ),
                     Object::Pod(id, p) => {
                         ("Pod", id, st.pods.insert(id.clone(), p.clone()).is_some())
@@ -584,7 +588,7 @@ pub fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
 pub async fn watch(
     dir: PathBuf,
     interval: Duration,
-    tx: tokio::sync::watch::Sender<Option<State>>,
+    tx: tokio::sync::watch::Sender<Option<std::sync::Arc<State>>>,
 ) {
     let mut reader = ManifestDir::new(&dir);
     let mut first = true;
@@ -621,10 +625,10 @@ pub async fn watch(
             "manifests read"
         );
         tx.send_if_modified(|cur| {
-            if cur.as_ref() == Some(&state) {
+            if cur.as_deref() == Some(&state) {
                 false
             } else {
-                *cur = Some(state);
+                *cur = Some(std::sync::Arc::new(state));
                 true
             }
         });

@@ -3,9 +3,10 @@
 //! Sources (the manifests directory, later the API server) produce a [`State`]; the map
 //! reconciler and the L7 proxy consume only this model, never source-specific types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// Namespace and name of a Kubernetes object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -202,9 +203,9 @@ pub struct EndpointSlice {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct State {
     /// Services by namespace/name.
-    pub services: BTreeMap<ObjectRef, Service>,
+    pub services: BTreeMap<ObjectRef, Arc<Service>>,
     /// EndpointSlices by namespace/name.
-    pub slices: BTreeMap<ObjectRef, EndpointSlice>,
+    pub slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     /// Pods by namespace/name (labels for subsets).
     pub pods: BTreeMap<ObjectRef, PodInfo>,
     /// Istio VirtualServices by namespace/name.
@@ -253,64 +254,124 @@ pub struct Frontend {
 impl State {
     /// Flattens the state into frontends, sorted by (vip, port, protocol).
     pub fn frontends(&self) -> Vec<Frontend> {
-        let mut by_service: BTreeMap<&ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
-        for slice in self.slices.values() {
-            by_service.entry(&slice.service).or_default().push(slice);
-        }
-        let mut out = Vec::new();
-        for svc in self.services.values() {
-            let slices = by_service.get(&svc.id).map(Vec::as_slice).unwrap_or(&[]);
-            for sp in &svc.ports {
-                let mut ready = Vec::new();
-                let mut terminating = Vec::new();
-                for slice in slices {
-                    let Some(ep_port) = slice
-                        .ports
-                        .iter()
-                        .find(|p| p.name == sp.name && p.protocol == sp.protocol)
-                    else {
-                        continue;
-                    };
-                    for ep in &slice.endpoints {
-                        if svc.internal_local
-                            && self.node_name.is_some()
-                            && ep.node_name != self.node_name
-                        {
-                            continue;
-                        }
-                        let b = Backend {
-                            addr: ep.addr,
-                            port: ep_port.port,
-                            terminating: false,
-                        };
-                        match ep.state {
-                            EndpointState::Ready => ready.push(b),
-                            EndpointState::ServingTerminating => terminating.push(Backend {
-                                terminating: true,
-                                ..b
-                            }),
-                            EndpointState::NotServing => {}
-                        }
-                    }
+        FrontendCache::default()
+            .frontends(self, None)
+            .into_iter()
+            .map(|f| (*f).clone())
+            .collect()
+    }
+}
+
+/// The frontends of one Service from its slices.
+pub fn service_frontends(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: Option<&str>,
+) -> Vec<Frontend> {
+    let mut out = Vec::new();
+    for sp in &svc.ports {
+        let mut ready = Vec::new();
+        let mut terminating = Vec::new();
+        for slice in slices {
+            let Some(ep_port) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+            else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                if svc.internal_local && node.is_some() && ep.node_name.as_deref() != node {
+                    continue;
                 }
-                ready.sort();
-                ready.dedup();
-                terminating.sort();
-                terminating.dedup();
-                terminating.retain(|t| !ready.iter().any(|r| r.addr == t.addr && r.port == t.port));
-                out.push(Frontend {
-                    service: svc.id.clone(),
-                    port_name: sp.name.clone(),
-                    vip: svc.cluster_ip,
-                    port: sp.port,
-                    protocol: sp.protocol,
-                    affinity_timeout_s: svc.affinity_timeout_s,
-                    l7: sp.is_l7(svc.mode),
-                    h2: sp.is_h2(),
-                    backends: ready.into_iter().chain(terminating).collect(),
-                });
+                let b = Backend {
+                    addr: ep.addr,
+                    port: ep_port.port,
+                    terminating: false,
+                };
+                match ep.state {
+                    EndpointState::Ready => ready.push(b),
+                    EndpointState::ServingTerminating => terminating.push(Backend {
+                        terminating: true,
+                        ..b
+                    }),
+                    EndpointState::NotServing => {}
+                }
             }
         }
+        ready.sort();
+        ready.dedup();
+        terminating.sort();
+        terminating.dedup();
+        terminating.retain(|t| !ready.iter().any(|r| r.addr == t.addr && r.port == t.port));
+        out.push(Frontend {
+            service: svc.id.clone(),
+            port_name: sp.name.clone(),
+            vip: svc.cluster_ip,
+            port: sp.port,
+            protocol: sp.protocol,
+            affinity_timeout_s: svc.affinity_timeout_s,
+            l7: sp.is_l7(svc.mode),
+            h2: sp.is_h2(),
+            backends: ready.into_iter().chain(terminating).collect(),
+        });
+    }
+    out
+}
+
+struct CacheEntry {
+    svc: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    node: Option<String>,
+    out: Vec<Arc<Frontend>>,
+}
+
+/// Computes frontends incrementally: a Service whose object and slices are the same `Arc`s as
+/// last time reuses its frontends (the same `Arc`s, so later stages can skip them too).
+#[derive(Default)]
+pub struct FrontendCache {
+    entries: HashMap<ObjectRef, CacheEntry>,
+}
+
+impl FrontendCache {
+    /// All frontends of `state` on node `node` (or `state.node_name`), sorted by
+    /// (vip, port, protocol).
+    pub fn frontends(&mut self, state: &State, node: Option<&str>) -> Vec<Arc<Frontend>> {
+        let mut by_service: HashMap<&ObjectRef, Vec<&Arc<EndpointSlice>>> = HashMap::new();
+        for slice in state.slices.values() {
+            by_service.entry(&slice.service).or_default().push(slice);
+        }
+        let node = node.or(state.node_name.as_deref());
+        let mut out = Vec::with_capacity(state.services.len());
+        let mut next = HashMap::with_capacity(state.services.len());
+        for (id, svc) in &state.services {
+            let slices: &[&Arc<EndpointSlice>] =
+                by_service.get(id).map(Vec::as_slice).unwrap_or(&[]);
+            let reuse = self.entries.remove(id).filter(|e| {
+                Arc::ptr_eq(&e.svc, svc)
+                    && e.node.as_deref() == node
+                    && e.slices.len() == slices.len()
+                    && e.slices.iter().zip(slices).all(|(a, b)| Arc::ptr_eq(a, b))
+            });
+            let entry = match reuse {
+                Some(e) => e,
+                None => {
+                    let plain: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
+                    CacheEntry {
+                        svc: svc.clone(),
+                        slices: slices.iter().map(|s| Arc::clone(s)).collect(),
+                        node: node.map(String::from),
+                        out: service_frontends(svc, &plain, node)
+                            .into_iter()
+                            .map(Arc::new)
+                            .collect(),
+                    }
+                }
+            };
+            out.extend(entry.out.iter().cloned());
+            next.insert(id.clone(), entry);
+        }
+        self.entries = next;
         out.sort_by_key(|f| (f.vip, f.port, f.protocol));
         out
     }
@@ -360,7 +421,7 @@ mod tests {
     #[test]
     fn ready_endpoints_of_all_slices_are_merged() {
         let mut st = State::default();
-        st.services.insert(svc().id.clone(), svc());
+        st.services.insert(svc().id.clone(), Arc::new(svc()));
         let a = slice(
             "web-a",
             &[(2, EndpointState::Ready), (3, EndpointState::NotServing)],
@@ -369,8 +430,8 @@ mod tests {
             "web-b",
             &[(4, EndpointState::Ready), (2, EndpointState::Ready)],
         );
-        st.slices.insert(a.id.clone(), a);
-        st.slices.insert(b.id.clone(), b);
+        st.slices.insert(a.id.clone(), Arc::new(a));
+        st.slices.insert(b.id.clone(), Arc::new(b));
         let fe = st.frontends();
         assert_eq!(fe.len(), 1);
         let addrs: Vec<_> = fe[0]
@@ -384,7 +445,7 @@ mod tests {
     #[test]
     fn terminating_endpoints_follow_ready_ones() {
         let mut st = State::default();
-        st.services.insert(svc().id.clone(), svc());
+        st.services.insert(svc().id.clone(), Arc::new(svc()));
         let a = slice(
             "web-a",
             &[
@@ -392,7 +453,7 @@ mod tests {
                 (2, EndpointState::Ready),
             ],
         );
-        st.slices.insert(a.id.clone(), a);
+        st.slices.insert(a.id.clone(), Arc::new(a));
         let fe = st.frontends();
         let addrs: Vec<_> = fe[0]
             .backends
@@ -424,10 +485,10 @@ mod tests {
     #[test]
     fn unmatched_port_names_give_no_backends() {
         let mut st = State::default();
-        st.services.insert(svc().id.clone(), svc());
+        st.services.insert(svc().id.clone(), Arc::new(svc()));
         let mut a = slice("web-a", &[(2, EndpointState::Ready)]);
         a.ports[0].name = "metrics".into();
-        st.slices.insert(a.id.clone(), a);
+        st.slices.insert(a.id.clone(), Arc::new(a));
         assert!(st.frontends()[0].backends.is_empty());
     }
 }

@@ -125,6 +125,19 @@ pub fn run() -> Result<()> {
                 .context("sync line")?;
             lat.push((log_time(line).context("timestamp")? - t0) * 1000.0);
         }
+        let text = agent.log_text();
+        if let Some(l) = text.lines().rev().find(|l| l.contains("datapath synced")) {
+            eprintln!(
+                "bench sync: last sync: {}",
+                l.split_once("generation").map_or(l, |x| x.1)
+            );
+        }
+        if let Some(l) = text.lines().rev().find(|l| l.contains("state rebuilt")) {
+            eprintln!(
+                "bench sync: {}",
+                l.split_once("kube_source: ").map_or(l, |x| x.1)
+            );
+        }
         lat.sort_by(f64::total_cmp);
         rows.push((
             n,

@@ -35,6 +35,8 @@ struct Applied {
     extra_slots: BTreeSet<u16>,
     /// Affinity membership entries written.
     members: BTreeSet<u32>,
+    /// The frontend as last applied completely; an equal one is skipped.
+    last: Option<Frontend>,
 }
 
 /// What one [`Reconciler::apply`] did.
@@ -60,6 +62,31 @@ pub struct Reconciler<M: LbMaps> {
     orphan_slots: Vec<ServiceKey>,
     orphan_members: Vec<AffinityMatchKey>,
     writes: usize,
+    /// How many slots reference each backend id.
+    refs: HashMap<u32, u32>,
+    /// Backend ids whose reference count dropped to zero (or that were created), to collect.
+    freed: Vec<u32>,
+    /// Address of each backend id.
+    addr_of: HashMap<u32, BackendAddr>,
+    /// Whether the kernel backend map still has to be scanned for entries of no address we
+    /// know (duplicates left by an interrupted write before a restart). Done once.
+    scan_orphan_backends: bool,
+}
+
+fn inc(refs: &mut HashMap<u32, u32>, id: u32) {
+    if id != 0 {
+        *refs.entry(id).or_default() += 1;
+    }
+}
+
+fn dec(refs: &mut HashMap<u32, u32>, freed: &mut Vec<u32>, id: u32) {
+    if let Some(n) = refs.get_mut(&id) {
+        *n -= 1;
+        if *n == 0 {
+            refs.remove(&id);
+            freed.push(id);
+        }
+    }
 }
 
 fn fkey(k: &ServiceKey) -> FrontendKey {
@@ -87,6 +114,10 @@ impl<M: LbMaps> Reconciler<M> {
             orphan_slots: Vec::new(),
             orphan_members: Vec::new(),
             writes: 0,
+            scan_orphan_backends: true,
+            refs: HashMap::new(),
+            freed: Vec::new(),
+            addr_of: HashMap::new(),
             maps,
         };
         for (id, v) in r.maps.backends()? {
@@ -141,6 +172,19 @@ impl<M: LbMaps> Reconciler<M> {
             by_service_id.insert(master.service_id, key);
             r.frontends.insert(key, applied);
         }
+        for a in r.frontends.values() {
+            for &id in &a.slots {
+                if id != 0 {
+                    *r.refs.entry(id).or_default() += 1;
+                }
+            }
+        }
+        for (addr, (id, _)) in &r.backends {
+            r.addr_of.insert(*id, *addr);
+            if !r.refs.contains_key(id) {
+                r.freed.push(*id);
+            }
+        }
         for m in r.maps.affinity_matches()? {
             match by_service_id
                 .get(&m.service_id)
@@ -166,11 +210,17 @@ impl<M: LbMaps> Reconciler<M> {
     }
 
     /// Makes the maps equal to `desired`.
-    pub fn apply(&mut self, desired: &[Frontend]) -> Result<ApplyStats, MapError> {
+    pub fn apply<F: std::borrow::Borrow<Frontend>>(
+        &mut self,
+        desired: &[F],
+    ) -> Result<ApplyStats, MapError> {
         self.writes = 0;
         let wanted: BTreeSet<FrontendKey> = desired
             .iter()
-            .map(|f| (f.vip, f.port, f.protocol.number()))
+            .map(|f| {
+                let f = f.borrow();
+                (f.vip, f.port, f.protocol.number())
+            })
             .collect();
         let gone: Vec<FrontendKey> = self
             .frontends
@@ -182,6 +232,16 @@ impl<M: LbMaps> Reconciler<M> {
             self.remove_frontend(key)?;
         }
         for fe in desired {
+            let fe = fe.borrow();
+            let key = (fe.vip, fe.port, fe.protocol.number());
+            // Unchanged since the last complete apply: nothing to compare or write.
+            if self
+                .frontends
+                .get(&key)
+                .is_some_and(|a| a.last.as_ref() == Some(fe) && a.extra_slots.is_empty())
+            {
+                continue;
+            }
             self.upsert(fe)?;
         }
         while let Some(k) = self.orphan_slots.pop() {
@@ -235,7 +295,10 @@ impl<M: LbMaps> Reconciler<M> {
         self.maps.put_backend(id, &value)?;
         if id == self.next_backend_id {
             self.next_backend_id = self.next_backend_id.wrapping_add(1).max(1);
+            // Collected again if no slot ends up referencing it (e.g. a failed apply).
+            self.freed.push(id);
         }
+        self.addr_of.insert(id, addr);
         self.writes += 1;
         self.backends.insert(addr, (id, value));
         Ok(id)
@@ -277,6 +340,7 @@ impl<M: LbMaps> Reconciler<M> {
             _pad: 0,
         };
         let applied = self.frontends.entry(key).or_default();
+        applied.last = None;
         // 2. Slots.
         for (i, &id) in ids.iter().enumerate() {
             if applied.slots.get(i) == Some(&id) {
@@ -289,8 +353,10 @@ impl<M: LbMaps> Reconciler<M> {
             };
             self.maps.put_service(&skey(key, i as u16 + 1), &v)?;
             self.writes += 1;
+            inc(&mut self.refs, id);
             if i < applied.slots.len() {
-                applied.slots[i] = id;
+                let old = std::mem::replace(&mut applied.slots[i], id);
+                dec(&mut self.refs, &mut self.freed, old);
             } else {
                 applied.slots.push(id);
             }
@@ -321,7 +387,9 @@ impl<M: LbMaps> Reconciler<M> {
             let slot = applied.slots.len() as u16;
             self.maps.del_service(&skey(key, slot))?;
             self.writes += 1;
-            applied.slots.pop();
+            if let Some(old) = applied.slots.pop() {
+                dec(&mut self.refs, &mut self.freed, old);
+            }
         }
         while let Some(slot) = applied.extra_slots.pop_last() {
             if let Err(e) = self.maps.del_service(&skey(key, slot)) {
@@ -344,6 +412,7 @@ impl<M: LbMaps> Reconciler<M> {
             self.writes += 1;
             applied.members.remove(&id);
         }
+        applied.last = Some(fe.clone());
         Ok(())
     }
 
@@ -364,7 +433,9 @@ impl<M: LbMaps> Reconciler<M> {
             self.maps
                 .del_service(&skey(key, applied.slots.len() as u16))?;
             self.writes += 1;
-            applied.slots.pop();
+            if let Some(old) = applied.slots.pop() {
+                dec(&mut self.refs, &mut self.freed, old);
+            }
         }
         while let Some(slot) = applied.extra_slots.pop_last() {
             if let Err(e) = self.maps.del_service(&skey(key, slot)) {
@@ -392,23 +463,30 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Removes backends no slot references any more.
     fn collect_backends(&mut self) -> Result<(), MapError> {
-        let used: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .flat_map(|a| a.slots.iter().copied())
-            .collect();
-        let unused: Vec<(BackendAddr, u32)> = self
-            .backends
-            .iter()
-            .filter(|(_, (id, _))| !used.contains(id))
-            .map(|(a, (id, _))| (*a, *id))
-            .collect();
-        for (addr, id) in unused {
-            self.maps.del_backend(id)?;
+        let mut freed = std::mem::take(&mut self.freed);
+        freed.sort_unstable();
+        freed.dedup();
+        while let Some(id) = freed.pop() {
+            if self.refs.contains_key(&id) {
+                continue; // referenced again
+            }
+            let Some(addr) = self.addr_of.get(&id).copied() else {
+                continue;
+            };
+            if let Err(e) = self.maps.del_backend(id) {
+                freed.push(id);
+                self.freed.extend(freed);
+                return Err(e);
+            }
             self.writes += 1;
+            self.addr_of.remove(&id);
             self.backends.remove(&addr);
         }
-        // Duplicates of an address seen at restore are not in `self.backends`; find them.
+        // Duplicates of an address seen at restore are not in `self.backends`; find them once
+        // (a full scan of the kernel map costs two syscalls per entry).
+        if !self.scan_orphan_backends {
+            return Ok(());
+        }
         let known: BTreeSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
         for (id, _) in self.maps.backends()? {
             if !known.contains(&id) {
@@ -420,6 +498,7 @@ impl<M: LbMaps> Reconciler<M> {
                 self.writes += 1;
             }
         }
+        self.scan_orphan_backends = false;
         Ok(())
     }
 }
@@ -520,7 +599,7 @@ mod tests {
         // Backend 198.18.0.2 is still used by the other service.
         assert_eq!(r.maps().backends.len(), 2);
         let n = r.maps().journal.len();
-        r.apply(&[]).unwrap();
+        r.apply::<Frontend>(&[]).unwrap();
         let tail = &r.maps().journal[n..];
         assert_eq!(
             tail[..3],
@@ -534,6 +613,30 @@ mod tests {
         rest.sort();
         assert_eq!(rest, ["del backend 1", "del backend 2"]);
         assert!(r.maps().services.is_empty() && r.maps().backends.is_empty());
+    }
+
+    #[test]
+    fn a_change_to_one_service_writes_only_its_entries() {
+        let mut all: Vec<Frontend> = (10..60)
+            .map(|v| fe(v, 80, &[(2, false), (v, false)]))
+            .collect();
+        let mut r = Reconciler::restore(MemMaps::default()).unwrap();
+        r.apply(&all).unwrap();
+        let n = r.maps().journal.len();
+        assert_eq!(r.apply(&all).unwrap().writes, 0);
+        all[7].backends.pop();
+        let stats = r.apply(&all).unwrap();
+        assert_eq!(
+            r.maps().journal[n..],
+            [
+                "put 198.19.0.17:80/TCP slot 0",
+                "del 198.19.0.17:80/TCP slot 2",
+                "del backend 9"
+            ]
+        );
+        assert_eq!(stats.writes, 3);
+        // Backend 198.18.0.2 is shared by all services and stays.
+        assert!(dump(r.maps()).unwrap().contains("198.18.0.2:8080"));
     }
 
     #[test]

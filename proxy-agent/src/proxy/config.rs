@@ -111,6 +111,34 @@ impl std::fmt::Display for ConfigProblem {
 #[derive(Default)]
 pub struct Registry {
     clusters: HashMap<ClusterKey, Arc<Cluster>>,
+    /// Routes of the last build, reused when nothing they depend on changed.
+    cache: HashMap<SocketAddrV4, CachedRoute>,
+    /// Frontends of the last build by Service, to tell which Services changed.
+    last_frontends: HashMap<ObjectRef, Vec<Arc<Frontend>>>,
+    /// The policy inputs of the last build (VirtualServices, DestinationRules, Pods).
+    last_policy: Option<PolicyInputs>,
+}
+
+#[derive(PartialEq)]
+struct PolicyInputs {
+    virtual_services: BTreeMap<ObjectRef, VirtualService>,
+    destination_rules: BTreeMap<ObjectRef, DestinationRule>,
+    pods: BTreeMap<ObjectRef, crate::model::PodInfo>,
+}
+
+/// Clusters in use in a build, and the ones the current route touched.
+#[derive(Default)]
+struct Used {
+    map: HashMap<ClusterKey, Arc<Cluster>>,
+    touched: Vec<ClusterKey>,
+}
+
+struct CachedRoute {
+    frontend: Arc<Frontend>,
+    route: Arc<Route>,
+    /// Services whose backends the route's clusters hold.
+    services: Vec<ObjectRef>,
+    clusters: Vec<(ClusterKey, Arc<Cluster>)>,
 }
 
 /// Resolves an Istio host (`name`, `name.ns`, `name.ns.svc.cluster.local`) in `namespace`.
@@ -136,7 +164,7 @@ impl Registry {
     pub fn build(
         &mut self,
         state: &State,
-        frontends: &[Frontend],
+        frontends: &[Arc<Frontend>],
         previous: &RouteTable,
     ) -> (RouteTable, Vec<ConfigProblem>) {
         let mut errors: Vec<ConfigProblem> = Vec::new();
@@ -179,9 +207,64 @@ impl Registry {
             rules,
             pod_labels,
         };
-        let mut used = HashMap::new();
+        // What changed since the last build decides which routes can be reused as they are.
+        let policy_same = self.last_policy.as_ref().is_some_and(|p| {
+            p.virtual_services == state.virtual_services
+                && p.destination_rules == state.destination_rules
+                && p.pods == state.pods
+        });
+        if !policy_same {
+            self.last_policy = Some(PolicyInputs {
+                virtual_services: state.virtual_services.clone(),
+                destination_rules: state.destination_rules.clone(),
+                pods: state.pods.clone(),
+            });
+        }
+        let mut now_by_service: HashMap<ObjectRef, Vec<Arc<Frontend>>> = HashMap::new();
+        for f in frontends {
+            now_by_service
+                .entry(f.service.clone())
+                .or_default()
+                .push(f.clone());
+        }
+        let same_frontends = |a: &[Arc<Frontend>], b: &[Arc<Frontend>]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+        };
+        let mut changed: std::collections::HashSet<&ObjectRef> = now_by_service
+            .iter()
+            .filter(|(svc, fes)| {
+                !self
+                    .last_frontends
+                    .get(*svc)
+                    .is_some_and(|old| same_frontends(old, fes))
+            })
+            .map(|(svc, _)| svc)
+            .collect();
+        changed.extend(
+            self.last_frontends
+                .keys()
+                .filter(|s| !now_by_service.contains_key(*s)),
+        );
+        let changed: std::collections::HashSet<ObjectRef> = changed.into_iter().cloned().collect();
+        let mut cache = std::mem::take(&mut self.cache);
+        let mut next_cache = HashMap::new();
+        let mut used = Used::default();
         let mut table = RouteTable::default();
         for fe in frontends.iter().filter(|f| f.l7) {
+            let key = SocketAddrV4::new(fe.vip, fe.port);
+            if policy_same
+                && let Some(c) = cache.remove(&key)
+                && Arc::ptr_eq(&c.frontend, fe)
+                && !c.services.iter().any(|s| changed.contains(s))
+            {
+                for (k, cl) in &c.clusters {
+                    used.map.entry(k.clone()).or_insert_with(|| cl.clone());
+                }
+                table.routes.insert(key, c.route.clone());
+                next_cache.insert(key, c);
+                continue;
+            }
+            used.touched.clear();
             let problems_before = errors.len();
             let own = Destination {
                 host: fe.service.name.clone(),
@@ -258,15 +341,35 @@ impl Registry {
                     }
                 }
             };
-            let key = SocketAddrV4::new(fe.vip, fe.port);
             // A route whose policy has a problem keeps its last good version, if it had one.
             let route = match previous.routes.get(&key) {
                 Some(old) if errors.len() > problems_before => old.clone(),
                 _ => Arc::new(route),
             };
-            table.routes.insert(key, route);
+            table.routes.insert(key, route.clone());
+            // Remember what it depends on: every cluster it touched.
+            let clusters: Vec<(ClusterKey, Arc<Cluster>)> = std::mem::take(&mut used.touched)
+                .into_iter()
+                .filter_map(|k| used.map.get(&k).map(|c| (k, c.clone())))
+                .collect();
+            let mut services: Vec<ObjectRef> =
+                clusters.iter().map(|(k, _)| k.service.clone()).collect();
+            services.push(fe.service.clone());
+            services.sort();
+            services.dedup();
+            next_cache.insert(
+                key,
+                CachedRoute {
+                    frontend: fe.clone(),
+                    route,
+                    services,
+                    clusters,
+                },
+            );
         }
-        self.clusters = used;
+        self.clusters = used.map;
+        self.cache = next_cache;
+        self.last_frontends = now_by_service;
         (table, errors)
     }
 
@@ -280,7 +383,7 @@ impl Registry {
         origin: Option<(&'static str, &ObjectRef)>,
         field: &str,
         errors: &mut Vec<ConfigProblem>,
-        used: &mut HashMap<ClusterKey, Arc<Cluster>>,
+        used: &mut Used,
     ) -> Arc<Cluster> {
         let svc = resolve_host(&d.host, namespace);
         let fes = ctx.by_service.get(&svc).map(Vec::as_slice).unwrap_or(&[]);
@@ -371,7 +474,8 @@ impl Registry {
             port,
             subset: d.subset.clone(),
         };
-        if let Some(c) = used.get(&key) {
+        used.touched.push(key.clone());
+        if let Some(c) = used.map.get(&key) {
             return c.clone();
         }
         let c = match self.clusters.get(&key) {
@@ -390,7 +494,92 @@ impl Registry {
                 Arc::new(Cluster::new(name, &addrs, policy))
             }
         };
-        used.insert(key, c.clone());
+        used.map.insert(key, c.clone());
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{
+        Endpoint, EndpointPort, EndpointSlice, EndpointState, FrontendCache, Protocol, Service,
+        ServicePort,
+    };
+
+    fn svc(name: &str, last: u8) -> (Arc<Service>, Arc<EndpointSlice>) {
+        let id = ObjectRef::new("default", name);
+        let s = Service {
+            id: id.clone(),
+            cluster_ip: std::net::Ipv4Addr::new(198, 19, 0, last),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                app_protocol: None,
+            }],
+            affinity_timeout_s: None,
+            mode: None,
+            internal_local: false,
+        };
+        let sl = EndpointSlice {
+            id: ObjectRef::new("default", format!("{name}-1")),
+            service: id,
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: vec![Endpoint {
+                addr: std::net::Ipv4Addr::new(198, 18, 1, last),
+                state: EndpointState::Ready,
+                node_name: None,
+                pod: None,
+            }],
+        };
+        (Arc::new(s), Arc::new(sl))
+    }
+
+    fn state(names: &[(&str, u8)]) -> State {
+        let mut st = State::default();
+        for (n, last) in names {
+            let (s, sl) = svc(n, *last);
+            st.services.insert(s.id.clone(), s);
+            st.slices.insert(sl.id.clone(), sl);
+        }
+        let vs = crate::istio::virtual_service(
+            serde_yaml::from_str(
+                "hosts: [a]\nhttp:\n- route: [{destination: {host: a}}]\n  mirror: {host: b}\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        st.virtual_services
+            .insert(ObjectRef::new("default", "a"), vs);
+        st
+    }
+
+    #[test]
+    fn unchanged_routes_are_reused_and_referenced_services_update_them() {
+        let mut reg = Registry::default();
+        let mut cache = FrontendCache::default();
+        let mut st = state(&[("a", 1), ("b", 2), ("c", 3)]);
+        let (t1, p) = reg.build(&st, &cache.frontends(&st, None), &RouteTable::default());
+        assert!(p.is_empty(), "{p:?}");
+        let a = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, 1), 80);
+        // An unrelated Service changes: A's route is the very same object.
+        let (_, mut c_slice) = svc("c", 3);
+        Arc::make_mut(&mut c_slice).endpoints[0].addr = std::net::Ipv4Addr::new(198, 18, 9, 9);
+        st.slices.insert(c_slice.id.clone(), c_slice);
+        let (t2, _) = reg.build(&st, &cache.frontends(&st, None), &t1);
+        assert!(Arc::ptr_eq(&t1.routes[&a], &t2.routes[&a]));
+        // B (A's mirror) changes: A's mirror cluster sees B's new backend.
+        let (_, mut b_slice) = svc("b", 2);
+        Arc::make_mut(&mut b_slice).endpoints[0].addr = std::net::Ipv4Addr::new(198, 18, 7, 7);
+        st.slices.insert(b_slice.id.clone(), b_slice);
+        let (t3, _) = reg.build(&st, &cache.frontends(&st, None), &t2);
+        let mirror = t3.routes[&a].mirror.as_ref().unwrap();
+        let addrs: Vec<_> = mirror.cluster.backends().iter().map(|b| b.addr).collect();
+        assert_eq!(addrs, [SocketAddr::from(([198, 18, 7, 7], 8080))]);
     }
 }
