@@ -483,6 +483,32 @@ mod tests {
     }
 
     #[test]
+    fn internal_traffic_policy_local_keeps_only_this_nodes_endpoints() {
+        let mut st = State::default();
+        let mut s = svc();
+        s.internal_local = true;
+        st.services.insert(s.id.clone(), Arc::new(s));
+        let mut a = slice(
+            "web-a",
+            &[(2, EndpointState::Ready), (3, EndpointState::Ready)],
+        );
+        a.endpoints[0].node_name = Some("node1".into());
+        a.endpoints[1].node_name = Some("node2".into());
+        st.slices.insert(a.id.clone(), Arc::new(a));
+        let on = |node: Option<&str>| {
+            FrontendCache::default().frontends(&st, node)[0]
+                .backends
+                .iter()
+                .map(|b| b.addr.octets()[3])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(on(Some("node1")), [2]);
+        assert_eq!(on(Some("node2")), [3]);
+        // Without a node name (not configured) every endpoint is used.
+        assert_eq!(on(None), [2, 3]);
+    }
+
+    #[test]
     fn unmatched_port_names_give_no_backends() {
         let mut st = State::default();
         st.services.insert(svc().id.clone(), Arc::new(svc()));
