@@ -457,14 +457,7 @@ async fn aggregate(
                 ms = t.elapsed().as_millis() as u64,
                 "state rebuilt from the watched objects"
             );
-            tx.send_if_modified(|cur| {
-                if cur.as_deref() == Some(&state) {
-                    false
-                } else {
-                    *cur = Some(std::sync::Arc::new(state));
-                    true
-                }
-            });
+            crate::model::publish(&tx, state);
         }
         if tx.is_closed() {
             return;

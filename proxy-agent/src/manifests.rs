@@ -624,14 +624,7 @@ pub async fn watch(
             slices = state.slices.len(),
             "manifests read"
         );
-        tx.send_if_modified(|cur| {
-            if cur.as_deref() == Some(&state) {
-                false
-            } else {
-                *cur = Some(std::sync::Arc::new(state));
-                true
-            }
-        });
+        crate::model::publish(&tx, state);
         if tx.is_closed() {
             return;
         }

@@ -262,6 +262,18 @@ impl State {
     }
 }
 
+/// Publishes `state` to the agent unless it equals the state already published.
+pub fn publish(tx: &tokio::sync::watch::Sender<Option<Arc<State>>>, state: State) {
+    tx.send_if_modified(|cur| {
+        if cur.as_deref() == Some(&state) {
+            false
+        } else {
+            *cur = Some(Arc::new(state));
+            true
+        }
+    });
+}
+
 /// The frontends of one Service from its slices.
 pub fn service_frontends(
     svc: &Service,

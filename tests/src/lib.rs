@@ -12,6 +12,7 @@ pub mod k8s;
 pub mod leftovers;
 pub mod node;
 pub mod proc;
+pub mod scenarios;
 pub mod sys;
 
 pub use node::{Pod, SimNode};

@@ -1,27 +1,16 @@
 //! The agent following an API server (a double speaking the real list/watch protocol, reached
 //! through a kubeconfig from the node's network namespace). Needs root.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde_json::Value;
 use tests::apiserver::ApiServer;
 use tests::k8s;
+use tests::scenarios::{self, tally};
 use tests::{Pod, Proc, SimNode};
 
 const T: Duration = Duration::from_secs(120);
-
-fn tally(v: &Value, key: &str) -> BTreeMap<String, u64> {
-    v[key]
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// A node, an API server double on its loopback, and a kubeconfig file for the agent.
 fn cluster() -> (SimNode, ApiServer, std::path::PathBuf) {
@@ -254,8 +243,6 @@ fn invalid_objects_become_events_and_the_last_good_configuration_keeps_serving()
     assert_eq!(tally(&out, "server_ids").len(), 2, "{out}");
 }
 
-const SEED_POLICY: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: webapp, namespace: default}\nspec:\n  hosts: [svc]\n  http:\n  - route: [{destination: {host: svc}}]\n    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: webapp, namespace: default}\nspec:\n  host: svc\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}\n";
-
 #[test]
 fn scenario_6_seed_experiment_with_objects_from_the_api_server() {
     let (mut node, api, kubeconfig) = cluster();
@@ -266,37 +253,11 @@ fn scenario_6_seed_experiment_with_objects_from_the_api_server() {
     let servers = servers(&pods, "webapp");
     let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     api.apply_yaml(&k8s::http_service("svc", "198.19.0.10", 80, 8080, &ips));
-    api.apply_yaml(SEED_POLICY);
+    api.apply_yaml(&scenarios::seed_policy("svc"));
     let mut agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
     agent.wait_log_count("l7_routes=1", 1, T);
-    let cmd = client
-        .place
-        .command("ab", &["-c", "50", "-n", "20000", "http://198.19.0.10/"]);
-    let mut ab = Proc::spawn("ab", cmd, client.place.logs.join("ab.log"));
-    let served = || {
-        servers
-            .iter()
-            .map(|s| s.log_text().matches(" GET / ").count())
-            .sum::<usize>()
-    };
-    tests::sys::poll("ab to be a third of the way", T, || {
-        (served() >= 6667).then_some(())
-    });
-    let url = format!("http://{}:8080/err", pods[0].ip);
-    assert_eq!(
-        client.probe("http-probe", &["--url", &url, "--count", "1"], T)["ok"],
-        1
-    );
-    assert!(ab.wait_exit(T).success(), "ab failed: {}", ab.log_text());
-    let out = ab.stdout_lines().join("\n");
-    let field = |name: &str| {
-        out.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().next_back()?.parse::<u64>().ok())
-    };
-    assert_eq!(field("Complete requests:"), Some(20000), "{out}");
-    assert_eq!(field("Failed requests:"), Some(0), "{out}");
-    assert_eq!(field("Non-2xx responses:").unwrap_or(0), 0, "{out}");
+    let r = scenarios::seed_ab(&client, &client, &servers, &pods[0], || {});
+    assert_eq!((r.complete, r.failed, r.non_2xx), (20000, 0, 0), "{r:?}");
 }
 
 #[test]

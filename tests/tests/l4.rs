@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tests::k8s::{self, Cond};
+use tests::scenarios::tally;
 use tests::{Pod, Proc, SimNode};
 
 const T: Duration = Duration::from_secs(60);
@@ -44,17 +45,6 @@ fn tcp(client: &Pod, to: &str, count: usize) -> Value {
         ],
         T,
     )
-}
-
-fn tally(v: &Value, key: &str) -> BTreeMap<String, u64> {
-    v[key]
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]

@@ -1,12 +1,12 @@
 //! The node-local L7 proxy on a simulated node: redirect path, Istio policies, fallback. Needs root.
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde_json::Value;
 use tests::k8s;
 use tests::node::NODE_IP;
+use tests::scenarios::{self, tally};
 use tests::{Pod, Proc, SimNode};
 
 const T: Duration = Duration::from_secs(120);
@@ -14,17 +14,6 @@ const VIP: &str = "198.19.0.10";
 
 fn agent_args() -> [&'static str; 2] {
     ["--node-ip", "198.18.0.1"]
-}
-
-fn tally(v: &Value, key: &str) -> BTreeMap<String, u64> {
-    v[key]
-        .as_object()
-        .map(|o| {
-            o.iter()
-                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// A node with `n` pods running `fixture KIND ARGS` on :8080, a client pod, and an HTTP Service.
@@ -88,39 +77,11 @@ fn connections_to_the_proxy_port_that_were_not_redirected_are_refused() {
 fn seed_experiment_ab_50_concurrent_20000_requests_with_one_pod_failing_midway() {
     let (node, pods, client, servers) = http_node("webapp", &[], 2);
     // The mission's fix, written as an Istio user would: retries on 5xx plus outlier detection.
-    node.write_manifest(
-        "policy.yaml",
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: webapp}\nspec:\n  hosts: [svc]\n  http:\n  - route: [{destination: {host: svc}}]\n    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: webapp}\nspec:\n  host: svc\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}\n",
-    );
+    node.write_manifest("policy.yaml", &scenarios::seed_policy("svc"));
     let mut agent = node.start_agent(&agent_args());
     agent.wait_log_count("l7_routes=1", 1, T);
-    let cmd = client
-        .place
-        .command("ab", &["-c", "50", "-n", "20000", "http://198.19.0.10/"]);
-    let mut ab = Proc::spawn("ab", cmd, client.place.logs.join("ab.log"));
-    // A third of the way, switch one pod into error mode (directly, not through the Service).
-    let served = || {
-        servers
-            .iter()
-            .map(|s| s.log_text().matches(" GET / ").count())
-            .sum::<usize>()
-    };
-    tests::sys::poll("ab to be a third of the way", T, || {
-        (served() >= 6667).then_some(())
-    });
-    let url = format!("http://{}:8080/err", pods[0].ip);
-    let switched = http(&client, &url, 1, &[]);
-    assert_eq!(switched["ok"], 1, "{switched}");
-    assert!(ab.wait_exit(T).success(), "ab failed: {}", ab.log_text());
-    let out = ab.stdout_lines().join("\n");
-    let field = |name: &str| {
-        out.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth_back(0)?.parse::<u64>().ok())
-    };
-    assert_eq!(field("Complete requests:"), Some(20000), "{out}");
-    assert_eq!(field("Failed requests:"), Some(0), "{out}");
-    assert_eq!(field("Non-2xx responses:").unwrap_or(0), 0, "{out}");
+    let r = scenarios::seed_ab(&client, &client, &servers, &pods[0], || {});
+    assert_eq!((r.complete, r.failed, r.non_2xx), (20000, 0, 0), "{r:?}");
     let errors_served = servers[0].log_text().matches(" 500").count();
     assert!(
         errors_served > 0,

@@ -93,7 +93,8 @@ fn iptables_rules(n: u32, target: u32, real: &[Ipv4Addr]) -> String {
     r
 }
 
-fn iptables_restore(pod: &Pod, rules: &str) -> Result<()> {
+/// Loads iptables rules into a pod's network namespace with iptables-restore.
+pub fn iptables_restore(pod: &Pod, rules: &str) -> Result<()> {
     let mut child = Command::new("nsenter")
         .arg(format!("--net={}", pod.place.netns.display()))
         .args(["iptables-restore"])
@@ -143,7 +144,8 @@ fn median(mut v: Vec<Sample>) -> Sample {
     s
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// Resident set size of a process in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

@@ -7,49 +7,12 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::Result;
 use tests::k8s;
+use tests::scenarios::{self, AbResult, SEED_REQUESTS};
 use tests::{Pod, Proc, SimNode};
 
 const T: Duration = Duration::from_secs(300);
-const REQUESTS: usize = 20_000;
-const POLICY: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: webapp}\nspec:\n  hosts: [webapp]\n  http:\n  - route: [{destination: {host: webapp}}]\n    retries: {attempts: 3, perTryTimeout: 2s, retryOn: 5xx}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: webapp}\nspec:\n  host: webapp\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 50}\n";
-
-/// What `ab` reported.
-#[derive(Debug, Clone, Default)]
-pub struct AbResult {
-    /// Completed requests.
-    pub complete: u64,
-    /// Failed requests (connect, receive, length, exceptions).
-    pub failed: u64,
-    /// Non-2xx responses.
-    pub non_2xx: u64,
-    /// Requests per second.
-    pub rps: f64,
-    /// 99th percentile time, ms.
-    pub p99_ms: f64,
-}
-
-fn parse_ab(out: &str) -> Result<AbResult> {
-    let num = |prefix: &str| -> Option<f64> {
-        out.lines()
-            .find(|l| l.trim_start().starts_with(prefix))
-            .and_then(|l| {
-                l[l.find(prefix)? + prefix.len()..]
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-    };
-    Ok(AbResult {
-        complete: num("Complete requests:").context("ab printed no `Complete requests`")? as u64,
-        failed: num("Failed requests:").unwrap_or(0.0) as u64,
-        non_2xx: num("Non-2xx responses:").unwrap_or(0.0) as u64,
-        rps: num("Requests per second:").unwrap_or(0.0),
-        p99_ms: num("99%").unwrap_or(0.0),
-    })
-}
 
 struct Setup {
     servers: Vec<Proc>,
@@ -79,35 +42,10 @@ fn setup() -> Setup {
     }
 }
 
-/// Runs ab; `at_third` runs once a third of the requests were served.
-fn run_ab(s: &Setup, mut at_third: impl FnMut()) -> Result<AbResult> {
-    let n = REQUESTS.to_string();
-    let cmd = s
-        .client
-        .place
-        .command("ab", &["-c", "50", "-n", &n, "http://198.19.0.10/"]);
-    let mut ab = Proc::spawn("ab", cmd, s.client.place.logs.join("ab.log"));
-    let served = || {
-        s.servers
-            .iter()
-            .map(|p| p.log_text().matches(" GET / ").count())
-            .sum::<usize>()
-    };
-    tests::sys::poll("ab to be a third of the way", T, || {
-        (served() >= REQUESTS / 3).then_some(())
-    });
-    let url = format!("http://{}:8080/err", s.pods[0].ip);
-    let out = s
-        .admin
-        .probe("http-probe", &["--url", &url, "--count", "1"], T);
-    ensure!(
-        out["ok"] == 1,
-        "switching {} into error mode failed: {out}",
-        s.pods[0].name
-    );
-    at_third();
-    ensure!(ab.wait_exit(T).success(), "ab failed: {}", ab.log_text());
-    parse_ab(&ab.stdout_lines().join("\n"))
+fn run_ab(s: &Setup, at_third: impl FnOnce()) -> Result<AbResult> {
+    Ok(scenarios::seed_ab(
+        &s.client, &s.admin, &s.servers, &s.pods[0], at_third,
+    ))
 }
 
 /// Through the node proxy with the Istio policy an operator would write.
@@ -118,7 +56,8 @@ pub fn ours() -> Result<AbResult> {
         "webapp.yaml",
         &k8s::http_service("webapp", "198.19.0.10", 80, 8080, &ips),
     );
-    s.node.write_manifest("policy.yaml", POLICY);
+    s.node
+        .write_manifest("policy.yaml", &scenarios::seed_policy("webapp"));
     let mut agent = s.node.start_agent(&["--node-ip", "198.18.0.1"]);
     agent.wait_log_count("l7_routes=1", 1, T);
     run_ab(&s, || {})
@@ -150,30 +89,17 @@ fn dnat_rules(endpoints: &[Ipv4Addr]) -> String {
     r
 }
 
-fn restore(pod: &Pod, rules: &str) -> Result<()> {
-    let mut child = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", pod.place.netns.display()))
-        .arg("iptables-restore")
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .context("running iptables-restore")?;
-    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, rules.as_bytes())?;
-    drop(child.stdin.take());
-    ensure!(child.wait()?.success(), "iptables-restore failed");
-    Ok(())
-}
-
 /// Through kube-proxy-shaped iptables DNAT in the client's network namespace.
 pub fn iptables() -> Result<AbResult> {
     let s = setup();
     let ips: Vec<Ipv4Addr> = s.pods.iter().map(|p| p.ip).collect();
-    restore(&s.client, &dnat_rules(&ips))?;
+    crate::bench::iptables_restore(&s.client, &dnat_rules(&ips))?;
     let mut removal: Result<()> = Ok(());
     let r = run_ab(&s, || {
         // The readiness probe notices after up to a second; kube-proxy then rewrites the rules.
         let switched = Instant::now();
         std::thread::sleep(Duration::from_millis(1500));
-        removal = restore(&s.client, &dnat_rules(&ips[1..]));
+        removal = crate::bench::iptables_restore(&s.client, &dnat_rules(&ips[1..]));
         eprintln!(
             "seed: failing endpoint removed {:?} after the switch",
             switched.elapsed()
@@ -190,7 +116,7 @@ pub fn compare() -> Result<()> {
     eprintln!("seed: through kube-proxy-shaped iptables DNAT");
     let b = iptables()?;
     println!(
-        "\nSeed experiment: ab -c 50 -n {REQUESTS} against webapp (2 pods), one pod answers 500 from a third of the way"
+        "\nSeed experiment: ab -c 50 -n {SEED_REQUESTS} against webapp (2 pods), one pod answers 500 from a third of the way"
     );
     println!(
         "{:<40} {:>9} {:>7} {:>8} {:>9} {:>8}",
@@ -207,15 +133,4 @@ pub fn compare() -> Result<()> {
     }
     println!("(mission.md: kube-proxy gave 3719 failed of 20000 in the original experiment)");
     Ok(())
-}
-
-#[cfg(test)]
-mod ab_parsing {
-    #[test]
-    fn parses_ab_output() {
-        let out = "Complete requests:      20000\nFailed requests:        4\n   (Connect: 0, Receive: 0, Length: 4, Exceptions: 0)\nNon-2xx responses:      4\nRequests per second:    5123.45 [#/sec] (mean)\n  99%     31\n";
-        let r = super::parse_ab(out).unwrap();
-        assert_eq!((r.complete, r.failed, r.non_2xx), (20000, 4, 4));
-        assert!((r.rps - 5123.45).abs() < 1e-6 && r.p99_ms == 31.0);
-    }
 }

@@ -66,21 +66,6 @@ fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn rss_mib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or(0)
-        / 1024
-}
-
 fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p / 100.0).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
@@ -144,7 +129,7 @@ pub fn run() -> Result<()> {
             initial,
             pct(&lat, 50.0),
             pct(&lat, 99.0),
-            rss_mib(agent.pid()),
+            crate::bench::rss_kib(agent.pid()) / 1024,
         ));
     }
     println!(
