@@ -250,6 +250,11 @@ impl Cluster {
             return None;
         }
         let now = self.now_ms();
+        // The common case (first try, nobody ejected) chooses among all without allocating.
+        if tried.is_empty() && !st.backends.iter().any(|b| b.ejected(now)) {
+            let i = choose(&st, &self.rr, key, n, |j| j);
+            return Some(st.backends[i].clone());
+        }
         let min_health = st
             .policy
             .outlier
@@ -272,41 +277,7 @@ impl Cluster {
         if !untried.is_empty() {
             candidates = untried;
         }
-        let i = match (&st.policy.lb, key) {
-            (
-                LoadBalancer::HashHeader(_)
-                | LoadBalancer::HashCookie(_)
-                | LoadBalancer::HashSourceIp,
-                Some(k),
-            ) => {
-                if st.ring.is_empty() {
-                    return Some(st.backends[candidates[0]].clone());
-                }
-                let start = st.ring.partition_point(|(p, _)| *p < k);
-                (0..st.ring.len())
-                    .map(|j| st.ring[(start + j) % st.ring.len()].1)
-                    .find(|i| candidates.contains(i))
-                    .unwrap_or(candidates[0])
-            }
-            (LoadBalancer::RoundRobin, _) => {
-                candidates[self.rr.fetch_add(1, Relaxed) % candidates.len()]
-            }
-            (LoadBalancer::LeastRequest | LoadBalancer::LeastConn, _) if candidates.len() > 1 => {
-                // Power of two choices on requests in flight.
-                let a = candidates[rand::random_range(0..candidates.len())];
-                let mut b = candidates[rand::random_range(0..candidates.len() - 1)];
-                if b == a {
-                    b = candidates[candidates.len() - 1];
-                }
-                if st.backends[b].active.load(Relaxed) < st.backends[a].active.load(Relaxed) {
-                    b
-                } else {
-                    a
-                }
-            }
-            // RANDOM, and hashing policies without a key (Envoy falls back to random).
-            _ => candidates[rand::random_range(0..candidates.len())],
-        };
+        let i = choose(&st, &self.rr, key, candidates.len(), |j| candidates[j]);
         Some(st.backends[i].clone())
     }
 
@@ -420,6 +391,46 @@ pub struct RetryGuard(Arc<Cluster>);
 impl Drop for RetryGuard {
     fn drop(&mut self) {
         self.0.active_retries.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Chooses one of `len` candidates (`at(j)` is the backend index of candidate `j`) under the
+/// cluster's balancing policy.
+fn choose(
+    st: &State,
+    rr: &AtomicUsize,
+    key: Option<u64>,
+    len: usize,
+    at: impl Fn(usize) -> usize,
+) -> usize {
+    match (&st.policy.lb, key) {
+        (
+            LoadBalancer::HashHeader(_) | LoadBalancer::HashCookie(_) | LoadBalancer::HashSourceIp,
+            Some(k),
+        ) if !st.ring.is_empty() => {
+            let start = st.ring.partition_point(|(p, _)| *p < k);
+            (0..st.ring.len())
+                .map(|j| st.ring[(start + j) % st.ring.len()].1)
+                .find(|i| (0..len).any(|j| at(j) == *i))
+                .unwrap_or_else(|| at(0))
+        }
+        (LoadBalancer::RoundRobin, _) => at(rr.fetch_add(1, Relaxed) % len),
+        (LoadBalancer::LeastRequest | LoadBalancer::LeastConn, _) if len > 1 => {
+            // Power of two choices on requests in flight.
+            let a = rand::random_range(0..len);
+            let mut b = rand::random_range(0..len - 1);
+            if b == a {
+                b = len - 1;
+            }
+            let (a, b) = (at(a), at(b));
+            if st.backends[b].active.load(Relaxed) < st.backends[a].active.load(Relaxed) {
+                b
+            } else {
+                a
+            }
+        }
+        // RANDOM, and hashing policies without a key (Envoy falls back to random).
+        _ => at(rand::random_range(0..len)),
     }
 }
 

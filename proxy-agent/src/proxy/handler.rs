@@ -38,14 +38,19 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let listed: Vec<String> = h
+    // Headers named in `Connection` are hop-by-hop too; allocate only when there are any.
+    let listed: Vec<http::HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for name in HOP_BY_HOP.iter().map(|s| s.to_string()).chain(listed) {
-        h.remove(name.as_str());
+    for name in HOP_BY_HOP {
+        h.remove(name);
+    }
+    for name in listed {
+        h.remove(name);
     }
     h.remove(header::TRANSFER_ENCODING);
 }
