@@ -14,7 +14,7 @@ use tracing::{error, info, warn};
 
 use crate::datapath::{Datapath, L7Maps, Reconciler};
 use crate::kube_source::{self, KubeConfig};
-use crate::proxy::{self, OrigDst, Registry, RouteTable};
+use crate::proxy::{self, OrigDst, Proxy, ProxyConfig, Registry, RouteTable};
 
 use crate::manifests;
 use crate::model::State;
@@ -36,6 +36,11 @@ pub struct RunConfig {
     pub node_ip: Option<Ipv4Addr>,
     /// The L7 proxy's port.
     pub proxy_port: u16,
+    /// The L7 proxy's limits and timeouts.
+    pub proxy: ProxyConfig,
+    /// The runtime the proxy serves on, apart from the agent's own (configuration parsing and
+    /// map writes never run on a proxy worker).
+    pub proxy_runtime: tokio::runtime::Handle,
 }
 
 /// Where the desired state comes from.
@@ -85,34 +90,37 @@ impl OrigDst for MapOrigDst {
 
 /// Binds the proxy listener, publishes it to the datapath (redirect target and liveness).
 fn start_proxy(
+    cfg: &RunConfig,
     node_ip: Ipv4Addr,
-    port: u16,
     mut l7: L7Maps,
     table: Arc<ArcSwap<RouteTable>>,
 ) -> anyhow::Result<()> {
-    let addr = SocketAddrV4::new(node_ip, port);
+    let addr = SocketAddrV4::new(node_ip, cfg.proxy_port);
     let std_listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding the L7 proxy to {addr} (is --node-ip an address of this node, and the port free?)"))?;
     std_listener
         .set_nonblocking(true)
         .context("setting the proxy listener non-blocking")?;
-    let cfg = L7Config {
+    let redirect = L7Config {
         proxy_addr_be: u32::from(node_ip).to_be(),
-        proxy_port_be: port.to_be(),
+        proxy_port_be: cfg.proxy_port.to_be(),
         _pad: 0,
     };
     l7.config
-        .set(0, cfg, 0)
+        .set(0, redirect, 0)
         .context("writing the L7 redirect configuration")?;
     // From here on the datapath redirects HTTP Services to us; the kernel removes the socket from
     // the map when this process dies, and connects fall back to in-kernel balancing at once.
     l7.proxy_sock
         .set(0, &std_listener, 0)
         .context("publishing the proxy listener to the datapath")?;
-    let listener = tokio::net::TcpListener::from_std(std_listener)
-        .context("registering the proxy listener")?;
+    let listener = {
+        let _rt = cfg.proxy_runtime.enter();
+        tokio::net::TcpListener::from_std(std_listener).context("registering the proxy listener")?
+    };
     let orig: Arc<dyn OrigDst> = Arc::new(MapOrigDst(Mutex::new(l7.orig_dst)));
-    tokio::spawn(proxy::serve(listener, orig, table));
+    let proxy = Proxy::new(table, orig, cfg.proxy.clone());
+    cfg.proxy_runtime.spawn(proxy::serve(listener, proxy));
     info!(%addr, "L7 proxy listening");
     Ok(())
 }
@@ -125,10 +133,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?;
     let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps back")?;
     let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-    let mut registry = Registry::default();
+    let mut registry = Registry::new(proxy::cluster::PoolSettings {
+        idle_timeout: cfg.proxy.pool_idle_timeout,
+        max_idle: cfg.proxy.pool_max_idle,
+    });
     let mut frontend_cache = crate::model::FrontendCache::default();
     match cfg.node_ip {
-        Some(ip) => start_proxy(ip, cfg.proxy_port, l7, table.clone())?,
+        Some(ip) => start_proxy(&cfg, ip, l7, table.clone())?,
         None => {
             l7.config
                 .set(0, L7Config::default(), 0)

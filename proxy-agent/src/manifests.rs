@@ -18,8 +18,9 @@ use tracing::{debug, error, info};
 
 use crate::istio;
 use crate::model::{
-    Endpoint, EndpointPort, EndpointSlice, EndpointState, MODE_ANNOTATION, Mode, ObjectRef,
-    PodInfo, Protocol, Service, ServicePort, State,
+    DETECT_TIMEOUT_ANNOTATION, Endpoint, EndpointPort, EndpointSlice, EndpointState,
+    MODE_ANNOTATION, Mode, ObjectRef, PROTOCOL_ANNOTATION, PodInfo, Protocol, ProtocolHint,
+    Service, ServicePort, State,
 };
 
 /// Default sessionAffinity ClientIP timeout (Kubernetes' default, 3 hours).
@@ -497,6 +498,34 @@ pub fn service(s: &core::Service) -> FieldResult<Service> {
             ));
         }
     };
+    let annotation = |key: &str| {
+        s.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    };
+    let opaque = match annotation(PROTOCOL_ANNOTATION) {
+        None | Some("detect") => false,
+        Some("opaque") => true,
+        Some(other) => {
+            return Err((
+                format!("metadata.annotations[{PROTOCOL_ANNOTATION}]"),
+                format!("{other:?}: expected detect or opaque"),
+            ));
+        }
+    };
+    let detect_timeout = match annotation(DETECT_TIMEOUT_ANNOTATION) {
+        None => None,
+        Some(v) => {
+            let field = format!("metadata.annotations[{DETECT_TIMEOUT_ANNOTATION}]");
+            let d = crate::istio::duration(&field, v)?;
+            if d.is_zero() || d > std::time::Duration::from_secs(60) {
+                return Err((field, format!("{v:?}: expected a duration from 1ms to 60s")));
+            }
+            Some(d)
+        }
+    };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     Ok(Service {
         id,
@@ -504,6 +533,10 @@ pub fn service(s: &core::Service) -> FieldResult<Service> {
         ports,
         affinity_timeout_s,
         mode,
+        detection: ProtocolHint {
+            opaque,
+            detect_timeout,
+        },
         internal_local,
     })
 }

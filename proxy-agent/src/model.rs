@@ -86,6 +86,22 @@ pub enum Mode {
     L7,
 }
 
+/// Annotation choosing how the node proxy treats a redirected Service's connections:
+/// `detect` (default: HTTP when the client speaks it first, else opaque TCP) or `opaque` (TCP
+/// at once, for server-first protocols that must not wait for the detection timeout).
+pub const PROTOCOL_ANNOTATION: &str = "proxy-agent.io/protocol";
+/// Annotation overriding the proxy's protocol detection timeout for a Service (`500ms`, `2s`).
+pub const DETECT_TIMEOUT_ANNOTATION: &str = "proxy-agent.io/detect-timeout";
+
+/// How the node proxy finds out what a redirected connection speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProtocolHint {
+    /// [`PROTOCOL_ANNOTATION`] `opaque`: no detection, always TCP.
+    pub opaque: bool,
+    /// [`DETECT_TIMEOUT_ANNOTATION`]: how long to wait for the client's first bytes.
+    pub detect_timeout: Option<std::time::Duration>,
+}
+
 impl ServicePort {
     /// Whether this port carries HTTP/gRPC for the node proxy: appProtocol `http`,
     /// `kubernetes.io/h2c` or `grpc`, or a port named `http`, `http-*`, `http2`, `grpc`,
@@ -147,6 +163,8 @@ pub struct Service {
     pub affinity_timeout_s: Option<u32>,
     /// [`MODE_ANNOTATION`], if set.
     pub mode: Option<Mode>,
+    /// [`PROTOCOL_ANNOTATION`] and [`DETECT_TIMEOUT_ANNOTATION`].
+    pub detection: ProtocolHint,
     /// `internalTrafficPolicy: Local`: only endpoints on this node are used.
     pub internal_local: bool,
 }
@@ -246,6 +264,8 @@ pub struct Frontend {
     pub l7: bool,
     /// Upstream HTTP/2 (h2c, gRPC).
     pub h2: bool,
+    /// How the node proxy detects the protocol of redirected connections.
+    pub detection: ProtocolHint,
     /// Backends, sorted and deduplicated: ready ones, or if none is ready the serving+terminating
     /// ones are kept with `terminating = true`.
     pub backends: Vec<Backend>,
@@ -325,6 +345,7 @@ pub fn service_frontends(
             affinity_timeout_s: svc.affinity_timeout_s,
             l7: sp.is_l7(svc.mode),
             h2: sp.is_h2(),
+            detection: svc.detection,
             backends: ready.into_iter().chain(terminating).collect(),
         });
     }
@@ -405,6 +426,7 @@ mod tests {
             }],
             affinity_timeout_s: None,
             mode: None,
+            detection: Default::default(),
             internal_local: false,
         }
     }

@@ -519,6 +519,7 @@ mod tests {
             affinity_timeout_s: None,
             l7: false,
             h2: false,
+            detection: Default::default(),
             backends: backends
                 .iter()
                 .map(|&(last, terminating)| Backend {

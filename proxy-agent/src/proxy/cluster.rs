@@ -1,9 +1,15 @@
 //! A cluster is one destination (Service port, optionally a subset) with its backends.
 //!
-//! The request path only reads: the backend list sits behind an `ArcSwap`, per-backend health and
-//! load are atomics. Outlier detection is fed with classified results; it ejects a backend after
-//! N consecutive errors for `baseEjectionTime x ejections`, never past `maxEjectionPercent`, and
-//! below `minHealthPercent` healthy the cluster balances over all backends (panic mode).
+//! A cluster is immutable: a configuration change makes a new version ([`Cluster::updated`])
+//! that shares the backends that stay (their health, load and pooled connections) and the
+//! cluster's runtime counters, so a route that keeps its last good version keeps exactly the
+//! backends it had. The request path only reads; per-backend health and load are atomics.
+//! Outlier detection is fed with classified results: N consecutive 5xx (`consecutive5xxErrors`)
+//! or gateway errors (`consecutiveGatewayErrors`) eject a backend at once, never past
+//! `maxEjectionPercent`; a sweep every `interval` un-ejects backends whose time
+//! (`baseEjectionTime` x ejections, at most 300 s) is over and decays the multiplier of healthy
+//! ones, as Envoy does. Below `minHealthPercent` healthy the cluster balances over all backends
+//! (panic mode).
 
 use std::collections::HashMap;
 use std::hash::{Hash as _, Hasher as _};
@@ -12,7 +18,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::pool::{ConnOpts, Conns};
@@ -20,6 +25,26 @@ use crate::istio::{ConnectionPool, LoadBalancer, OutlierDetection};
 
 /// Default TCP connect timeout (Istio's).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest ejection, whatever the multiplier (Envoy's default `max_ejection_time`).
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// Node-wide settings of upstream connection pools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Idle pooled connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// Idle pooled connections kept per backend.
+    pub max_idle: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 64,
+        }
+    }
+}
 
 /// Everything a cluster needs from the policy.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +57,8 @@ pub struct ClusterPolicy {
     pub outlier: Option<OutlierDetection>,
     /// Upstream HTTP/2.
     pub h2: bool,
+    /// Idle pooled connections.
+    pub idle: PoolSettings,
 }
 
 /// One backend (pod address and port).
@@ -40,15 +67,22 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// Its connections.
     pub conns: Arc<Conns>,
-    /// Requests in flight.
+    /// Requests (and opaque connections) in flight.
     pub active: AtomicU32,
     /// Requests sent (attempts).
     pub requests: AtomicU64,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
-    /// Milliseconds since the cluster epoch until which it is ejected (0: never ejected).
-    ejected_until_ms: AtomicU64,
+    /// Milliseconds since the process epoch + 1 when it was ejected (0: not ejected).
+    ejected_at_ms: AtomicU64,
+    /// The ejection multiplier.
     ejections: AtomicU32,
+}
+
+/// Milliseconds since a process-wide epoch (backends are shared by cluster versions).
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 impl Backend {
@@ -60,13 +94,19 @@ impl Backend {
             requests: AtomicU64::new(0),
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
-            ejected_until_ms: AtomicU64::new(0),
+            ejected_at_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
         }
     }
 
-    fn ejected(&self, now_ms: u64) -> bool {
-        self.ejected_until_ms.load(Relaxed) > now_ms
+    /// Whether outlier detection has ejected it.
+    pub fn ejected(&self) -> bool {
+        self.ejected_at_ms.load(Relaxed) != 0
+    }
+
+    /// The ejection multiplier (ejections not yet decayed).
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Relaxed)
     }
 }
 
@@ -90,32 +130,28 @@ pub enum Overflow {
     Timeout,
 }
 
-struct Limits {
-    key: (Option<u32>, bool),
-    permits: Option<Arc<Semaphore>>,
+/// Counters shared by every version of a cluster.
+struct Runtime {
+    rr: AtomicUsize,
+    active_requests: AtomicU32,
+    active_retries: AtomicU32,
+    pending: AtomicU32,
+    last_sweep_ms: AtomicU64,
 }
 
-struct State {
+/// A destination with its backends: one immutable version.
+pub struct Cluster {
+    /// Name for logs: `namespace/service:port[/subset]`.
+    pub name: String,
     backends: Vec<Arc<Backend>>,
     /// Ring hash: (point, backend index), sorted by point.
     ring: Vec<(u64, usize)>,
     policy: ClusterPolicy,
     conn_opts: ConnOpts,
-}
-
-/// A destination with its backends and runtime state.
-pub struct Cluster {
-    /// Name for logs: `namespace/service:port[/subset]`.
-    pub name: String,
-    state: ArcSwap<State>,
-    limits: ArcSwap<Limits>,
-    rr: AtomicUsize,
-    epoch: Instant,
-    /// Requests in flight through this cluster.
-    pub active_requests: AtomicU32,
-    /// Retries in flight.
-    pub active_retries: AtomicU32,
-    pending: AtomicU32,
+    /// `maxConnections` (or `http2MaxRequests`) and the semaphore enforcing it.
+    limit_key: LimitKey,
+    permits: Option<Arc<Semaphore>>,
+    rt: Arc<Runtime>,
 }
 
 fn point(addr: &SocketAddr, i: u32) -> u64 {
@@ -134,51 +170,45 @@ pub fn hash_key(data: &[u8]) -> u64 {
 
 const RING_POINTS: u32 = 160;
 
+/// What sizes the connection semaphore: the limit, and whether it counts HTTP/2 requests.
+type LimitKey = (Option<u32>, bool);
+
+fn limit_key(policy: &ClusterPolicy) -> LimitKey {
+    (
+        policy.pool.max_connections.or(if policy.h2 {
+            policy.pool.http2_max_requests
+        } else {
+            None
+        }),
+        policy.h2,
+    )
+}
+
 impl Cluster {
     /// A cluster with the given backends and policy.
     pub fn new(name: String, addrs: &[SocketAddr], policy: ClusterPolicy) -> Self {
-        let c = Self {
-            name,
-            state: ArcSwap::from_pointee(State {
-                backends: Vec::new(),
-                ring: Vec::new(),
-                conn_opts: conn_opts(&policy.pool),
-                policy: policy.clone(),
-            }),
-            limits: ArcSwap::from_pointee(Limits {
-                key: (None, false),
-                permits: None,
-            }),
+        let rt = Arc::new(Runtime {
             rr: AtomicUsize::new(0),
-            epoch: Instant::now(),
             active_requests: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
             pending: AtomicU32::new(0),
-        };
-        c.update(addrs, policy);
-        c
+            last_sweep_ms: AtomicU64::new(now_ms()),
+        });
+        Self::build(name, addrs, policy, HashMap::new(), None, rt)
     }
 
-    /// Replaces backends and policy, keeping the state (health, pools) of backends that stay.
-    pub fn update(&self, addrs: &[SocketAddr], policy: ClusterPolicy) {
-        let old = self.state.load();
-        // Configuration rebuilds touch every cluster; an unchanged one costs a comparison only.
-        if old.policy == policy
-            && old.backends.len() == addrs.len()
-            && old.backends.iter().zip(addrs).all(|(b, a)| b.addr == *a)
-        {
-            return;
-        }
-        let mut by_addr: HashMap<SocketAddr, Arc<Backend>> = if old.policy.h2 == policy.h2 {
-            old.backends.iter().map(|b| (b.addr, b.clone())).collect()
-        } else {
-            HashMap::new()
-        };
+    fn build(
+        name: String,
+        addrs: &[SocketAddr],
+        policy: ClusterPolicy,
+        mut keep: HashMap<SocketAddr, Arc<Backend>>,
+        old_limits: Option<(LimitKey, Option<Arc<Semaphore>>)>,
+        rt: Arc<Runtime>,
+    ) -> Self {
         let backends: Vec<Arc<Backend>> = addrs
             .iter()
             .map(|a| {
-                by_addr
-                    .remove(a)
+                keep.remove(a)
                     .unwrap_or_else(|| Arc::new(Backend::new(*a, policy.h2)))
             })
             .collect();
@@ -197,70 +227,93 @@ impl Cluster {
             Vec::new()
         };
         ring.sort_unstable();
-        let key = (
-            policy.pool.max_connections.or(if policy.h2 {
-                policy.pool.http2_max_requests
-            } else {
-                None
-            }),
-            policy.h2,
-        );
-        if self.limits.load().key != key {
-            let permits = key.0.map(|n| Arc::new(Semaphore::new(n as usize)));
-            self.limits.store(Arc::new(Limits { key, permits }));
-        }
-        self.state.store(Arc::new(State {
+        let key = limit_key(&policy);
+        let permits = match old_limits {
+            // In-flight requests hold permits of this semaphore: keep it while the limit stays.
+            Some((k, p)) if k == key => p,
+            _ => key.0.map(|n| Arc::new(Semaphore::new(n as usize))),
+        };
+        Self {
+            name,
             backends,
             ring,
-            conn_opts: conn_opts(&policy.pool),
+            conn_opts: conn_opts(&policy),
             policy,
-        }));
+            limit_key: key,
+            permits,
+            rt,
+        }
     }
 
-    /// The current policy.
-    pub fn policy(&self) -> ClusterPolicy {
-        self.state.load().policy.clone()
+    /// This cluster with new backends and policy: `self` when nothing changed, else a new
+    /// version sharing the backends that stay and the runtime counters. `self` is never changed,
+    /// so routes holding it keep what they had.
+    pub fn updated(self: &Arc<Self>, addrs: &[SocketAddr], policy: ClusterPolicy) -> Arc<Self> {
+        if self.policy == policy
+            && self.backends.len() == addrs.len()
+            && self.backends.iter().zip(addrs).all(|(b, a)| b.addr == *a)
+        {
+            return self.clone();
+        }
+        let keep = if self.policy.h2 == policy.h2 {
+            self.backends.iter().map(|b| (b.addr, b.clone())).collect()
+        } else {
+            HashMap::new()
+        };
+        Arc::new(Self::build(
+            self.name.clone(),
+            addrs,
+            policy,
+            keep,
+            Some((self.limit_key, self.permits.clone())),
+            self.rt.clone(),
+        ))
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &ClusterPolicy {
+        &self.policy
     }
 
     /// Connection settings.
     pub fn conn_opts(&self) -> ConnOpts {
-        self.state.load().conn_opts
+        self.conn_opts
     }
 
     /// All backends.
-    pub fn backends(&self) -> Vec<Arc<Backend>> {
-        self.state.load().backends.clone()
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    /// Requests in flight through this cluster (all versions).
+    pub fn active_requests(&self) -> u32 {
+        self.rt.active_requests.load(Relaxed)
     }
 
-    /// Whether a backend is ejected now.
-    pub fn is_ejected(&self, b: &Backend) -> bool {
-        b.ejected(self.now_ms())
+    /// Counts a request in flight until the guard drops.
+    pub fn begin_request(self: &Arc<Self>) -> InFlight {
+        self.rt.active_requests.fetch_add(1, Relaxed);
+        InFlight(self.rt.clone())
     }
 
     /// Picks a backend for one attempt, preferring ones not in `tried`. `key` is the consistent
     /// hash of the request when the policy hashes. `None`: no healthy backend.
     pub fn pick(&self, key: Option<u64>, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
-        let st = self.state.load();
-        let n = st.backends.len();
+        let n = self.backends.len();
         if n == 0 {
             return None;
         }
-        let now = self.now_ms();
         // The common case (first try, nobody ejected) chooses among all without allocating.
-        if tried.is_empty() && !st.backends.iter().any(|b| b.ejected(now)) {
-            let i = choose(&st, &self.rr, key, n, |j| j);
-            return Some(st.backends[i].clone());
+        if tried.is_empty() && !self.backends.iter().any(|b| b.ejected()) {
+            let i = self.choose(key, n, |j| j);
+            return Some(self.backends[i].clone());
         }
-        let min_health = st
+        let min_health = self
             .policy
             .outlier
             .as_ref()
             .map_or(0, |o| o.min_health_percent);
-        let healthy: Vec<usize> = (0..n).filter(|&i| !st.backends[i].ejected(now)).collect();
+        let healthy: Vec<usize> = (0..n).filter(|&i| !self.backends[i].ejected()).collect();
         let mut candidates: Vec<usize> = if healthy.len() * 100 < min_health as usize * n {
             (0..n).collect()
         } else {
@@ -272,19 +325,18 @@ impl Cluster {
         let untried: Vec<usize> = candidates
             .iter()
             .copied()
-            .filter(|&i| !tried.contains(&st.backends[i].addr))
+            .filter(|&i| !tried.contains(&self.backends[i].addr))
             .collect();
         if !untried.is_empty() {
             candidates = untried;
         }
-        let i = choose(&st, &self.rr, key, candidates.len(), |j| candidates[j]);
-        Some(st.backends[i].clone())
+        let i = self.choose(key, candidates.len(), |j| candidates[j]);
+        Some(self.backends[i].clone())
     }
 
     /// Feeds one attempt's result to outlier detection.
     pub fn record(&self, b: &Backend, outcome: Outcome) {
-        let st = self.state.load();
-        let Some(od) = st.policy.outlier.as_ref() else {
+        let Some(od) = self.policy.outlier.as_ref() else {
             return;
         };
         let (five, gw) = match outcome {
@@ -303,6 +355,7 @@ impl Cluster {
                 };
                 (five, gw)
             }
+            // Envoy without split_external_local_origin_errors: a local failure is a 503.
             Outcome::LocalFailure => (
                 b.consecutive_5xx.fetch_add(1, Relaxed) + 1,
                 b.consecutive_gateway.fetch_add(1, Relaxed) + 1,
@@ -310,51 +363,94 @@ impl Cluster {
         };
         let tripped = od.consecutive_5xx.is_some_and(|t| five >= t)
             || od.consecutive_gateway.is_some_and(|t| gw >= t);
-        if !tripped {
+        if !tripped || b.ejected() {
             return;
         }
-        let now = self.now_ms();
-        if b.ejected(now) {
-            return;
-        }
-        let n = st.backends.len();
-        let ejected = st.backends.iter().filter(|x| x.ejected(now)).count();
+        let n = self.backends.len();
+        let ejected = self.backends.iter().filter(|x| x.ejected()).count();
         if (ejected + 1) * 100 > od.max_ejection_percent as usize * n {
             tracing::debug!(cluster = %self.name, backend = %b.addr, "not ejecting: maxEjectionPercent reached");
             return;
         }
+        if b.ejected_at_ms
+            .compare_exchange(0, now_ms() + 1, Relaxed, Relaxed)
+            .is_err()
+        {
+            return; // a concurrent request ejected it
+        }
         let times = b.ejections.fetch_add(1, Relaxed) + 1;
-        let until = now + od.base_ejection.as_millis() as u64 * u64::from(times);
-        b.ejected_until_ms.store(until, Relaxed);
         b.consecutive_5xx.store(0, Relaxed);
         b.consecutive_gateway.store(0, Relaxed);
         tracing::info!(
             cluster = %self.name,
             backend = %b.addr,
             ejections = times,
-            for_s = (until - now) / 1000,
+            for_s = ejection_time(od, times).as_secs(),
             "outlier detection ejected a backend"
         );
+    }
+
+    /// The periodic outlier sweep, run at most once per `interval` (callers may call it more
+    /// often): un-ejects backends whose ejection time is over and decays the multiplier of
+    /// backends that stayed healthy for an interval.
+    pub fn sweep(&self) {
+        self.sweep_at(now_ms());
+    }
+
+    /// Closes pooled connections idle for longer than the pool's idle timeout.
+    pub fn reap_idle(&self) {
+        for b in &self.backends {
+            b.conns
+                .reap(self.policy.idle.idle_timeout, self.policy.idle.max_idle);
+        }
+    }
+
+    fn sweep_at(&self, now: u64) {
+        let Some(od) = self.policy.outlier.as_ref() else {
+            return;
+        };
+        let last = self.rt.last_sweep_ms.load(Relaxed);
+        if now < last + od.interval.as_millis() as u64
+            || self
+                .rt
+                .last_sweep_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        for b in &self.backends {
+            let at = b.ejected_at_ms.load(Relaxed);
+            let times = b.ejections.load(Relaxed);
+            if at != 0 {
+                let until = at - 1 + ejection_time(od, times).as_millis() as u64;
+                if now >= until {
+                    b.ejected_at_ms.store(0, Relaxed);
+                    tracing::info!(cluster = %self.name, backend = %b.addr, ejections = times, "outlier detection returned a backend");
+                }
+            } else if times > 0 {
+                b.ejections.fetch_sub(1, Relaxed);
+            }
+        }
     }
 
     /// Admits a request under `maxConnections` / `http1MaxPendingRequests`, waiting at most
     /// `wait` for a connection. The permit is held until the response is complete.
     pub async fn admit(&self, wait: Duration) -> Result<Option<OwnedSemaphorePermit>, Overflow> {
-        let limits = self.limits.load_full();
-        let Some(sem) = limits.permits.clone() else {
+        let Some(sem) = self.permits.clone() else {
             return Ok(None);
         };
         if let Ok(p) = sem.clone().try_acquire_owned() {
             return Ok(Some(p));
         }
-        let max_pending = self.state.load().policy.pool.http1_max_pending;
-        let pending = self.pending.fetch_add(1, Relaxed);
+        let max_pending = self.policy.pool.http1_max_pending;
+        let pending = self.rt.pending.fetch_add(1, Relaxed);
         if max_pending.is_some_and(|m| pending >= m) {
-            self.pending.fetch_sub(1, Relaxed);
+            self.rt.pending.fetch_sub(1, Relaxed);
             return Err(Overflow::Pending);
         }
         let r = tokio::time::timeout(wait, sem.acquire_owned()).await;
-        self.pending.fetch_sub(1, Relaxed);
+        self.rt.pending.fetch_sub(1, Relaxed);
         match r {
             Ok(Ok(p)) => Ok(Some(p)),
             _ => Err(Overflow::Timeout),
@@ -363,30 +459,74 @@ impl Cluster {
 
     /// Reserves a retry slot: never more than `maxRetries` at once, and with `budgeted` at most
     /// 20% of the active requests (at least 3).
-    pub fn begin_retry(self: &Arc<Self>, budgeted: bool) -> Option<RetryGuard> {
-        let max = self
-            .state
-            .load()
-            .policy
-            .pool
-            .max_retries
-            .unwrap_or(u32::MAX);
+    pub fn begin_retry(&self, budgeted: bool) -> Option<RetryGuard> {
+        let max = self.policy.pool.max_retries.unwrap_or(u32::MAX);
         let budget = if budgeted {
-            (self.active_requests.load(Relaxed) / 5).max(3).min(max)
+            (self.rt.active_requests.load(Relaxed) / 5).max(3).min(max)
         } else {
             max
         };
-        let cur = self.active_retries.fetch_add(1, Relaxed);
+        let cur = self.rt.active_retries.fetch_add(1, Relaxed);
         if cur >= budget {
-            self.active_retries.fetch_sub(1, Relaxed);
+            self.rt.active_retries.fetch_sub(1, Relaxed);
             return None;
         }
-        Some(RetryGuard(self.clone()))
+        Some(RetryGuard(self.rt.clone()))
+    }
+
+    /// Chooses one of `len` candidates (`at(j)` is the backend index of candidate `j`) under
+    /// the cluster's balancing policy.
+    fn choose(&self, key: Option<u64>, len: usize, at: impl Fn(usize) -> usize) -> usize {
+        match (&self.policy.lb, key) {
+            (
+                LoadBalancer::HashHeader(_)
+                | LoadBalancer::HashCookie(_)
+                | LoadBalancer::HashSourceIp,
+                Some(k),
+            ) if !self.ring.is_empty() => {
+                let ring = &self.ring;
+                let start = ring.partition_point(|(p, _)| *p < k);
+                (0..ring.len())
+                    .map(|j| ring[(start + j) % ring.len()].1)
+                    .find(|i| (0..len).any(|j| at(j) == *i))
+                    .unwrap_or_else(|| at(0))
+            }
+            (LoadBalancer::RoundRobin, _) => at(self.rt.rr.fetch_add(1, Relaxed) % len),
+            (LoadBalancer::LeastRequest | LoadBalancer::LeastConn, _) if len > 1 => {
+                // Power of two choices on requests in flight.
+                let a = rand::random_range(0..len);
+                let mut b = rand::random_range(0..len - 1);
+                if b == a {
+                    b = len - 1;
+                }
+                let (a, b) = (at(a), at(b));
+                if self.backends[b].active.load(Relaxed) < self.backends[a].active.load(Relaxed) {
+                    b
+                } else {
+                    a
+                }
+            }
+            // RANDOM, and hashing policies without a key (Envoy falls back to random).
+            _ => at(rand::random_range(0..len)),
+        }
+    }
+}
+
+fn ejection_time(od: &OutlierDetection, times: u32) -> Duration {
+    (od.base_ejection * times.max(1)).min(MAX_EJECTION.max(od.base_ejection))
+}
+
+/// A request in flight through a cluster.
+pub struct InFlight(Arc<Runtime>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Relaxed);
     }
 }
 
 /// Holds one slot of the retry budget.
-pub struct RetryGuard(Arc<Cluster>);
+pub struct RetryGuard(Arc<Runtime>);
 
 impl Drop for RetryGuard {
     fn drop(&mut self) {
@@ -394,50 +534,15 @@ impl Drop for RetryGuard {
     }
 }
 
-/// Chooses one of `len` candidates (`at(j)` is the backend index of candidate `j`) under the
-/// cluster's balancing policy.
-fn choose(
-    st: &State,
-    rr: &AtomicUsize,
-    key: Option<u64>,
-    len: usize,
-    at: impl Fn(usize) -> usize,
-) -> usize {
-    match (&st.policy.lb, key) {
-        (
-            LoadBalancer::HashHeader(_) | LoadBalancer::HashCookie(_) | LoadBalancer::HashSourceIp,
-            Some(k),
-        ) if !st.ring.is_empty() => {
-            let start = st.ring.partition_point(|(p, _)| *p < k);
-            (0..st.ring.len())
-                .map(|j| st.ring[(start + j) % st.ring.len()].1)
-                .find(|i| (0..len).any(|j| at(j) == *i))
-                .unwrap_or_else(|| at(0))
-        }
-        (LoadBalancer::RoundRobin, _) => at(rr.fetch_add(1, Relaxed) % len),
-        (LoadBalancer::LeastRequest | LoadBalancer::LeastConn, _) if len > 1 => {
-            // Power of two choices on requests in flight.
-            let a = rand::random_range(0..len);
-            let mut b = rand::random_range(0..len - 1);
-            if b == a {
-                b = len - 1;
-            }
-            let (a, b) = (at(a), at(b));
-            if st.backends[b].active.load(Relaxed) < st.backends[a].active.load(Relaxed) {
-                b
-            } else {
-                a
-            }
-        }
-        // RANDOM, and hashing policies without a key (Envoy falls back to random).
-        _ => at(rand::random_range(0..len)),
-    }
-}
-
-fn conn_opts(pool: &ConnectionPool) -> ConnOpts {
+fn conn_opts(policy: &ClusterPolicy) -> ConnOpts {
     ConnOpts {
-        connect_timeout: pool.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-        max_requests_per_connection: pool.max_requests_per_connection,
+        connect_timeout: policy
+            .pool
+            .connect_timeout
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        max_requests_per_connection: policy.pool.max_requests_per_connection,
+        max_idle: policy.idle.max_idle,
+        idle_timeout: policy.idle.idle_timeout,
     }
 }
 
@@ -451,6 +556,7 @@ mod tests {
             pool: ConnectionPool::default(),
             outlier,
             h2: false,
+            idle: PoolSettings::default(),
         }
     }
 
@@ -473,11 +579,11 @@ mod tests {
 
     #[test]
     fn consistent_hash_is_stable_and_spreads() {
-        let c = Cluster::new(
+        let c = Arc::new(Cluster::new(
             "t".into(),
             &addrs(4),
             policy(LoadBalancer::HashHeader("user".into()), None),
-        );
+        ));
         let a = c.pick(Some(hash_key(b"tomas")), &[]).unwrap().addr;
         for _ in 0..50 {
             assert_eq!(c.pick(Some(hash_key(b"tomas")), &[]).unwrap().addr, a);
@@ -498,46 +604,129 @@ mod tests {
             .take(2)
             .chain([a])
             .collect();
-        c.update(&other, c.policy());
-        assert_eq!(c.pick(Some(hash_key(b"tomas")), &[]).unwrap().addr, a);
+        let c2 = c.updated(&other, c.policy().clone());
+        assert_eq!(c2.pick(Some(hash_key(b"tomas")), &[]).unwrap().addr, a);
     }
 
     #[test]
-    fn ejection_respects_max_percent_and_multiplies_time() {
-        let od = OutlierDetection {
+    fn an_update_is_a_new_version_and_the_old_one_keeps_its_backends() {
+        let c = Arc::new(Cluster::new(
+            "t".into(),
+            &addrs(2),
+            policy(LoadBalancer::RoundRobin, None),
+        ));
+        assert!(Arc::ptr_eq(&c, &c.updated(&addrs(2), c.policy().clone())));
+        let c2 = c.updated(&addrs(1), c.policy().clone());
+        assert_eq!(c.backends().len(), 2, "the old version is unchanged");
+        assert_eq!(c2.backends().len(), 1);
+        assert!(
+            Arc::ptr_eq(&c.backends()[0], &c2.backends()[0]),
+            "a backend that stays is shared (health, pool)"
+        );
+        let _req = c.begin_request();
+        assert_eq!(c2.active_requests(), 1, "runtime counters are shared");
+    }
+
+    fn od(gw: u32, max_pct: u32) -> OutlierDetection {
+        OutlierDetection {
             consecutive_5xx: None,
-            consecutive_gateway: Some(2),
+            consecutive_gateway: Some(gw),
             interval: Duration::from_secs(10),
             base_ejection: Duration::from_secs(60),
-            max_ejection_percent: 50,
+            max_ejection_percent: max_pct,
             min_health_percent: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn ejection_respects_max_percent() {
         let c = Cluster::new(
             "t".into(),
             &addrs(2),
-            policy(LoadBalancer::RoundRobin, Some(od)),
+            policy(LoadBalancer::RoundRobin, Some(od(2, 50))),
         );
         let [a, b] = [c.backends()[0].clone(), c.backends()[1].clone()];
         c.record(&a, Outcome::Status(503));
-        assert!(!c.is_ejected(&a));
+        assert!(!a.ejected());
         c.record(&a, Outcome::Status(503));
-        assert!(c.is_ejected(&a));
+        assert!(a.ejected());
         // A 500 is not a gateway error; a success resets the count.
         c.record(&b, Outcome::Status(500));
         c.record(&b, Outcome::Status(500));
-        assert!(!c.is_ejected(&b));
+        assert!(!b.ejected());
         c.record(&b, Outcome::LocalFailure);
         c.record(&b, Outcome::Success);
         c.record(&b, Outcome::LocalFailure);
-        assert!(!c.is_ejected(&b));
+        assert!(!b.ejected());
         // 50% of 2 = 1 ejected at most.
         c.record(&b, Outcome::LocalFailure);
-        assert!(!c.is_ejected(&b));
+        assert!(!b.ejected());
         for _ in 0..20 {
             assert_eq!(c.pick(None, &[]).unwrap().addr, b.addr);
         }
-        let until = a.ejected_until_ms.load(Relaxed);
-        assert!((59_000..=61_000).contains(&until), "{until}");
+    }
+
+    #[test]
+    fn consecutive_5xx_and_gateway_errors_are_counted_separately() {
+        let mut o = od(3, 100);
+        o.consecutive_5xx = Some(2);
+        let c = Cluster::new(
+            "t".into(),
+            &addrs(2),
+            policy(LoadBalancer::RoundRobin, Some(o)),
+        );
+        let [a, b] = [c.backends()[0].clone(), c.backends()[1].clone()];
+        // Two 500s: 5xx threshold (2) reached, gateway count never started.
+        c.record(&a, Outcome::Status(500));
+        c.record(&a, Outcome::Status(500));
+        assert!(a.ejected());
+        // 503 503: both counters at 2; the 5xx threshold (2) ejects first.
+        c.record(&b, Outcome::Status(503));
+        assert!(!b.ejected());
+        c.record(&b, Outcome::Status(503));
+        assert!(b.ejected());
+    }
+
+    #[test]
+    fn the_sweep_un_ejects_after_base_times_multiplier_and_decays_the_multiplier() {
+        let c = Cluster::new(
+            "t".into(),
+            &addrs(2),
+            policy(LoadBalancer::RoundRobin, Some(od(1, 50))),
+        );
+        let a = c.backends()[0].clone();
+        let t0 = now_ms();
+        c.rt.last_sweep_ms.store(t0, Relaxed);
+        c.record(&a, Outcome::LocalFailure);
+        assert!(a.ejected());
+        assert_eq!(a.ejections(), 1);
+        // Sweeps come every interval (10 s); the ejection lasts 60 s.
+        c.sweep_at(t0 + 5_000);
+        assert_eq!(
+            c.rt.last_sweep_ms.load(Relaxed),
+            t0,
+            "before the interval: no sweep"
+        );
+        c.sweep_at(t0 + 50_000);
+        assert!(a.ejected(), "50 s < 60 s");
+        c.sweep_at(t0 + 60_001);
+        assert!(!a.ejected(), "returned after 60 s");
+        assert_eq!(a.ejections(), 1, "no decay in the sweep that returned it");
+        // Ejected again at once: the multiplier makes it 120 s.
+        c.record(&a, Outcome::LocalFailure);
+        assert_eq!(a.ejections(), 2);
+        let at = a.ejected_at_ms.load(Relaxed) - 1;
+        c.sweep_at(at + 110_000);
+        assert!(a.ejected(), "2 x 60 s");
+        c.sweep_at(at + 120_000);
+        assert!(!a.ejected());
+        // Two healthy intervals decay the multiplier to zero.
+        c.sweep_at(at + 130_000);
+        assert_eq!(a.ejections(), 1);
+        c.sweep_at(at + 140_000);
+        assert_eq!(a.ejections(), 0);
+        c.sweep_at(at + 150_000);
+        assert_eq!(a.ejections(), 0);
     }
 
     #[test]
@@ -548,17 +737,17 @@ mod tests {
             max_ejection_percent: 100,
             ..OutlierDetection::default()
         };
-        let c = Cluster::new(
+        let c = Arc::new(Cluster::new(
             "t".into(),
             &addrs(2),
             policy(LoadBalancer::RoundRobin, Some(od.clone())),
-        );
+        ));
         for b in c.backends() {
-            c.record(&b, Outcome::LocalFailure);
+            c.record(b, Outcome::LocalFailure);
         }
         assert!(c.pick(None, &[]).is_none());
         od.min_health_percent = 50;
-        c.update(&addrs(2), policy(LoadBalancer::RoundRobin, Some(od)));
+        let c = c.updated(&addrs(2), policy(LoadBalancer::RoundRobin, Some(od)));
         assert!(c.pick(None, &[]).is_some(), "panic mode balances over all");
     }
 
@@ -575,36 +764,28 @@ mod tests {
                 async move { c2.admit(Duration::from_secs(5)).await.map(|p| p.is_some()) },
             );
         // The second request waits (pending = 1); poll until it is queued.
-        while c.pending.load(Relaxed) == 0 {
+        while c.rt.pending.load(Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
+        // A new version with the same limit shares the semaphore and the pending count.
+        let c3 = c.updated(&addrs(2), c.policy().clone());
         assert_eq!(
-            c.admit(Duration::from_secs(5)).await.err(),
+            c3.admit(Duration::from_secs(5)).await.err(),
             Some(Overflow::Pending)
         );
         drop(first);
         assert_eq!(waiter.await.unwrap(), Ok(true));
     }
-}
-
-#[cfg(test)]
-mod budget_tests {
-    use super::*;
 
     #[test]
     fn the_default_budget_allows_20_percent_of_active_requests_and_at_least_3() {
-        let p = ClusterPolicy {
-            lb: LoadBalancer::Random,
-            pool: ConnectionPool::default(),
-            outlier: None,
-            h2: false,
-        };
+        let p = policy(LoadBalancer::Random, None);
         let c = Arc::new(Cluster::new("t".into(), &[], p.clone()));
         let hold: Vec<_> = (0..3)
             .map(|_| c.begin_retry(true).expect("3 at least"))
             .collect();
         assert!(c.begin_retry(true).is_none());
-        c.active_requests.store(50, Relaxed);
+        c.rt.active_requests.store(50, Relaxed);
         let more: Vec<_> = (0..7)
             .map(|_| c.begin_retry(true).expect("20% of 50"))
             .collect();
@@ -613,7 +794,7 @@ mod budget_tests {
         assert!(c.begin_retry(false).is_some());
         let mut limited = p;
         limited.pool.max_retries = Some(10);
-        c.update(&[], limited);
+        let c = c.updated(&[], limited);
         assert!(c.begin_retry(false).is_none(), "10 in flight already");
         drop((hold, more));
         assert!(c.begin_retry(false).is_some());

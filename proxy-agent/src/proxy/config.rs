@@ -7,9 +7,9 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cluster::{Cluster, ClusterPolicy};
+use super::cluster::{Cluster, ClusterPolicy, PoolSettings};
 use crate::istio::{Destination, DestinationRule, LoadBalancer, RetryOn, VirtualService};
-use crate::model::{Frontend, ObjectRef, State};
+use crate::model::{Frontend, ObjectRef, ProtocolHint, State};
 
 /// Retries of a route.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,6 +64,8 @@ pub struct Route {
     pub retry: RetryPolicy,
     /// Mirror.
     pub mirror: Option<Mirror>,
+    /// Protocol detection of the Service port.
+    pub detection: ProtocolHint,
 }
 
 /// Routes by original destination.
@@ -117,6 +119,8 @@ pub struct Registry {
     last_frontends: HashMap<ObjectRef, Vec<Arc<Frontend>>>,
     /// The policy inputs of the last build (VirtualServices, DestinationRules, Pods).
     last_policy: Option<PolicyInputs>,
+    /// Node-wide upstream pool settings.
+    pool: PoolSettings,
 }
 
 #[derive(PartialEq)]
@@ -159,6 +163,14 @@ struct Ctx<'a> {
 }
 
 impl Registry {
+    /// An empty registry whose clusters pool upstream connections with `pool`.
+    pub fn new(pool: PoolSettings) -> Self {
+        Self {
+            pool,
+            ..Self::default()
+        }
+    }
+
     /// Builds the routing table for the L7 frontends of `state`; returns it with the problems
     /// found (each naming the object and field), which leave the affected route without backends.
     pub fn build(
@@ -319,6 +331,7 @@ impl Registry {
                         timeout: r.timeout,
                         retry,
                         mirror,
+                        detection: fe.detection,
                     }
                 }
                 _ => {
@@ -338,6 +351,7 @@ impl Registry {
                         timeout: None,
                         retry: RetryPolicy::safe_default(),
                         mirror: None,
+                        detection: fe.detection,
                     }
                 }
             };
@@ -395,79 +409,6 @@ impl Registry {
                 .and_then(|f| fes.iter().find(|x| x.port == f.port))
                 .or(fes.first()),
         };
-        let mut addrs: Vec<SocketAddr> = Vec::new();
-        let mut h2 = from.is_some_and(|f| f.h2);
-        match fe {
-            None => {
-                if let Some((kind, id)) = origin {
-                    errors.push(ConfigProblem::new(
-                        kind,
-                        id,
-                        format!(
-                            "{field}.host: no Service port {svc}{} is known",
-                            d.port.map(|p| format!(":{p}")).unwrap_or_default()
-                        ),
-                    ));
-                }
-            }
-            Some(fe) => {
-                h2 = fe.h2;
-                let ready: Vec<_> = fe.backends.iter().filter(|b| !b.terminating).collect();
-                let set = if ready.is_empty() {
-                    fe.backends.iter().collect()
-                } else {
-                    ready
-                };
-                addrs = set
-                    .iter()
-                    .map(|b| SocketAddr::from((b.addr, b.port)))
-                    .collect();
-            }
-        }
-        let rule = ctx.rules.get(&svc);
-        let mut policy = rule.map(|(_, r)| r.policy.clone()).unwrap_or_default();
-        if let Some(name) = &d.subset {
-            match rule.and_then(|(_, r)| r.subsets.iter().find(|s| &s.name == name)) {
-                Some(s) => {
-                    policy = s.policy.clone();
-                    addrs.retain(|a| {
-                        let std::net::IpAddr::V4(ip) = a.ip() else {
-                            return false;
-                        };
-                        ctx.pod_labels
-                            .get(&ip)
-                            .is_some_and(|l| s.labels.iter().all(|(k, v)| l.get(k) == Some(v)))
-                    });
-                }
-                None => {
-                    let known = rule.map(|(id, r)| {
-                        format!(
-                            "DestinationRule {id} defines {:?}",
-                            r.subsets.iter().map(|s| &s.name).collect::<Vec<_>>()
-                        )
-                    });
-                    if let Some((kind, id)) = origin {
-                        errors.push(ConfigProblem::new(
-                            kind,
-                            id,
-                            format!(
-                                "{field}.subset: unknown subset {name:?} ({})",
-                                known.unwrap_or_else(|| format!("no DestinationRule for {svc}"))
-                            ),
-                        ));
-                    }
-                    addrs.clear();
-                }
-            }
-        }
-        let _ = ctx.state;
-        let policy = ClusterPolicy {
-            lb: policy.load_balancer.unwrap_or(LoadBalancer::LeastRequest),
-            pool: policy.connection_pool.unwrap_or_default(),
-            outlier: Some(policy.outlier.unwrap_or_default()),
-
-            h2,
-        };
         let port = fe.map_or(d.port.unwrap_or(0), |f| f.port);
         let key = ClusterKey {
             service: svc.clone(),
@@ -478,24 +419,105 @@ impl Registry {
         if let Some(c) = used.map.get(&key) {
             return c.clone();
         }
-        let c = match self.clusters.get(&key) {
-            Some(c) => {
-                c.update(&addrs, policy);
-                c.clone()
-            }
-            None => {
-                let name = format!(
-                    "{svc}:{port}{}",
-                    d.subset
-                        .as_ref()
-                        .map(|s| format!("/{s}"))
-                        .unwrap_or_default()
-                );
-                Arc::new(Cluster::new(name, &addrs, policy))
+        let name = || {
+            format!(
+                "{svc}:{port}{}",
+                d.subset
+                    .as_ref()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default()
+            )
+        };
+        let spec = self.cluster_spec(ctx, d, &svc, fe);
+        let c = match (spec, self.clusters.get(&key)) {
+            (Ok((addrs, policy)), Some(old)) => old.updated(&addrs, policy),
+            (Ok((addrs, policy)), None) => Arc::new(Cluster::new(name(), &addrs, policy)),
+            (Err(problem), old) => {
+                if let Some((kind, id)) = origin {
+                    errors.push(ConfigProblem::new(kind, id, format!("{field}.{problem}")));
+                }
+                // The route that named it keeps its last good version, and that version's
+                // cluster must stay as it was: an invalid destination never replaces it.
+                return old.cloned().unwrap_or_else(|| {
+                    Arc::new(Cluster::new(name(), &[], self.default_policy(from)))
+                });
             }
         };
         used.map.insert(key, c.clone());
         c
+    }
+
+    fn default_policy(&self, from: Option<&Frontend>) -> ClusterPolicy {
+        ClusterPolicy {
+            lb: LoadBalancer::LeastRequest,
+            pool: Default::default(),
+            outlier: Some(Default::default()),
+            h2: from.is_some_and(|f| f.h2),
+            idle: self.pool,
+        }
+    }
+
+    /// The backends and policy of a destination, or what is wrong with it (a field path
+    /// relative to the destination, and the problem).
+    fn cluster_spec(
+        &self,
+        ctx: &Ctx<'_>,
+        d: &Destination,
+        svc: &ObjectRef,
+        fe: Option<&&Frontend>,
+    ) -> Result<(Vec<SocketAddr>, ClusterPolicy), String> {
+        let Some(fe) = fe else {
+            return Err(format!(
+                "host: no Service port {svc}{} is known",
+                d.port.map(|p| format!(":{p}")).unwrap_or_default()
+            ));
+        };
+        let ready: Vec<_> = fe.backends.iter().filter(|b| !b.terminating).collect();
+        let set = if ready.is_empty() {
+            fe.backends.iter().collect()
+        } else {
+            ready
+        };
+        let mut addrs: Vec<SocketAddr> = set
+            .iter()
+            .map(|b| SocketAddr::from((b.addr, b.port)))
+            .collect();
+        let rule = ctx.rules.get(svc);
+        let mut policy = rule.map(|(_, r)| r.policy.clone()).unwrap_or_default();
+        if let Some(name) = &d.subset {
+            let Some(s) = rule.and_then(|(_, r)| r.subsets.iter().find(|s| &s.name == name)) else {
+                let known = rule.map(|(id, r)| {
+                    format!(
+                        "DestinationRule {id} defines {:?}",
+                        r.subsets.iter().map(|s| &s.name).collect::<Vec<_>>()
+                    )
+                });
+                return Err(format!(
+                    "subset: unknown subset {name:?} ({})",
+                    known.unwrap_or_else(|| format!("no DestinationRule for {svc}"))
+                ));
+            };
+            policy = s.policy.clone();
+            addrs.retain(|a| {
+                let std::net::IpAddr::V4(ip) = a.ip() else {
+                    return false;
+                };
+                ctx.pod_labels
+                    .get(&ip)
+                    .is_some_and(|l| s.labels.iter().all(|(k, v)| l.get(k) == Some(v)))
+            });
+        }
+        let _ = ctx.state;
+        Ok((
+            addrs,
+            ClusterPolicy {
+                lb: policy.load_balancer.unwrap_or(LoadBalancer::LeastRequest),
+                pool: policy.connection_pool.unwrap_or_default(),
+                outlier: Some(policy.outlier.unwrap_or_default()),
+                h2: fe.h2,
+                idle: self.pool,
+            },
+        ))
     }
 }
 
@@ -520,6 +542,7 @@ mod tests {
             }],
             affinity_timeout_s: None,
             mode: None,
+            detection: Default::default(),
             internal_local: false,
         };
         let sl = EndpointSlice {

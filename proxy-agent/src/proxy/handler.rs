@@ -1,23 +1,28 @@
-//! The request path: pick a destination and a backend, send, and retry what may be retried.
+//! The request path: check the request, pick a destination and a backend, stream the request,
+//! and retry what may be retried.
 //!
-//! A retry needs all of: a matching `retryOn` condition, attempts left, time left, a replayable
-//! body (at most 64 KiB), an idempotent method or a request the backend never saw, and a slot in
-//! the retry budget (20% of active requests, at least 3). Retries go to a backend not tried yet
-//! when one exists, after a jittered exponential backoff (25 ms base, 250 ms cap).
+//! A retry needs all of: a matching `retryOn` condition, attempts left, time left, a body whose
+//! part sent so far is still in the 64 KiB replay buffer, an idempotent method or a request the
+//! backend never saw, and a slot in the retry budget (20% of active requests, at least 3).
+//! Retries go to a backend not tried yet when one exists, after a jittered exponential backoff
+//! (25 ms base, 250 ms cap). Timeouts count from the end of the request body, as Envoy's do.
+//! Upgrades and CONNECT go to [`super::upgrade`].
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
-use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
 use tokio::time::Instant;
 
-use super::body::{Holding, ProxyBody, RequestBody, text};
+use super::body::{Holding, ProxyBody, Replay, empty, text, with_trailers};
 use super::cluster::{Backend, Cluster, Outcome, Overflow, hash_key};
 use super::config::{Mirror, Route};
+use super::io::ConnState;
+use super::limits::ProxyConfig;
 use super::pool::UpstreamError;
 use crate::istio::{LoadBalancer, RetryOn};
 
@@ -26,36 +31,62 @@ pub const ERROR_HEADER: &str = "x-proxy-error";
 /// Response header counting attempts made.
 pub const ATTEMPTS_HEADER: &str = "x-proxy-attempts";
 
-const HOP_BY_HOP: [&str; 8] = [
+/// Where a request came from.
+pub struct Downstream {
+    /// The client pod's address.
+    pub client: SocketAddr,
+    /// The ClusterIP:port it connected to.
+    pub orig: SocketAddrV4,
+    /// Its connection.
+    pub conn: Arc<ConnState>,
+    /// Node-wide proxy settings.
+    pub cfg: Arc<ProxyConfig>,
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1), besides those named in `Connection`. `TE` is handled
+/// apart: `te: trailers` is end-to-end in practice (gRPC needs it).
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
+    "transfer-encoding",
     "upgrade",
+    "http2-settings",
+    // The proxy answers `Expect: 100-continue` itself when it starts reading the body.
+    "expect",
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too; allocate only when there are any.
-    let listed: Vec<http::HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+/// Removes hop-by-hop headers (and those named in `Connection`); keeps `te: trailers`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        // Headers named in `Connection` are hop-by-hop too; allocate only when there are any.
+        let listed: Vec<http::HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            h.remove(name);
+        }
+    }
     for name in HOP_BY_HOP {
         h.remove(name);
     }
-    for name in listed {
-        h.remove(name);
+    if let Some(te) = h.remove(header::TE) {
+        let trailers = te.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+        if trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
-    h.remove(header::TRANSFER_ENCODING);
 }
 
-fn local_reply(status: StatusCode, reason: &str, attempts: u32) -> Response<ProxyBody> {
+/// A response from the proxy itself.
+pub fn local_reply(status: StatusCode, reason: &str, attempts: u32) -> Response<ProxyBody> {
     let mut r = Response::new(text(format!("{reason}\n")));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -65,6 +96,39 @@ fn local_reply(status: StatusCode, reason: &str, attempts: u32) -> Response<Prox
     r.headers_mut()
         .insert(ATTEMPTS_HEADER, HeaderValue::from(attempts));
     r
+}
+
+/// A 400 for a request whose framing cannot be trusted; the connection closes after it.
+fn reject(status: StatusCode, reason: &str) -> Response<ProxyBody> {
+    let mut r = local_reply(status, reason, 0);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// Checks what the HTTP/1 parser lets through but a proxy must not forward (RFC 9112):
+/// several `Host` headers, and transfer codings other than one final `chunked`.
+fn check(req: &Request<Incoming>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        return Err("duplicate-host-header");
+    }
+    let mut codings = 0;
+    let mut only_chunked = true;
+    for v in req.headers().get_all(header::TRANSFER_ENCODING) {
+        let Ok(v) = v.to_str() else {
+            only_chunked = false;
+            break;
+        };
+        for c in v.split(',').map(str::trim) {
+            codings += 1;
+            only_chunked &= c.eq_ignore_ascii_case("chunked");
+        }
+    }
+    if codings > 0 && !(codings == 1 && only_chunked) {
+        return Err("transfer-encoding-not-chunked");
+    }
+    Ok(())
 }
 
 fn idempotent(m: &Method) -> bool {
@@ -97,7 +161,7 @@ fn retry_error(on: &RetryOn, e: &UpstreamError) -> bool {
 }
 
 /// The consistent-hash key of a request under the cluster's policy.
-fn hash_of(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Option<u64> {
+pub fn hash_of(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Option<u64> {
     match lb {
         LoadBalancer::HashHeader(name) => {
             headers.get(name.as_str()).map(|v| hash_key(v.as_bytes()))
@@ -115,15 +179,62 @@ fn hash_of(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Option
     }
 }
 
-struct Head {
-    method: Method,
-    path: String,
-    authority: String,
-    headers: HeaderMap,
+/// The request as it goes upstream, reusable across attempts.
+pub struct Head {
+    /// Method.
+    pub method: Method,
+    /// Origin-form target (`/path?query`), or the authority for CONNECT.
+    pub path: String,
+    /// Authority (from the target URI, else `Host`, else the ClusterIP).
+    pub authority: String,
+    /// Headers, hop-by-hop ones removed.
+    pub headers: HeaderMap,
 }
 
 impl Head {
-    fn request(&self, h2: bool, body: ProxyBody) -> Request<ProxyBody> {
+    /// Builds the upstream head of `parts` from `ds`: hop-by-hop headers removed, `Host` set
+    /// from an absolute-form target (RFC 9112 3.2.2), `x-forwarded-for` appended.
+    pub fn new(uri: &Uri, method: Method, mut headers: HeaderMap, ds: &Downstream) -> Self {
+        strip_hop_by_hop(&mut headers);
+        let authority = match uri.authority() {
+            Some(a) => {
+                // Absolute form (or HTTP/2 :authority): the target's authority is the host.
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    headers.insert(header::HOST, v);
+                }
+                a.to_string()
+            }
+            None => headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(|| ds.orig.to_string(), String::from),
+        };
+        if ds.cfg.x_forwarded_for {
+            let ip = ds.client.ip().to_string();
+            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                headers.insert("x-forwarded-for", v);
+            }
+        }
+        let path = if method == Method::CONNECT {
+            authority.clone()
+        } else {
+            uri.path_and_query()
+                .map_or("/".to_string(), |p| p.to_string())
+        };
+        Self {
+            method,
+            path,
+            authority,
+            headers,
+        }
+    }
+
+    /// One upstream request with `body`, for an HTTP/2 (`h2`) or HTTP/1.1 backend.
+    pub fn request(&self, h2: bool, body: ProxyBody) -> Request<ProxyBody> {
         let uri: Uri = if h2 {
             format!("http://{}{}", self.authority, self.path)
                 .parse()
@@ -151,15 +262,6 @@ impl Head {
     }
 }
 
-/// Counts a request in flight for the cluster and the backend.
-struct InFlight(Arc<Cluster>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.active_requests.fetch_sub(1, Relaxed);
-    }
-}
-
 struct BackendActive(Arc<Backend>);
 
 impl Drop for BackendActive {
@@ -168,7 +270,16 @@ impl Drop for BackendActive {
     }
 }
 
-fn pick_destination(route: &Route) -> Option<Arc<Cluster>> {
+impl BackendActive {
+    fn start(b: &Arc<Backend>) -> Self {
+        b.active.fetch_add(1, Relaxed);
+        b.requests.fetch_add(1, Relaxed);
+        Self(b.clone())
+    }
+}
+
+/// Picks one of the route's weighted destinations.
+pub fn pick_destination(route: &Route) -> Option<Arc<Cluster>> {
     let total: u32 = route.destinations.iter().map(|(_, w)| *w).sum();
     if total == 0 {
         return route.destinations.first().map(|(c, _)| c.clone());
@@ -183,7 +294,7 @@ fn pick_destination(route: &Route) -> Option<Arc<Cluster>> {
     None
 }
 
-fn mirror(m: &Mirror, head: &Head, body: bytes::Bytes, client: SocketAddr) {
+fn mirror(m: &Mirror, head: &Head, body: ProxyBody, client: SocketAddr) {
     if m.percent < 100.0 && rand::random::<f64>() * 100.0 >= m.percent {
         return;
     }
@@ -216,7 +327,7 @@ fn mirror(m: &Mirror, head: &Head, body: bytes::Bytes, client: SocketAddr) {
             h
         },
     };
-    let req = shadow.request(policy.h2, super::body::full(body));
+    let req = shadow.request(policy.h2, body);
     let opts = m.cluster.conn_opts();
     // Fire and forget: the primary response never waits for the copy.
     tokio::spawn(async move {
@@ -228,66 +339,95 @@ fn mirror(m: &Mirror, head: &Head, body: bytes::Bytes, client: SocketAddr) {
     });
 }
 
+/// Which timer ended an attempt.
+enum Expired {
+    PerTry,
+    Overall,
+}
+
+/// Fires when the attempt's per-try timeout or the route's timeout passes, both counted from
+/// the end of the request body (or the attempt's start, if later).
+async fn expiry(
+    body: Option<&Replay>,
+    started: Instant,
+    per_try: Option<Duration>,
+    overall: Option<Duration>,
+) -> Expired {
+    if per_try.is_none() && overall.is_none() {
+        return std::future::pending().await;
+    }
+    let body_end = match body {
+        Some(r) => r.ended().await,
+        None => started,
+    };
+    let per = per_try.map(|p| Instant::now() + p);
+    let all = overall.map(|t| body_end + t);
+    match (per, all) {
+        (Some(p), Some(a)) if a <= p => {
+            tokio::time::sleep_until(a).await;
+            Expired::Overall
+        }
+        (Some(p), _) => {
+            tokio::time::sleep_until(p).await;
+            Expired::PerTry
+        }
+        (None, Some(a)) => {
+            tokio::time::sleep_until(a).await;
+            Expired::Overall
+        }
+        (None, None) => unreachable!("checked above"),
+    }
+}
+
 /// Handles one downstream request for `route`.
 pub async fn handle(
     req: Request<Incoming>,
-    client: SocketAddr,
-    orig: std::net::SocketAddrV4,
+    ds: &Downstream,
     route: Arc<Route>,
 ) -> Response<ProxyBody> {
+    if let Err(why) = check(&req) {
+        return reject(StatusCode::BAD_REQUEST, why);
+    }
+    if super::upgrade::wants_upgrade(&req) {
+        return super::upgrade::handle(req, ds, &route).await;
+    }
     let started = Instant::now();
-    let deadline = route.timeout.map(|t| started + t);
     let (parts, body) = req.into_parts();
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    let authority = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(String::from)
-        })
-        .unwrap_or_else(|| orig.to_string());
-    let head = Head {
-        method: parts.method,
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or("/".to_string(), |p| p.to_string()),
-        authority,
-        headers,
-    };
-    let mut body = match RequestBody::buffer(body).await {
-        Ok(b) => b,
-        Err(e) => {
-            return local_reply(
-                StatusCode::BAD_REQUEST,
-                &format!("reading the request body failed: {e}"),
-                0,
-            );
-        }
+    let head = Head::new(&parts.uri, parts.method, parts.headers, ds);
+    let body = (!body.is_end_stream()).then(|| Replay::new(body));
+    // The end of the request body starts the route's timeout.
+    let deadline = || {
+        let end = match &body {
+            None => Some(started),
+            Some(r) => r.ended_at(),
+        };
+        end.zip(route.timeout).map(|(e, t)| e + t)
     };
     let Some(cluster) = pick_destination(&route) else {
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no-route", 0);
     };
-    if let (Some(m), Some(b)) = (&route.mirror, body.replayable()) {
-        mirror(m, &head, b.clone(), client);
+    let mut mirrored = route.mirror.is_none();
+    if !mirrored && body.is_none() {
+        mirrored = true;
+        if let Some(m) = &route.mirror {
+            mirror(m, &head, empty(), ds.client);
+        }
     }
-    cluster.active_requests.fetch_add(1, Relaxed);
-    let in_flight = InFlight(cluster.clone());
+    let in_flight = cluster.begin_request();
     let policy = cluster.policy();
-    let key = hash_of(&policy.lb, &head.headers, client);
+    let key = hash_of(&policy.lb, &head.headers, ds.client);
     let opts = cluster.conn_opts();
     let retry = &route.retry;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt: u32 = 0;
     let mut _retry_slot = None;
+    let mut next_body = match &body {
+        None => Some(empty()),
+        Some(r) => r.attempt().map(BodyExt::boxed),
+    };
     loop {
         attempt += 1;
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let remaining = deadline().map(|d| d.saturating_duration_since(Instant::now()));
         if remaining.is_some_and(|r| r.is_zero()) {
             return local_reply(StatusCode::GATEWAY_TIMEOUT, "timeout", attempt - 1);
         }
@@ -318,7 +458,7 @@ pub async fn handle(
                 );
             }
         };
-        let Some(b) = body.take_for_attempt() else {
+        let Some(b) = next_body.take() else {
             return local_reply(
                 StatusCode::BAD_GATEWAY,
                 "request-body-not-replayable",
@@ -326,23 +466,32 @@ pub async fn handle(
             );
         };
         tried.push(backend.addr);
-        backend.active.fetch_add(1, Relaxed);
-        backend.requests.fetch_add(1, Relaxed);
-        let active = BackendActive(backend.clone());
-        let try_timeout = match (retry.per_try_timeout, remaining) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let active = BackendActive::start(&backend);
+        let attempt_started = Instant::now();
         let send = backend.conns.send(head.request(policy.h2, b), &opts);
-        let result = match try_timeout {
-            // `None`: the per-try or overall timeout fired.
-            Some(t) => tokio::time::timeout(t, send).await.ok(),
-            None => Some(send.await),
+        let result = tokio::select! {
+            r = send => Ok(r),
+            e = expiry(body.as_ref(), attempt_started, retry.per_try_timeout, route.timeout) => Err(e),
         };
-        let safe = body.replayable().is_some() && idempotent(&head.method);
-        let more = attempt <= retry.attempts;
+        if let (false, Some(r)) = (mirrored, &body)
+            && let Some((bytes, trailers)) = r.complete()
+        {
+            mirrored = true;
+            if let Some(m) = &route.mirror {
+                mirror(m, &head, with_trailers(bytes, trailers), ds.client);
+            }
+        }
+        if let Some(why) = body.as_ref().and_then(Replay::failure)
+            && !matches!(result, Ok(Ok(_)))
+        {
+            // The client's body broke (bad chunk framing, reset): nothing to retry.
+            tracing::debug!(client = %ds.client, error = %why, "request body failed");
+            return reject(StatusCode::BAD_REQUEST, "malformed-request-body");
+        }
+        let replayable = body.as_ref().is_none_or(Replay::replayable);
+        let safe = replayable && idempotent(&head.method);
         let (retryable, outcome) = match &result {
-            Some(Ok(resp)) => {
+            Ok(Ok(resp)) => {
                 let s = resp.status().as_u16();
                 (
                     retry_status(&retry.on, s) && safe,
@@ -353,26 +502,35 @@ pub async fn handle(
                     },
                 )
             }
-            Some(Err(e)) => (
+            Ok(Err(e)) => (
                 retry_error(&retry.on, e)
-                    && body.replayable().is_some()
+                    && replayable
                     && (e.never_sent() || idempotent(&head.method)),
                 Outcome::LocalFailure,
             ),
-            None => (
+            Err(_) => (
                 (retry.on.five_xx || retry.on.gateway_error) && safe,
                 Outcome::LocalFailure,
             ),
         };
         cluster.record(&backend, outcome);
-        let can_retry = retryable && more && {
-            _retry_slot = cluster.begin_retry(retry.budgeted);
-
-            _retry_slot.is_some()
-        };
+        let can_retry = retryable
+            && attempt <= retry.attempts
+            && {
+                _retry_slot = cluster.begin_retry(retry.budgeted);
+                _retry_slot.is_some()
+            }
+            && {
+                // Taking the next reader makes this attempt's reader stale at once.
+                next_body = match &body {
+                    None => Some(empty()),
+                    Some(r) => r.attempt().map(BodyExt::boxed),
+                };
+                next_body.is_some()
+            };
         if !can_retry {
             return match result {
-                Some(Ok(resp)) => {
+                Ok(Ok(resp)) => {
                     let (mut parts, rbody) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     parts
@@ -381,25 +539,21 @@ pub async fn handle(
                     let held = (permit, active, in_flight);
                     Response::from_parts(parts, Holding::new(rbody, held).boxed())
                 }
-                Some(Err(e)) => {
+                Ok(Err(e)) => {
                     tracing::debug!(cluster = %cluster.name, backend = %backend.addr, error = %e, "upstream failed");
                     local_reply(StatusCode::SERVICE_UNAVAILABLE, e.reason(), attempt)
                 }
-                None => {
-                    let overall = deadline.is_some_and(|d| Instant::now() >= d);
-                    local_reply(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        if overall {
-                            "timeout"
-                        } else {
-                            "per-try-timeout"
-                        },
-                        attempt,
-                    )
-                }
+                Err(why) => local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    match why {
+                        Expired::Overall => "timeout",
+                        Expired::PerTry => "per-try-timeout",
+                    },
+                    attempt,
+                ),
             };
         }
-        if let Some(Ok(resp)) = result {
+        if let Ok(Ok(resp)) = result {
             // Read the failed response to its end so its connection goes back to the pool.
             tokio::spawn(async move {
                 let _ =
@@ -410,9 +564,34 @@ pub async fn handle(
         let cap = Duration::from_millis(250)
             .min(Duration::from_millis(25) * 2u32.saturating_pow(attempt - 1));
         let mut backoff = Duration::from_micros(rand::random_range(0..=cap.as_micros() as u64));
-        if let Some(d) = deadline {
+        if let Some(d) = deadline() {
             backoff = backoff.min(d.saturating_duration_since(Instant::now()));
         }
         tokio::time::sleep(backoff).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("grpc-status"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["te", "trailer", "x-kept"]);
+        assert_eq!(h[header::TE], "trailers");
     }
 }

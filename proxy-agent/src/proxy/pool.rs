@@ -1,5 +1,7 @@
-//! Upstream connections to one backend: pooled HTTP/1.1 keep-alive connections, or one shared
-//! HTTP/2 connection multiplexing all requests.
+//! Upstream connections to one backend: pooled HTTP/1.1 keep-alive connections (at most
+//! `max_idle` idle ones, each closed after `idle_timeout`), or one shared HTTP/2 connection
+//! multiplexing all requests, opened once however many requests wait for it (single flight).
+//! Upgrades (WebSocket, CONNECT) get a dedicated HTTP/1.1 connection of their own.
 //!
 //! Errors say whether the request reached the backend: a request that was never written (connect
 //! failure, a pooled connection that closed under us, an HTTP/2 stream the server refused) can be
@@ -7,7 +9,9 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
 
 use http_body_util::BodyExt as _;
 use hyper::client::conn::{http1, http2};
@@ -63,11 +67,16 @@ pub struct ConnOpts {
     pub connect_timeout: Duration,
     /// Requests per HTTP/1.1 connection before it is closed (`None`: unlimited).
     pub max_requests_per_connection: Option<u32>,
+    /// Idle HTTP/1.1 connections kept.
+    pub max_idle: usize,
+    /// Idle HTTP/1.1 connections older than this are closed.
+    pub idle_timeout: Duration,
 }
 
 struct Http1Conn {
     sender: http1::SendRequest<ProxyBody>,
     used: u32,
+    idle_since: Instant,
 }
 
 /// The connections to one backend.
@@ -75,7 +84,9 @@ pub struct Conns {
     addr: SocketAddr,
     h2: bool,
     idle: Mutex<Vec<Http1Conn>>,
-    shared: Mutex<Option<http2::SendRequest<ProxyBody>>>,
+    shared: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    /// Held while an HTTP/2 connection is being opened: one connect, however many wait.
+    connecting: tokio::sync::Mutex<()>,
 }
 
 async fn connect(addr: SocketAddr, opts: &ConnOpts) -> Result<TokioIo<TcpStream>, UpstreamError> {
@@ -94,13 +105,59 @@ impl Conns {
             addr,
             h2,
             idle: Mutex::new(Vec::new()),
-            shared: Mutex::new(None),
+            shared: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Idle HTTP/1.1 connections (for tests and the admin view).
+    /// Idle HTTP/1.1 connections now (for logs and the admin view).
     pub fn idle_count(&self) -> usize {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Closes idle connections older than `timeout` or beyond `max`, and forgets a closed
+    /// HTTP/2 connection.
+    pub fn reap(&self, timeout: Duration, max: usize) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|c| c.idle_since.elapsed() < timeout && !c.sender.is_closed());
+            let extra = idle.len().saturating_sub(max);
+            idle.drain(..extra);
+        }
+        if self.shared.load().as_ref().is_some_and(|s| s.is_closed()) {
+            self.shared.store(None);
+        }
+    }
+
+    fn put_idle(&self, mut conn: Http1Conn, opts: &ConnOpts) {
+        conn.idle_since = Instant::now();
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < opts.max_idle
+        {
+            idle.push(conn);
+        }
+    }
+
+    /// Opens a dedicated HTTP/1.1 connection for a request that upgrades the connection
+    /// (WebSocket, CONNECT); the response's upgrade carries the tunnel.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<ProxyBody>,
+        opts: &ConnOpts,
+    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
+        let io = connect(self.addr, opts).await?;
+        let (mut sender, conn) = http1::handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        sender.try_send_request(req).await.map_err(|mut e| {
+            if e.take_message().is_some() {
+                UpstreamError::NotSent(e.into_error())
+            } else {
+                UpstreamError::Reset(e.into_error())
+            }
+        })
     }
 
     /// Sends one request and returns the response with a streaming body.
@@ -124,8 +181,10 @@ impl Conns {
         let pooled = loop {
             let c = self.idle.lock().ok().and_then(|mut v| v.pop());
             match c {
-                Some(c) if c.sender.is_ready() => break Some(c),
-                Some(_) => continue, // closed by the server while idle
+                Some(c) if c.sender.is_ready() && c.idle_since.elapsed() < opts.idle_timeout => {
+                    break Some(c);
+                }
+                Some(_) => continue, // closed by the server, or idle too long
                 None => break None,
             }
         };
@@ -139,7 +198,11 @@ impl Conns {
                 tokio::spawn(async move {
                     let _ = conn.await;
                 });
-                Http1Conn { sender, used: 0 }
+                Http1Conn {
+                    sender,
+                    used: 0,
+                    idle_since: Instant::now(),
+                }
             }
         };
         conn.used += 1;
@@ -157,12 +220,10 @@ impl Conns {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
                 let this = Arc::clone(self);
+                let opts = *opts;
                 let tracked = Tracked::new(body, move |ok| {
-                    if ok
-                        && reuse
-                        && let Ok(mut idle) = this.idle.lock()
-                    {
-                        idle.push(conn);
+                    if ok && reuse {
+                        this.put_idle(conn, &opts);
                     }
                 });
                 Ok(Response::from_parts(parts, tracked.boxed()))
@@ -177,40 +238,45 @@ impl Conns {
         }
     }
 
+    fn ready_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
+        self.shared
+            .load()
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .map(|s| (**s).clone())
+    }
+
     async fn send_h2(
         self: &Arc<Self>,
         req: Request<ProxyBody>,
         opts: &ConnOpts,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
-        let existing = self
-            .shared
-            .lock()
-            .ok()
-            .and_then(|g| g.as_ref().filter(|s| !s.is_closed()).cloned());
-        let mut sender = match existing {
+        let mut sender = match self.ready_h2() {
             Some(s) => s,
             None => {
-                let io = connect(self.addr, opts).await?;
-                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                if let Ok(mut g) = self.shared.lock() {
-                    *g = Some(sender.clone());
+                let _one = self.connecting.lock().await;
+                // Whoever held the lock before may have connected for everybody.
+                match self.ready_h2() {
+                    Some(s) => s,
+                    None => {
+                        let io = connect(self.addr, opts).await?;
+                        let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                            .await
+                            .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                        self.shared.store(Some(Arc::new(sender.clone())));
+                        sender
+                    }
                 }
-                sender
             }
         };
         sender.ready().await.map_err(UpstreamError::NotSent)?;
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
-                Ok(Response::from_parts(
-                    parts,
-                    Tracked::new(body, |_| {}).boxed(),
-                ))
+                Ok(Response::from_parts(parts, Tracked::plain(body).boxed()))
             }
             Err(mut e) => {
                 if e.take_message().is_some() {

@@ -1,18 +1,32 @@
-//! The proxy's listener: accepts redirected connections, finds each one's original ClusterIP
-//! destination, and serves HTTP/1.1 and HTTP/2 (prior knowledge) on it.
+//! The proxy's listener: accepts redirected connections (within the connection limit, backing
+//! off when accepts fail), finds each one's original ClusterIP destination, detects its
+//! protocol and serves it: HTTP/1.1 and HTTP/2 with the configured limits, opaque TCP as bytes.
+//! Each HTTP connection has a driver that closes it on the header-read and idle timeouts, when
+//! its client holds too many idle connections, and on HTTP/2 abuse (GOAWAY, then close).
 
-use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
 
+use super::body::{Holding, ProxyBody, text};
 use super::config::RouteTable;
-use super::handler;
+use super::detect::{Protocol, Why, detect};
+use super::handler::{self, Downstream};
+use super::io::{ConnKind, ConnState, Rewind, Watched};
+use super::limits::{self, ProxyConfig, RateLimitedLog};
 
 /// Where redirected connections were headed (the datapath's original-destination map).
 pub trait OrigDst: Send + Sync + 'static {
@@ -30,50 +44,404 @@ fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
     }
 }
 
-/// Accepts connections until the listener fails.
-pub async fn serve(listener: TcpListener, orig: Arc<dyn OrigDst>, table: Arc<ArcSwap<RouteTable>>) {
+/// Connection counters (logged every minute while they change).
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Closed at accept: `--max-connections` reached.
+    pub rejected_limit: AtomicU64,
+    /// Failed accepts (EMFILE and the like).
+    pub accept_errors: AtomicU64,
+    /// Detected or configured as HTTP/1.x.
+    pub http1: AtomicU64,
+    /// Detected as HTTP/2.
+    pub http2: AtomicU64,
+    /// Carried as opaque TCP.
+    pub opaque: AtomicU64,
+    /// Idle HTTP connections closed because their client held too many.
+    pub shed_idle: AtomicU64,
+    /// Closed for a header-read timeout (slowloris).
+    pub header_timeouts: AtomicU64,
+    /// Closed for idleness.
+    pub idle_closed: AtomicU64,
+    /// Closed for HTTP/2 abuse (rapid reset, ping/settings floods).
+    pub abusive: AtomicU64,
+}
+
+impl ProxyStats {
+    fn summary(&self) -> [(&'static str, u64); 10] {
+        [
+            ("accepted", self.accepted.load(Relaxed)),
+            ("rejected_limit", self.rejected_limit.load(Relaxed)),
+            ("accept_errors", self.accept_errors.load(Relaxed)),
+            ("http1", self.http1.load(Relaxed)),
+            ("http2", self.http2.load(Relaxed)),
+            ("opaque", self.opaque.load(Relaxed)),
+            ("shed_idle", self.shed_idle.load(Relaxed)),
+            ("header_timeouts", self.header_timeouts.load(Relaxed)),
+            ("idle_closed", self.idle_closed.load(Relaxed)),
+            ("abusive", self.abusive.load(Relaxed)),
+        ]
+    }
+}
+
+/// The node proxy: routes, settings and shared HTTP machinery.
+pub struct Proxy {
+    table: Arc<ArcSwap<RouteTable>>,
+    orig: Arc<dyn OrigDst>,
+    cfg: Arc<ProxyConfig>,
+    /// Connection counters.
+    pub stats: ProxyStats,
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    /// (destination, reason) pairs already logged as opaque at info level.
+    opaque_seen: Mutex<HashSet<(SocketAddrV4, &'static str)>>,
+}
+
+impl Proxy {
+    /// A proxy serving `table`, finding original destinations with `orig`.
+    pub fn new(
+        table: Arc<ArcSwap<RouteTable>>,
+        orig: Arc<dyn OrigDst>,
+        cfg: ProxyConfig,
+    ) -> Arc<Self> {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            // The driver enforces the header-read timeout so that it does not also cut idle
+            // keep-alive connections (hyper's runs while waiting for the next request too).
+            .header_read_timeout(None)
+            .max_header_size(limits::MAX_HEADER_BYTES)
+            .max_headers(limits::MAX_HEADERS)
+            .keep_alive(true);
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(limits::H2_MAX_CONCURRENT_STREAMS)
+            .max_pending_accept_reset_streams(limits::H2_MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(limits::H2_MAX_LOCAL_ERROR_RESET_STREAMS)
+            .max_header_list_size(limits::H2_MAX_HEADER_LIST_SIZE)
+            .keep_alive_interval(limits::H2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(limits::H2_KEEPALIVE_TIMEOUT)
+            .enable_connect_protocol();
+        Arc::new(Self {
+            table,
+            orig,
+            cfg: Arc::new(cfg),
+            stats: ProxyStats::default(),
+            h1,
+            h2,
+            opaque_seen: Mutex::new(HashSet::new()),
+        })
+    }
+}
+
+/// Connections by client pod, to shed the idle HTTP connections of a client that holds too
+/// many. Only the accept loop touches it.
+#[derive(Default)]
+struct Clients {
+    by_ip: HashMap<IpAddr, Vec<Weak<ConnState>>>,
+    accepts: u64,
+}
+
+impl Clients {
+    fn admit(&mut self, ip: IpAddr, conn: &Arc<ConnState>, max_idle: usize) -> bool {
+        self.accepts += 1;
+        if self.accepts.is_multiple_of(4096) {
+            self.by_ip.retain(|_, v| {
+                v.retain(|c| c.strong_count() > 0);
+                !v.is_empty()
+            });
+        }
+        let list = self.by_ip.entry(ip).or_default();
+        list.retain(|c| c.strong_count() > 0);
+        let mut shed = false;
+        if list.len() >= max_idle {
+            let mut idle = 0;
+            let mut longest: Option<(Duration, Arc<ConnState>)> = None;
+            for c in list.iter().filter_map(Weak::upgrade) {
+                if let Some(d) = c.idle_for() {
+                    idle += 1;
+                    if longest.as_ref().is_none_or(|(l, _)| d > *l) {
+                        longest = Some((d, c));
+                    }
+                }
+            }
+            if idle >= max_idle
+                && let Some((_, c)) = longest
+            {
+                c.close("idle-shed", false);
+                shed = true;
+            }
+        }
+        list.push(Arc::downgrade(conn));
+        shed
+    }
+}
+
+/// Accepts connections until the listener fails; accept errors (EMFILE) back off from 1 ms
+/// to 1 s and are logged at most once a second.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
+    tokio::spawn(sweep(Arc::downgrade(&proxy)));
+    let limit = Arc::new(Semaphore::new(proxy.cfg.max_connections));
+    let mut backoff = limits::ACCEPT_BACKOFF_MIN;
+    let mut accept_log = RateLimitedLog::default();
+    let mut limit_log = RateLimitedLog::default();
+    let mut clients = Clients::default();
     loop {
         let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
+            Ok(c) => {
+                backoff = limits::ACCEPT_BACKOFF_MIN;
+                c
+            }
             Err(e) => {
-                warn!(error = %e, "accept failed");
+                let n = proxy.stats.accept_errors.fetch_add(1, Relaxed) + 1;
+                if let Some(suppressed) = accept_log.ready() {
+                    warn!(error = %e, failures = n, suppressed, backoff_ms = backoff.as_millis() as u64,
+                        "accepting a connection failed; backing off (raise the agent's open-file limit, or lower --max-connections)");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(limits::ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
-        let Some(dst) = v4(peer).and_then(|p| orig.take(p)) else {
-            // Not redirected by our datapath: the proxy is no open relay.
-            debug!(%peer, "refusing a connection that was not redirected to the proxy");
+        proxy.stats.accepted.fetch_add(1, Relaxed);
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            let n = proxy.stats.rejected_limit.fetch_add(1, Relaxed) + 1;
+            if let Some(suppressed) = limit_log.ready() {
+                warn!(%peer, rejected = n, suppressed, max = proxy.cfg.max_connections,
+                    "connection limit reached: closing new connections (--max-connections)");
+            }
             drop(stream);
             continue;
         };
-        let _ = stream.set_nodelay(true);
-        let table = table.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let route = table.load().routes.get(&dst).cloned();
+        let Some(dst) = v4(peer).and_then(|p| proxy.orig.take(p)) else {
+            // Not redirected by our datapath: the proxy is no open relay.
+            debug!(%peer, "refusing a connection that was not redirected to the proxy");
+            continue;
+        };
+        let conn = ConnState::new(Some(permit));
+        if clients.admit(peer.ip(), &conn, proxy.cfg.max_idle_per_client) {
+            proxy.stats.shed_idle.fetch_add(1, Relaxed);
+        }
+        tokio::spawn(serve_conn(stream, peer, dst, conn, proxy.clone()));
+    }
+}
+
+/// Every second: outlier sweeps (each cluster at its own interval); every 10 s: idle pooled
+/// connections closed; every minute: the connection counters logged if they changed.
+async fn sweep(proxy: Weak<Proxy>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    let mut last = None;
+    loop {
+        tick.tick().await;
+        let Some(p) = proxy.upgrade() else { return };
+        n += 1;
+        let table = p.table.load();
+        for route in table.routes.values() {
+            let mirror = route.mirror.as_ref().map(|m| &m.cluster);
+            for c in route.destinations.iter().map(|(c, _)| c).chain(mirror) {
+                c.sweep();
+                if n.is_multiple_of(10) {
+                    c.reap_idle();
+                }
+            }
+        }
+        if n.is_multiple_of(60) {
+            let now = p.stats.summary();
+            if last.as_ref() != Some(&now) {
+                let s: Vec<String> = now.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                info!("proxy connections: {}", s.join(" "));
+                last = Some(now);
+            }
+        }
+    }
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddrV4,
+    conn: Arc<ConnState>,
+    p: Arc<Proxy>,
+) {
+    let _ = stream.set_nodelay(true);
+    let route = p.table.load().routes.get(&dst).cloned();
+    let (proto, prefix) = match &route {
+        Some(r) if r.detection.opaque => (Protocol::Opaque(Why::Configured), Bytes::new()),
+        _ => {
+            let timeout = route
+                .as_ref()
+                .and_then(|r| r.detection.detect_timeout)
+                .unwrap_or(p.cfg.detect_timeout);
+            match detect(&stream, timeout).await {
+                Ok(d) => d,
+                Err(e) => {
+                    debug!(%peer, error = %e, "connection failed during protocol detection");
+                    return;
+                }
+            }
+        }
+    };
+    match proto {
+        Protocol::Opaque(why) => {
+            p.stats.opaque.fetch_add(1, Relaxed);
+            conn.set_kind(ConnKind::Stream);
+            let first = p
+                .opaque_seen
+                .lock()
+                .map(|mut s| s.insert((dst, why.as_str())))
+                .unwrap_or(false);
+            if first {
+                info!(%dst, reason = why.as_str(), "carrying connections to this Service port as opaque TCP (not HTTP)");
+            }
+            debug!(%peer, %dst, protocol = "opaque", reason = why.as_str(), "protocol detected");
+            let Some(route) = route else {
+                debug!(%peer, %dst, "no route for an opaque connection; closing");
+                return;
+            };
+            super::tcp::forward(
+                Rewind::new(prefix, stream),
+                peer,
+                &route,
+                p.cfg.stream_idle_timeout,
+            )
+            .await;
+        }
+        Protocol::Http1 | Protocol::Http2 => {
+            let h2 = proto == Protocol::Http2;
+            let counter = if h2 { &p.stats.http2 } else { &p.stats.http1 };
+            counter.fetch_add(1, Relaxed);
+            conn.set_kind(if h2 { ConnKind::Http2 } else { ConnKind::Http1 });
+            debug!(%peer, %dst, protocol = if h2 { "http2" } else { "http1" }, "protocol detected");
+            let io = TokioIo::new(Watched::new(Rewind::new(prefix, stream), conn.clone(), h2));
+            let ds = Arc::new(Downstream {
+                client: peer,
+                orig: dst,
+                conn: conn.clone(),
+                cfg: p.cfg.clone(),
+            });
+            let table = p.table.clone();
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let ds = ds.clone();
+                let route = table.load().routes.get(&ds.orig).cloned();
+                let mut guard = ds.conn.request();
                 async move {
-                    Ok::<_, std::convert::Infallible>(match route {
-                        Some(route) => handler::handle(req, peer, dst, route).await,
-                        None => {
-                            let mut r = hyper::Response::new(super::body::text(format!(
-                                "no HTTP route for {dst}\n"
-                            )));
-                            *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                            r.headers_mut().insert(
-                                handler::ERROR_HEADER,
-                                hyper::header::HeaderValue::from_static("no-route"),
-                            );
-                            r
-                        }
-                    })
+                    let resp = match route {
+                        Some(route) => handler::handle(req, &ds, route).await,
+                        None => no_route(ds.orig),
+                    };
+                    guard.answered();
+                    Ok::<_, Infallible>(resp.map(|b| Holding::new(b, guard)))
                 }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+            let why = if h2 {
+                drive(p.h2.serve_connection(io, svc), &conn, &p.cfg).await
+            } else {
+                drive(
+                    p.h1.serve_connection(io, svc).with_upgrades(),
+                    &conn,
+                    &p.cfg,
+                )
                 .await
-            {
-                debug!(%peer, error = %e, "downstream connection ended with an error");
+            };
+            if let Some(why) = why {
+                let counter = match why {
+                    "header-read-timeout" => &p.stats.header_timeouts,
+                    "idle-timeout" => &p.stats.idle_closed,
+                    "idle-shed" => return,
+                    _ => {
+                        warn!(%peer, %dst, reason = why, "closed an abusive HTTP/2 connection with GOAWAY");
+                        &p.stats.abusive
+                    }
+                };
+                counter.fetch_add(1, Relaxed);
+                debug!(%peer, %dst, reason = why, "closed the connection");
             }
-        });
+        }
+    }
+}
+
+fn no_route(dst: SocketAddrV4) -> Response<ProxyBody> {
+    let mut r = Response::new(text(format!("no HTTP route for {dst}\n")));
+    *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+    r.headers_mut().insert(
+        handler::ERROR_HEADER,
+        hyper::header::HeaderValue::from_static("no-route"),
+    );
+    r
+}
+
+/// A hyper server connection that can be asked to finish (HTTP/2: GOAWAY).
+trait Graceful: Future<Output = hyper::Result<()>> {
+    fn shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn shutdown(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs a connection until it ends or its [`ConnState`] asks for a close; returns why it was
+/// closed, if the proxy closed it.
+async fn drive<C: Graceful>(
+    c: C,
+    conn: &Arc<ConnState>,
+    cfg: &ProxyConfig,
+) -> Option<&'static str> {
+    tokio::pin!(c);
+    loop {
+        let deadline = conn.next_deadline(cfg);
+        tokio::select! {
+            r = c.as_mut() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "downstream connection ended with an error");
+                }
+                return None;
+            }
+            _ = async {
+                match deadline {
+                    Some((d, _)) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some((d, why)) = conn.next_deadline(cfg)
+                    && d <= std::time::Instant::now()
+                {
+                    conn.close(why, false);
+                }
+            }
+            _ = conn.changed() => {}
+        }
+        let Some(why) = conn.closing() else { continue };
+        if why == "header-read-timeout" || conn.kind() == ConnKind::Http1 {
+            // An HTTP/1 connection with nothing in flight (or a head that never finished): drop.
+            return Some(why);
+        }
+        // HTTP/2: GOAWAY, let streams in flight finish briefly, then drop.
+        c.as_mut().shutdown();
+        let _ = tokio::time::timeout(limits::GOAWAY_GRACE, c.as_mut()).await;
+        return Some(why);
     }
 }
