@@ -520,3 +520,73 @@ fn grpc_ports_use_http2_upstream_and_balance_per_request() {
         );
     }
 }
+
+#[test]
+fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends() {
+    let mut node = SimNode::new();
+    let v1: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("v1-{i}"))).collect();
+    let v2 = node.add_pod("v2-1");
+    let client = node.add_pod("client");
+    let mut servers: Vec<Proc> = v1
+        .iter()
+        .map(|p| p.fixture_server("web", &["--listen", "0.0.0.0:8080", "--version", "1"]))
+        .collect();
+    servers.push(v2.fixture_server("web", &["--listen", "0.0.0.0:8080", "--version", "2"]));
+    let ips: Vec<Ipv4Addr> = v1.iter().chain([&v2]).map(|p| p.ip).collect();
+    let mut yaml = k8s::http_service("myweb", VIP, 80, 8080, &ips);
+    for (p, v) in v1.iter().map(|p| (p, "v1")).chain([(&v2, "v2")]) {
+        yaml.push_str("---\n");
+        yaml.push_str(&k8s::pod(&p.name, p.ip, &[("app", "myweb"), ("version", v)]));
+    }
+    node.write_manifest("myweb.yaml", &yaml);
+    let rule = |subsets: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: myweb}}\nspec:\n  host: myweb\n  subsets:\n{subsets}"
+        )
+    };
+    let both = "  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
+    node.write_manifest("dr.yaml", &rule(both));
+    node.write_manifest(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: myweb}\nspec:\n  hosts: [myweb]\n  http:\n  - route: [{destination: {host: myweb, subset: v1}}]\n",
+    );
+    let mut agent = node.start_agent(&agent_args());
+    agent.wait_log_count("l7_routes=1", 1, T);
+    let versions = |out: &Value| -> Vec<String> {
+        let mut v: Vec<String> = tally(out, "bodies")
+            .keys()
+            .map(|b| b.split(':').next().unwrap_or_default().to_string())
+            .collect();
+        v.dedup();
+        v
+    };
+    let out = http(&client, "http://198.19.0.10/", 40, &[]);
+    assert_eq!((out["ok"].as_u64(), versions(&out)), (Some(40), vec!["Version 1".to_string()]), "{out}");
+
+    // The DestinationRule loses subset v1: the VirtualService's route is invalid now.
+    node.write_manifest("dr.yaml", &rule("  - {name: v2, labels: {version: v2}}\n"));
+    let log = agent.wait_log_count("unknown subset \"v1\"", 1, T);
+    assert!(
+        log.contains("VirtualService default/myweb") && log.contains("spec.http[0].route[0].destination.subset"),
+        "the problem must name the object and the field: {log}"
+    );
+    agent.wait_log_count("datapath synced", 2, T);
+    let out = http(&client, "http://198.19.0.10/", 40, &[]);
+    assert_eq!(
+        (out["ok"].as_u64(), versions(&out)),
+        (Some(40), vec!["Version 1".to_string()]),
+        "the last good route must keep sending to the old subset's pods: {out}"
+    );
+    assert_eq!(tally(&out, "bodies").len(), 2, "both v1 pods still serve: {out}");
+
+    // Fixing the rule serves the new version of the route.
+    node.write_manifest("dr.yaml", &rule(both));
+    agent.wait_log_count("datapath synced", 3, T);
+    node.write_manifest(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: myweb}\nspec:\n  hosts: [myweb]\n  http:\n  - route: [{destination: {host: myweb, subset: v2}}]\n",
+    );
+    agent.wait_log_count("datapath synced", 4, T);
+    let out = http(&client, "http://198.19.0.10/", 20, &[]);
+    assert_eq!((out["ok"].as_u64(), versions(&out)), (Some(20), vec!["Version 2".to_string()]), "{out}");
+}
