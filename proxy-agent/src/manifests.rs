@@ -629,7 +629,8 @@ pub async fn watch(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let scan = match reader.rescan() {
+        // Parsing a large file takes a while: let the runtime's other tasks move elsewhere.
+        let scan = match tokio::task::block_in_place(|| reader.rescan()) {
             Ok(s) => s,
             Err(e) => {
                 error!(dir = %dir.display(), error = %e, "cannot read the manifests directory; keeping the last good state");

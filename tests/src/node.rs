@@ -195,6 +195,25 @@ impl SimNode {
         self.start_agent_with(&args)
     }
 
+    /// Starts `proxy-agent run` on the manifests directory through a wrapper command (e.g.
+    /// `prlimit --nofile=300:300 --`), and waits for the first "datapath synced".
+    pub fn start_agent_wrapped(&self, wrapper: &[&str], agent: &str, extra: &[&str]) -> Proc {
+        let manifests = self.manifests();
+        let mut args = wrapper[1..].to_vec();
+        args.extend_from_slice(&[
+            agent,
+            "run",
+            "--cgroup",
+            self.cgroup.to_str().expect("utf-8 path"),
+            "--bpffs",
+            self.bpffs.to_str().expect("utf-8 path"),
+            "--manifests",
+            manifests.to_str().expect("utf-8 path"),
+        ]);
+        args.extend_from_slice(extra);
+        self.spawn_agent(self.host_place().command(wrapper[0], &args))
+    }
+
     fn start_agent_with(&self, source: &[&str]) -> Proc {
         let mut args = vec![
             "run",
@@ -204,8 +223,11 @@ impl SimNode {
             self.bpffs.to_str().expect("utf-8 path"),
         ];
         args.extend_from_slice(source);
+        self.spawn_agent(self.host_place().command(sys::bin("proxy-agent"), &args))
+    }
+
+    fn spawn_agent(&self, mut cmd: std::process::Command) -> Proc {
         let place = self.host_place();
-        let mut cmd = place.command(sys::bin("proxy-agent"), &args);
         cmd.env(
             "RUST_LOG",
             std::env::var("PXT_AGENT_LOG").unwrap_or_else(|_| "info".into()),

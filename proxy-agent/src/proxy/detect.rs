@@ -94,6 +94,11 @@ pub fn classify(b: &[u8]) -> Option<Protocol> {
     if b[..n] == H2_PREFACE[..n] {
         return (b.len() >= H2_PREFACE.len()).then_some(Protocol::Http2);
     }
+    // RFC 9112 2.2: empty lines before a request line are ignored.
+    let b = &b[b.iter().take_while(|&&c| c == b'\r' || c == b'\n').count()..];
+    if b.is_empty() {
+        return None;
+    }
     let (line, ended) = match b.iter().position(|&c| c == b'\n') {
         Some(i) => (b[..i].strip_suffix(b"\r").unwrap_or(&b[..i]), true),
         None => (b.strip_suffix(b"\r").unwrap_or(b), false),
@@ -130,7 +135,7 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<(P
             }
             Ok(r) => r?,
         }
-        if buf.capacity() == 0 {
+        if buf.capacity() - buf.len() < 1024 {
             buf.reserve(4096);
         }
         match stream.try_read_buf(&mut buf) {
@@ -159,6 +164,8 @@ mod tests {
             Some(Protocol::Http1)
         );
         assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"\r\n\r\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(classify(b"\r\n"), None);
         assert_eq!(classify(b"GET /x HTT"), None);
         // A Redis inline command and other lines that are not request lines.
         assert_eq!(
