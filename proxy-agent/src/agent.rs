@@ -38,9 +38,9 @@ pub struct RunConfig {
     pub proxy_port: u16,
     /// The L7 proxy's limits and timeouts.
     pub proxy: ProxyConfig,
-    /// The runtime the proxy serves on, apart from the agent's own (configuration parsing and
-    /// map writes never run on a proxy worker).
-    pub proxy_runtime: tokio::runtime::Handle,
+    /// The proxy's worker runtimes, apart from the agent's own (configuration parsing and map
+    /// writes never run on a proxy worker).
+    pub proxy_workers: Vec<tokio::runtime::Handle>,
 }
 
 /// Where the desired state comes from.
@@ -96,11 +96,7 @@ fn start_proxy(
     table: Arc<ArcSwap<RouteTable>>,
 ) -> anyhow::Result<()> {
     let addr = SocketAddrV4::new(node_ip, cfg.proxy_port);
-    let std_listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("binding the L7 proxy to {addr} (is --node-ip an address of this node, and the port free?)"))?;
-    std_listener
-        .set_nonblocking(true)
-        .context("setting the proxy listener non-blocking")?;
+    let listeners = proxy::workers::listeners(addr, cfg.proxy_workers.len())?;
     let redirect = L7Config {
         proxy_addr_be: u32::from(node_ip).to_be(),
         proxy_port_be: cfg.proxy_port.to_be(),
@@ -110,18 +106,21 @@ fn start_proxy(
         .set(0, redirect, 0)
         .context("writing the L7 redirect configuration")?;
     // From here on the datapath redirects HTTP Services to us; the kernel removes the socket from
-    // the map when this process dies, and connects fall back to in-kernel balancing at once.
+    // the map when this process dies (closing every listener of the group), and connects fall
+    // back to in-kernel balancing at once.
     l7.proxy_sock
-        .set(0, &std_listener, 0)
+        .set(0, &listeners[0], 0)
         .context("publishing the proxy listener to the datapath")?;
-    let listener = {
-        let _rt = cfg.proxy_runtime.enter();
-        tokio::net::TcpListener::from_std(std_listener).context("registering the proxy listener")?
-    };
     let orig: Arc<dyn OrigDst> = Arc::new(MapOrigDst(Mutex::new(l7.orig_dst)));
     let proxy = Proxy::new(table, orig, cfg.proxy.clone());
-    cfg.proxy_runtime.spawn(proxy::serve(listener, proxy));
-    info!(%addr, "L7 proxy listening");
+    for (i, (l, rt)) in listeners.into_iter().zip(&cfg.proxy_workers).enumerate() {
+        let listener = {
+            let _rt = rt.enter();
+            tokio::net::TcpListener::from_std(l).context("registering the proxy listener")?
+        };
+        rt.spawn(proxy::serve(listener, proxy.clone(), i == 0));
+    }
+    info!(%addr, workers = cfg.proxy_workers.len(), "L7 proxy listening");
     Ok(())
 }
 

@@ -172,12 +172,7 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the agent runtime")?;
             let workers = proxy_workers
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-            let proxy_rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers.max(1))
-                .thread_name("proxy")
-                .enable_all()
-                .build()
-                .context("starting the proxy runtime")?;
+            let proxy_workers = proxy_agent::proxy::workers::Workers::start(workers)?;
             let source = match manifests {
                 Some(dir) => Source::Manifests(dir),
                 None => Source::Kubernetes(kubeconfig),
@@ -201,11 +196,11 @@ fn main() -> anyhow::Result<()> {
                     pool_max_idle,
                     x_forwarded_for,
                 },
-                proxy_runtime: proxy_rt.handle().clone(),
+                proxy_workers: proxy_workers.handles().to_vec(),
             }));
             // Both runtimes end here, outside any async context.
             drop(rt);
-            proxy_rt.shutdown_background();
+            proxy_workers.stop();
             result
         }
         #[cfg(feature = "codegen")]

@@ -164,7 +164,10 @@ mod tests {
             Some(Protocol::Http1)
         );
         assert_eq!(classify(b"GE"), None);
-        assert_eq!(classify(b"\r\n\r\nGET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(
+            classify(b"\r\n\r\nGET / HTTP/1.1\r\n"),
+            Some(Protocol::Http1)
+        );
         assert_eq!(classify(b"\r\n"), None);
         assert_eq!(classify(b"GET /x HTT"), None);
         // A Redis inline command and other lines that are not request lines.

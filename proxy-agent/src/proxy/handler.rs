@@ -35,6 +35,8 @@ pub const ATTEMPTS_HEADER: &str = "x-proxy-attempts";
 pub struct Downstream {
     /// The client pod's address.
     pub client: SocketAddr,
+    /// The client's IP as an `x-forwarded-for` value.
+    pub client_ip: HeaderValue,
     /// The ClusterIP:port it connected to.
     pub orig: SocketAddrV4,
     /// Its connection.
@@ -58,8 +60,23 @@ const HOP_BY_HOP: [&str; 7] = [
 
 /// Removes hop-by-hop headers (and those named in `Connection`); keeps `te: trailers`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // One pass over the names first: most messages carry none, and that is cheaper than a
+    // lookup per hop-by-hop name.
+    let any = h.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::TE
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n == header::EXPECT
+            || n == "keep-alive"
+            || n == "proxy-connection"
+            || n == "http2-settings"
+    });
+    if !any {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
-        // Headers named in `Connection` are hop-by-hop too; allocate only when there are any.
+        // Headers named in `Connection` are hop-by-hop too.
         let listed: Vec<http::HeaderName> = h
             .get_all(header::CONNECTION)
             .iter()
@@ -183,64 +200,80 @@ pub fn hash_of(lb: &LoadBalancer, headers: &HeaderMap, client: SocketAddr) -> Op
 pub struct Head {
     /// Method.
     pub method: Method,
-    /// Origin-form target (`/path?query`), or the authority for CONNECT.
-    pub path: String,
-    /// Authority (from the target URI, else `Host`, else the ClusterIP).
-    pub authority: String,
+    /// The target for an HTTP/1.1 backend: origin form (`/path?query`), or the authority for
+    /// CONNECT.
+    pub target: Uri,
     /// Headers, hop-by-hop ones removed.
     pub headers: HeaderMap,
+    /// Where the client connected: the authority of last resort.
+    orig: SocketAddrV4,
 }
 
 impl Head {
-    /// Builds the upstream head of `parts` from `ds`: hop-by-hop headers removed, `Host` set
-    /// from an absolute-form target (RFC 9112 3.2.2), `x-forwarded-for` appended.
-    pub fn new(uri: &Uri, method: Method, mut headers: HeaderMap, ds: &Downstream) -> Self {
+    /// Builds the upstream head from a downstream request: hop-by-hop headers removed, `Host`
+    /// set from an absolute-form target (RFC 9112 3.2.2) or HTTP/2 `:authority`,
+    /// `x-forwarded-for` appended.
+    pub fn new(uri: Uri, method: Method, mut headers: HeaderMap, ds: &Downstream) -> Self {
         strip_hop_by_hop(&mut headers);
-        let authority = match uri.authority() {
-            Some(a) => {
-                // Absolute form (or HTTP/2 :authority): the target's authority is the host.
-                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                    headers.insert(header::HOST, v);
-                }
-                a.to_string()
-            }
-            None => headers
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map_or_else(|| ds.orig.to_string(), String::from),
-        };
+        if method != Method::CONNECT
+            && let Some(a) = uri.authority()
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
+        {
+            headers.insert(header::HOST, v);
+        }
         if ds.cfg.x_forwarded_for {
-            let ip = ds.client.ip().to_string();
-            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
-            };
-            if let Ok(v) = HeaderValue::from_str(&xff) {
-                headers.insert("x-forwarded-for", v);
+            match headers.entry("x-forwarded-for") {
+                http::header::Entry::Vacant(e) => {
+                    e.insert(ds.client_ip.clone());
+                }
+                http::header::Entry::Occupied(mut e) => {
+                    let prev = e.get().to_str().unwrap_or("").trim().to_string();
+                    let ip = ds.client_ip.to_str().unwrap_or("");
+                    let v = if prev.is_empty() {
+                        ip.to_string()
+                    } else {
+                        format!("{prev}, {ip}")
+                    };
+                    if let Ok(v) = HeaderValue::from_str(&v) {
+                        e.insert(v);
+                    }
+                }
             }
         }
-        let path = if method == Method::CONNECT {
-            authority.clone()
-        } else {
-            uri.path_and_query()
-                .map_or("/".to_string(), |p| p.to_string())
-        };
+        let target =
+            if method == Method::CONNECT || (uri.scheme().is_none() && uri.authority().is_none()) {
+                uri
+            } else {
+                uri.path_and_query()
+                    .map_or(Uri::from_static("/"), |p| Uri::from(p.clone()))
+            };
         Self {
             method,
-            path,
-            authority,
+            target,
             headers,
+            orig: ds.orig,
         }
+    }
+
+    /// The request's authority: `Host`, else the target's, else the ClusterIP:port.
+    pub fn authority(&self) -> String {
+        self.headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+            .or_else(|| self.target.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| self.orig.to_string())
     }
 
     /// One upstream request with `body`, for an HTTP/2 (`h2`) or HTTP/1.1 backend.
     pub fn request(&self, h2: bool, body: ProxyBody) -> Request<ProxyBody> {
-        let uri: Uri = if h2 {
-            format!("http://{}{}", self.authority, self.path)
+        let uri: Uri = if h2 && self.method != Method::CONNECT {
+            let path = self.target.path_and_query().map_or("/", |p| p.as_str());
+            format!("http://{}{path}", self.authority())
                 .parse()
                 .unwrap_or_else(|_| Uri::from_static("/"))
         } else {
-            self.path.parse().unwrap_or_else(|_| Uri::from_static("/"))
+            self.target.clone()
         };
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
@@ -254,7 +287,7 @@ impl Head {
         if h2 {
             r.headers_mut().remove(header::HOST);
         } else if !r.headers().contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&self.authority)
+            && let Ok(v) = HeaderValue::from_str(&self.authority())
         {
             r.headers_mut().insert(header::HOST, v);
         }
@@ -305,28 +338,20 @@ fn mirror(m: &Mirror, head: &Head, body: ProxyBody, client: SocketAddr) {
     else {
         return;
     };
-    let host = head
-        .headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or(&head.authority)
-        .to_string();
+    let host = head.authority();
     let (name, port) = match host.rsplit_once(':') {
         Some((n, p)) if p.chars().all(|c| c.is_ascii_digit()) => (n.to_string(), format!(":{p}")),
         _ => (host.clone(), String::new()),
     };
-    let shadow = Head {
+    let mut shadow = Head {
         method: head.method.clone(),
-        path: head.path.clone(),
-        authority: format!("{name}-shadow{port}"),
-        headers: {
-            let mut h = head.headers.clone();
-            if let Ok(v) = HeaderValue::from_str(&format!("{name}-shadow{port}")) {
-                h.insert(header::HOST, v);
-            }
-            h
-        },
+        target: head.target.clone(),
+        headers: head.headers.clone(),
+        orig: head.orig,
     };
+    if let Ok(v) = HeaderValue::from_str(&format!("{name}-shadow{port}")) {
+        shadow.headers.insert(header::HOST, v);
+    }
     let req = shadow.request(policy.h2, body);
     let opts = m.cluster.conn_opts();
     // Fire and forget: the primary response never waits for the copy.
@@ -393,7 +418,7 @@ pub async fn handle(
     }
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let head = Head::new(&parts.uri, parts.method, parts.headers, ds);
+    let head = Head::new(parts.uri, parts.method, parts.headers, ds);
     let body = (!body.is_end_stream()).then(|| Replay::new(body));
     // The end of the request body starts the route's timeout.
     let deadline = || {

@@ -191,14 +191,18 @@ impl ConnState {
             && self.kind() == ConnKind::Http1
         {
             self.head_since.store(self.now_ms() + 1, Relaxed);
-            self.wake.notify_one();
         }
     }
 
-    /// When the driver must act next, and why: a header or idle timeout.
-    pub fn next_deadline(&self, cfg: &ProxyConfig) -> Option<(Instant, &'static str)> {
+    /// When the driver must look again, and what expires then if nothing changed: the
+    /// header-read or the idle timeout (`None`: only a check). Requests do not wake the driver
+    /// (that would cost a timer per request): it wakes at least every header-read timeout and
+    /// finds the precise deadline then.
+    pub fn next_deadline(&self, cfg: &ProxyConfig) -> (Instant, Option<&'static str>) {
+        let now = Instant::now();
+        let recheck = now + cfg.header_read_timeout.min(cfg.http_idle_timeout);
         if self.in_flight.load(Relaxed) > 0 {
-            return None;
+            return (recheck, None);
         }
         let head = self.head_since.load(Relaxed);
         let (since_ms, after, why) = if head > 0 {
@@ -210,7 +214,12 @@ impl ConnState {
                 "idle-timeout",
             )
         };
-        Some((self.born + Duration::from_millis(since_ms) + after, why))
+        let due = self.born + Duration::from_millis(since_ms) + after;
+        if due <= recheck {
+            (due, Some(why))
+        } else {
+            (recheck, None)
+        }
     }
 
     /// Wakes when something the driver watches changed.
@@ -250,7 +259,6 @@ impl Drop for RequestGuard {
         }
         if c.in_flight.fetch_sub(1, Relaxed) == 1 {
             c.idle_since.store(c.now_ms(), Relaxed);
-            c.wake.notify_one();
         }
     }
 }

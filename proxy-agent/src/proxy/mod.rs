@@ -14,6 +14,7 @@ pub mod pool;
 pub mod server;
 pub mod tcp;
 pub mod upgrade;
+pub mod workers;
 
 pub use config::{Registry, RouteTable};
 pub use limits::ProxyConfig;

@@ -1,6 +1,8 @@
 //! Upstream connections to one backend: pooled HTTP/1.1 keep-alive connections (at most
 //! `max_idle` idle ones, each closed after `idle_timeout`), or one shared HTTP/2 connection
 //! multiplexing all requests, opened once however many requests wait for it (single flight).
+//! Pools are per proxy worker (as Envoy's are per worker thread), so a request and its upstream
+//! connection always run on the same thread.
 //! Upgrades (WebSocket, CONNECT) get a dedicated HTTP/1.1 connection of their own.
 //!
 //! Errors say whether the request reached the backend: a request that was never written (connect
@@ -79,14 +81,20 @@ struct Http1Conn {
     idle_since: Instant,
 }
 
-/// The connections to one backend.
-pub struct Conns {
-    addr: SocketAddr,
-    h2: bool,
+/// One worker's connections to a backend.
+#[derive(Default)]
+struct Slot {
     idle: Mutex<Vec<Http1Conn>>,
     shared: ArcSwapOption<http2::SendRequest<ProxyBody>>,
     /// Held while an HTTP/2 connection is being opened: one connect, however many wait.
     connecting: tokio::sync::Mutex<()>,
+}
+
+/// The connections to one backend.
+pub struct Conns {
+    addr: SocketAddr,
+    h2: bool,
+    slots: Box<[Slot]>,
 }
 
 async fn connect(addr: SocketAddr, opts: &ConnOpts) -> Result<TokioIo<TcpStream>, UpstreamError> {
@@ -104,33 +112,43 @@ impl Conns {
         Self {
             addr,
             h2,
-            idle: Mutex::new(Vec::new()),
-            shared: ArcSwapOption::empty(),
-            connecting: tokio::sync::Mutex::new(()),
+            slots: (0..super::workers::count())
+                .map(|_| Slot::default())
+                .collect(),
         }
     }
 
-    /// Idle HTTP/1.1 connections now (for logs and the admin view).
+    /// This worker's connections.
+    fn slot(&self) -> &Slot {
+        &self.slots[super::workers::current() % self.slots.len()]
+    }
+
+    /// Idle HTTP/1.1 connections now, over all workers (for logs and the admin view).
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+        self.slots
+            .iter()
+            .map(|s| s.idle.lock().map(|v| v.len()).unwrap_or(0))
+            .sum()
     }
 
-    /// Closes idle connections older than `timeout` or beyond `max`, and forgets a closed
-    /// HTTP/2 connection.
+    /// Closes idle connections older than `timeout` or beyond `max` (per worker), and forgets
+    /// closed HTTP/2 connections.
     pub fn reap(&self, timeout: Duration, max: usize) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|c| c.idle_since.elapsed() < timeout && !c.sender.is_closed());
-            let extra = idle.len().saturating_sub(max);
-            idle.drain(..extra);
-        }
-        if self.shared.load().as_ref().is_some_and(|s| s.is_closed()) {
-            self.shared.store(None);
+        for slot in self.slots.iter() {
+            if let Ok(mut idle) = slot.idle.lock() {
+                idle.retain(|c| c.idle_since.elapsed() < timeout && !c.sender.is_closed());
+                let extra = idle.len().saturating_sub(max);
+                idle.drain(..extra);
+            }
+            if slot.shared.load().as_ref().is_some_and(|s| s.is_closed()) {
+                slot.shared.store(None);
+            }
         }
     }
 
-    fn put_idle(&self, mut conn: Http1Conn, opts: &ConnOpts) {
+    fn put_idle(&self, worker: usize, mut conn: Http1Conn, opts: &ConnOpts) {
         conn.idle_since = Instant::now();
-        if let Ok(mut idle) = self.idle.lock()
+        if let Ok(mut idle) = self.slots[worker].idle.lock()
             && idle.len() < opts.max_idle
         {
             idle.push(conn);
@@ -178,8 +196,13 @@ impl Conns {
         req: Request<ProxyBody>,
         opts: &ConnOpts,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
+        let worker = super::workers::current() % self.slots.len();
         let pooled = loop {
-            let c = self.idle.lock().ok().and_then(|mut v| v.pop());
+            let c = self.slots[worker]
+                .idle
+                .lock()
+                .ok()
+                .and_then(|mut v| v.pop());
             match c {
                 Some(c) if c.sender.is_ready() && c.idle_since.elapsed() < opts.idle_timeout => {
                     break Some(c);
@@ -223,7 +246,7 @@ impl Conns {
                 let opts = *opts;
                 let tracked = Tracked::new(body, move |ok| {
                     if ok && reuse {
-                        this.put_idle(conn, &opts);
+                        this.put_idle(worker, conn, &opts);
                     }
                 });
                 Ok(Response::from_parts(parts, tracked.boxed()))
@@ -239,7 +262,8 @@ impl Conns {
     }
 
     fn ready_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
-        self.shared
+        self.slot()
+            .shared
             .load()
             .as_ref()
             .filter(|s| !s.is_closed())
@@ -254,7 +278,7 @@ impl Conns {
         let mut sender = match self.ready_h2() {
             Some(s) => s,
             None => {
-                let _one = self.connecting.lock().await;
+                let _one = self.slot().connecting.lock().await;
                 // Whoever held the lock before may have connected for everybody.
                 match self.ready_h2() {
                     Some(s) => s,
@@ -266,7 +290,7 @@ impl Conns {
                         tokio::spawn(async move {
                             let _ = conn.await;
                         });
-                        self.shared.store(Some(Arc::new(sender.clone())));
+                        self.slot().shared.store(Some(Arc::new(sender.clone())));
                         sender
                     }
                 }

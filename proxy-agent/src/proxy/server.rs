@@ -97,6 +97,9 @@ pub struct Proxy {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     /// (destination, reason) pairs already logged as opaque at info level.
     opaque_seen: Mutex<HashSet<(SocketAddrV4, &'static str)>>,
+    /// `max_connections` slots, shared by the workers.
+    limit: Arc<Semaphore>,
+    clients: Mutex<Clients>,
 }
 
 impl Proxy {
@@ -112,7 +115,6 @@ impl Proxy {
             // keep-alive connections (hyper's runs while waiting for the next request too).
             .header_read_timeout(None)
             .max_header_size(limits::MAX_HEADER_BYTES)
-            .max_headers(limits::MAX_HEADERS)
             .keep_alive(true);
         let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
@@ -126,17 +128,19 @@ impl Proxy {
         Arc::new(Self {
             table,
             orig,
-            cfg: Arc::new(cfg),
             stats: ProxyStats::default(),
             h1,
             h2,
             opaque_seen: Mutex::new(HashSet::new()),
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            clients: Mutex::new(Clients::default()),
+            cfg: Arc::new(cfg),
         })
     }
 }
 
 /// Connections by client pod, to shed the idle HTTP connections of a client that holds too
-/// many. Only the accept loop touches it.
+/// many. Only the accept loops touch it.
 #[derive(Default)]
 struct Clients {
     by_ip: HashMap<IpAddr, Vec<Weak<ConnState>>>,
@@ -179,14 +183,15 @@ impl Clients {
 }
 
 /// Accepts connections until the listener fails; accept errors (EMFILE) back off from 1 ms
-/// to 1 s and are logged at most once a second.
-pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
-    tokio::spawn(sweep(Arc::downgrade(&proxy)));
-    let limit = Arc::new(Semaphore::new(proxy.cfg.max_connections));
+/// to 1 s and are logged at most once a second. One worker (`sweeper`) also runs the periodic
+/// outlier sweep.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, sweeper: bool) {
+    if sweeper {
+        tokio::spawn(sweep(Arc::downgrade(&proxy)));
+    }
     let mut backoff = limits::ACCEPT_BACKOFF_MIN;
     let mut accept_log = RateLimitedLog::default();
     let mut limit_log = RateLimitedLog::default();
-    let mut clients = Clients::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => {
@@ -205,7 +210,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
             }
         };
         proxy.stats.accepted.fetch_add(1, Relaxed);
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Ok(permit) = proxy.limit.clone().try_acquire_owned() else {
             let n = proxy.stats.rejected_limit.fetch_add(1, Relaxed) + 1;
             if let Some(suppressed) = limit_log.ready() {
                 warn!(%peer, rejected = n, suppressed, max = proxy.cfg.max_connections,
@@ -220,7 +225,12 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
             continue;
         };
         let conn = ConnState::new(Some(permit));
-        if clients.admit(peer.ip(), &conn, proxy.cfg.max_idle_per_client) {
+        let shed = proxy
+            .clients
+            .lock()
+            .map(|mut c| c.admit(peer.ip(), &conn, proxy.cfg.max_idle_per_client))
+            .unwrap_or(false);
+        if shed {
             proxy.stats.shed_idle.fetch_add(1, Relaxed);
         }
         tokio::spawn(serve_conn(stream, peer, dst, conn, proxy.clone()));
@@ -318,6 +328,8 @@ async fn serve_conn(
             let io = TokioIo::new(Watched::new(Rewind::new(prefix, stream), conn.clone(), h2));
             let ds = Arc::new(Downstream {
                 client: peer,
+                client_ip: hyper::header::HeaderValue::from_str(&peer.ip().to_string())
+                    .expect("an IP address is a valid header value"),
                 orig: dst,
                 conn: conn.clone(),
                 cfg: p.cfg.clone(),
@@ -411,8 +423,9 @@ async fn drive<C: Graceful>(
     cfg: &ProxyConfig,
 ) -> Option<&'static str> {
     tokio::pin!(c);
+    let timer = tokio::time::sleep_until(conn.next_deadline(cfg).0.into());
+    tokio::pin!(timer);
     loop {
-        let deadline = conn.next_deadline(cfg);
         tokio::select! {
             r = c.as_mut() => {
                 if let Err(e) = r {
@@ -420,16 +433,11 @@ async fn drive<C: Graceful>(
                 }
                 return None;
             }
-            _ = async {
-                match deadline {
-                    Some((d, _)) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if let Some((d, why)) = conn.next_deadline(cfg)
-                    && d <= std::time::Instant::now()
-                {
-                    conn.close(why, false);
+            _ = timer.as_mut() => {
+                let (at, why) = conn.next_deadline(cfg);
+                match why {
+                    Some(why) if at <= std::time::Instant::now() => conn.close(why, false),
+                    _ => timer.as_mut().reset(at.into()),
                 }
             }
             _ = conn.changed() => {}

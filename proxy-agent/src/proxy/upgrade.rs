@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
@@ -85,15 +85,16 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let upgrade = parts.headers.get(header::UPGRADE).cloned();
     let connect = parts.method == Method::CONNECT;
-    let mut head = Head::new(&parts.uri, parts.method, parts.headers, ds);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(Uri::from_static("/"), |p| Uri::from(p.clone()));
+    let mut head = Head::new(parts.uri, parts.method, parts.headers, ds);
     let translated = match (connect, &protocol) {
         // RFC 8441: `:protocol websocket` over HTTP/2 becomes an HTTP/1.1 upgrade.
         (true, Some(p)) => {
             head.method = Method::GET;
-            head.path = parts
-                .uri
-                .path_and_query()
-                .map_or("/".to_string(), |p| p.to_string());
+            head.target = path;
             let Ok(v) = HeaderValue::from_str(p) else {
                 return local_reply(StatusCode::BAD_REQUEST, "bad-protocol", 0);
             };
