@@ -11,3 +11,4 @@ pub mod kube_source;
 pub mod manifests;
 pub mod model;
 pub mod proxy;
+pub mod ratelog;

@@ -624,6 +624,7 @@ pub async fn watch(
     tx: tokio::sync::watch::Sender<Option<std::sync::Arc<State>>>,
 ) {
     let mut reader = ManifestDir::new(&dir);
+    let mut dir_errors = crate::ratelog::RateLimitedLog::every(Duration::from_secs(10));
     let mut first = true;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -633,7 +634,9 @@ pub async fn watch(
         let scan = match tokio::task::block_in_place(|| reader.rescan()) {
             Ok(s) => s,
             Err(e) => {
-                error!(dir = %dir.display(), error = %e, "cannot read the manifests directory; keeping the last good state");
+                if let Some(suppressed) = dir_errors.ready() {
+                    error!(dir = %dir.display(), error = %e, suppressed, "cannot read the manifests directory; keeping the last good state");
+                }
                 continue;
             }
         };

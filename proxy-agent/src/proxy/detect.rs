@@ -117,8 +117,18 @@ pub fn classify(b: &[u8]) -> Option<Protocol> {
 const MAX_LINE: usize = 8192;
 
 /// Reads from `stream` until its protocol is known or `timeout` passes; returns it with the
-/// bytes read (to be replayed). No buffer exists until the client sends something.
+/// bytes read (to be replayed, in a buffer of their size). No buffer exists until the client
+/// sends something.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<(Protocol, Bytes)> {
+    let (p, buf) = read_until_known(stream, timeout).await?;
+    // The read buffer has room for more; the connection keeps only what it replays.
+    Ok((p, Bytes::copy_from_slice(&buf)))
+}
+
+async fn read_until_known(
+    stream: &TcpStream,
+    timeout: Duration,
+) -> std::io::Result<(Protocol, BytesMut)> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = BytesMut::new();
     loop {
@@ -131,7 +141,7 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<(P
                 } else {
                     Protocol::Http1
                 };
-                return Ok((p, buf.freeze()));
+                return Ok((p, buf));
             }
             Ok(r) => r?,
         }
@@ -139,10 +149,10 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<(P
             buf.reserve(4096);
         }
         match stream.try_read_buf(&mut buf) {
-            Ok(0) => return Ok((Protocol::Opaque(Why::Eof), buf.freeze())),
+            Ok(0) => return Ok((Protocol::Opaque(Why::Eof), buf)),
             Ok(_) => {
                 if let Some(p) = classify(&buf) {
-                    return Ok((p, buf.freeze()));
+                    return Ok((p, buf));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

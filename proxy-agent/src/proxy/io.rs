@@ -40,6 +40,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new(); // release the buffer
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -112,6 +115,25 @@ pub struct ConnState {
     wake: Notify,
     /// The connection's slot under `max_connections`, released when the last user is gone.
     _permit: Option<OwnedSemaphorePermit>,
+    /// Counts the connection among its client's until the last user is gone.
+    client: OnceLock<LiveCount>,
+}
+
+/// One connection counted in its client's live connections.
+pub struct LiveCount(Arc<AtomicU64>);
+
+impl LiveCount {
+    /// Counts one more connection in `n`.
+    pub fn new(n: &Arc<AtomicU64>) -> Self {
+        n.fetch_add(1, Relaxed);
+        Self(n.clone())
+    }
+}
+
+impl Drop for LiveCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl ConnState {
@@ -129,11 +151,17 @@ impl ConnState {
             paused: AtomicBool::new(false),
             wake: Notify::new(),
             _permit: permit,
+            client: OnceLock::new(),
         })
     }
 
     fn now_ms(&self) -> u64 {
         self.born.elapsed().as_millis() as u64
+    }
+
+    /// Counts the connection among its client's until it is gone.
+    pub fn count_in(&self, live: LiveCount) {
+        let _ = self.client.set(live);
     }
 
     /// What the connection carries.

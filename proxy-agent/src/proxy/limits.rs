@@ -12,7 +12,8 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Idle HTTP connections one client pod may hold; when a client with more opens another,
     /// its longest-idle HTTP connections are closed (GOAWAY / close; clients reconnect on
-    /// demand). Busy and opaque connections are never shed (`--max-idle-per-client`, 1024).
+    /// demand). Busy and opaque connections are never shed (`--max-idle-per-client`, 512; an
+    /// idle HTTP/2 connection costs about 22 KiB).
     pub max_idle_per_client: usize,
     /// How long the proxy waits for a client's first bytes before treating the connection as
     /// opaque TCP (server-first protocols); per Service `proxy-agent.io/detect-timeout`
@@ -41,7 +42,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             max_connections: 16_384,
-            max_idle_per_client: 1024,
+            max_idle_per_client: 512,
             detect_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(300),
@@ -79,8 +80,10 @@ pub const H2_CONTROL_WINDOW: Duration = Duration::from_secs(10);
 /// HTTP/2: once a connection opened this many streams, it is closed with GOAWAY when more than
 /// half of them were reset by the client before the proxy answered (rapid reset).
 pub const H2_PREMATURE_RESET_MIN_STREAMS: u64 = 100;
-/// After a GOAWAY for abuse or idleness, the connection is dropped this long later at most.
+/// After a GOAWAY for abuse, the connection is dropped this long later at most.
 pub const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+/// After a GOAWAY to an idle connection (nothing in flight), it is dropped this long later.
+pub const GOAWAY_IDLE_GRACE: Duration = Duration::from_millis(10);
 /// First pause after a failed accept (EMFILE, ENFILE, ENOBUFS); doubles up to
 /// [`ACCEPT_BACKOFF_MAX`] while accepts keep failing.
 pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(1);
@@ -88,31 +91,10 @@ pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(1);
 pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Repeated warnings (accept failures, rejected connections) are logged at most this often.
 pub const WARN_EVERY: Duration = Duration::from_secs(1);
+
+pub use crate::ratelog::RateLimitedLog;
 /// Connect attempts for one opaque TCP connection (each to a different backend when possible).
 pub const OPAQUE_CONNECT_ATTEMPTS: u32 = 3;
-
-/// A log gate: `ready()` is true at most once per [`WARN_EVERY`]; it counts what it held back.
-#[derive(Debug, Default)]
-pub struct RateLimitedLog {
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedLog {
-    /// Whether to log now; `Some(n)`: yes, and `n` earlier events were not logged.
-    pub fn ready(&mut self) -> Option<u64> {
-        let now = std::time::Instant::now();
-        if self
-            .last
-            .is_some_and(|l| now.duration_since(l) < WARN_EVERY)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
 
 /// Raises this process's open-file soft limit to its hard limit (every proxied connection
 /// holds two descriptors); returns the limit now in force.
@@ -134,19 +116,4 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
         }
     }
     Ok(lim.rlim_cur)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limited_log_counts_what_it_held_back() {
-        let mut g = RateLimitedLog::default();
-        assert_eq!(g.ready(), Some(0));
-        assert_eq!(g.ready(), None);
-        assert_eq!(g.ready(), None);
-        g.last = Some(std::time::Instant::now() - WARN_EVERY);
-        assert_eq!(g.ready(), Some(2));
-    }
 }

@@ -25,7 +25,7 @@ use super::body::{Holding, ProxyBody, text};
 use super::config::RouteTable;
 use super::detect::{Protocol, Why, detect};
 use super::handler::{self, Downstream};
-use super::io::{ConnKind, ConnState, Rewind, Watched};
+use super::io::{ConnKind, ConnState, LiveCount, Rewind, Watched};
 use super::limits::{self, ProxyConfig, RateLimitedLog};
 
 /// Where redirected connections were headed (the datapath's original-destination map).
@@ -61,6 +61,8 @@ pub struct ProxyStats {
     pub opaque: AtomicU64,
     /// Idle HTTP connections closed because their client held too many.
     pub shed_idle: AtomicU64,
+    /// Closed at accept: the client floods idle connections.
+    pub rejected_client: AtomicU64,
     /// Closed for a header-read timeout (slowloris).
     pub header_timeouts: AtomicU64,
     /// Closed for idleness.
@@ -70,7 +72,7 @@ pub struct ProxyStats {
 }
 
 impl ProxyStats {
-    fn summary(&self) -> [(&'static str, u64); 10] {
+    fn summary(&self) -> [(&'static str, u64); 11] {
         [
             ("accepted", self.accepted.load(Relaxed)),
             ("rejected_limit", self.rejected_limit.load(Relaxed)),
@@ -79,6 +81,7 @@ impl ProxyStats {
             ("http2", self.http2.load(Relaxed)),
             ("opaque", self.opaque.load(Relaxed)),
             ("shed_idle", self.shed_idle.load(Relaxed)),
+            ("rejected_client", self.rejected_client.load(Relaxed)),
             ("header_timeouts", self.header_timeouts.load(Relaxed)),
             ("idle_closed", self.idle_closed.load(Relaxed)),
             ("abusive", self.abusive.load(Relaxed)),
@@ -100,6 +103,10 @@ pub struct Proxy {
     /// `max_connections` slots, shared by the workers.
     limit: Arc<Semaphore>,
     clients: Mutex<Clients>,
+    /// Warnings of failed accepts and rejected connections, at most once a second over all
+    /// workers.
+    accept_log: Mutex<RateLimitedLog>,
+    limit_log: Mutex<RateLimitedLog>,
 }
 
 impl Proxy {
@@ -134,51 +141,100 @@ impl Proxy {
             opaque_seen: Mutex::new(HashSet::new()),
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             clients: Mutex::new(Clients::default()),
+            accept_log: Mutex::new(RateLimitedLog::every(limits::WARN_EVERY)),
+            limit_log: Mutex::new(RateLimitedLog::every(limits::WARN_EVERY)),
             cfg: Arc::new(cfg),
         })
     }
 }
 
 /// Connections by client pod, to shed the idle HTTP connections of a client that holds too
-/// many. Only the accept loops touch it.
+/// many. Only the accept loops and protocol detection touch it; the work per connection is
+/// amortized (a client's list is pruned when it doubled, scanned once per 32 new connections).
 #[derive(Default)]
 struct Clients {
-    by_ip: HashMap<IpAddr, Vec<Weak<ConnState>>>,
+    by_ip: HashMap<IpAddr, ClientConns>,
     accepts: u64,
 }
 
+#[derive(Default)]
+struct ClientConns {
+    conns: Vec<Weak<ConnState>>,
+    pruned_len: usize,
+    /// Connections admitted since the last scan for idle ones.
+    since_scan: usize,
+    /// Live connections of the client.
+    live: Arc<AtomicU64>,
+    /// Idle HTTP connections the last scan found.
+    idle_seen: usize,
+}
+
+impl ClientConns {
+    fn prune(&mut self) {
+        self.conns.retain(|c| c.strong_count() > 0);
+        self.pruned_len = self.conns.len();
+    }
+}
+
+/// A client over its idle allowance is scanned once per this many new connections.
+const SHED_SCAN_BATCH: usize = 32;
+
 impl Clients {
+    /// Remembers a new connection of `ip`; `false`: refuse it, the client floods idle
+    /// connections faster than they are shed (it holds twice its idle allowance, and the last
+    /// scan found it over the allowance).
     fn admit(&mut self, ip: IpAddr, conn: &Arc<ConnState>, max_idle: usize) -> bool {
         self.accepts += 1;
         if self.accepts.is_multiple_of(4096) {
-            self.by_ip.retain(|_, v| {
-                v.retain(|c| c.strong_count() > 0);
-                !v.is_empty()
+            self.by_ip.retain(|_, c| {
+                c.prune();
+                !c.conns.is_empty()
             });
         }
-        let list = self.by_ip.entry(ip).or_default();
-        list.retain(|c| c.strong_count() > 0);
-        let mut shed = false;
-        if list.len() >= max_idle {
-            let mut idle = 0;
-            let mut longest: Option<(Duration, Arc<ConnState>)> = None;
-            for c in list.iter().filter_map(Weak::upgrade) {
-                if let Some(d) = c.idle_for() {
-                    idle += 1;
-                    if longest.as_ref().is_none_or(|(l, _)| d > *l) {
-                        longest = Some((d, c));
-                    }
-                }
-            }
-            if idle >= max_idle
-                && let Some((_, c)) = longest
-            {
-                c.close("idle-shed", false);
-                shed = true;
-            }
+        let c = self.by_ip.entry(ip).or_default();
+        if c.idle_seen >= max_idle && c.live.load(Relaxed) >= 2 * max_idle as u64 {
+            return false;
         }
-        list.push(Arc::downgrade(conn));
-        shed
+        conn.count_in(LiveCount::new(&c.live));
+        c.conns.push(Arc::downgrade(conn));
+        c.since_scan += 1;
+        if c.conns.len() > 2 * c.pruned_len.max(64) {
+            c.prune();
+        }
+        true
+    }
+
+    /// Closes the longest-idle HTTP connections of `ip` beyond `max_idle`; returns how many.
+    fn shed(&mut self, ip: IpAddr, max_idle: usize) -> usize {
+        let Some(c) = self.by_ip.get_mut(&ip) else {
+            return 0;
+        };
+        if c.conns.len() <= max_idle {
+            c.idle_seen = 0;
+            return 0;
+        }
+        if c.since_scan < SHED_SCAN_BATCH {
+            return 0;
+        }
+        c.since_scan = 0;
+        c.prune();
+        let mut idle: Vec<(Duration, Arc<ConnState>)> = c
+            .conns
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|c| c.idle_for().map(|d| (d, c)))
+            .collect();
+        c.idle_seen = idle.len();
+        if idle.len() <= max_idle {
+            return 0;
+        }
+        let extra = idle.len() - max_idle;
+        // The `extra` longest idle first.
+        idle.select_nth_unstable_by(extra - 1, |a, b| b.0.cmp(&a.0));
+        for (_, c) in &idle[..extra] {
+            c.close("idle-shed", false);
+        }
+        extra
     }
 }
 
@@ -190,8 +246,6 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, sweeper: bool) {
         tokio::spawn(sweep(Arc::downgrade(&proxy)));
     }
     let mut backoff = limits::ACCEPT_BACKOFF_MIN;
-    let mut accept_log = RateLimitedLog::default();
-    let mut limit_log = RateLimitedLog::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => {
@@ -200,7 +254,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, sweeper: bool) {
             }
             Err(e) => {
                 let n = proxy.stats.accept_errors.fetch_add(1, Relaxed) + 1;
-                if let Some(suppressed) = accept_log.ready() {
+                if let Some(suppressed) = gate(&proxy.accept_log) {
                     warn!(error = %e, failures = n, suppressed, backoff_ms = backoff.as_millis() as u64,
                         "accepting a connection failed; backing off (raise the agent's open-file limit, or lower --max-connections)");
                 }
@@ -212,7 +266,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, sweeper: bool) {
         proxy.stats.accepted.fetch_add(1, Relaxed);
         let Ok(permit) = proxy.limit.clone().try_acquire_owned() else {
             let n = proxy.stats.rejected_limit.fetch_add(1, Relaxed) + 1;
-            if let Some(suppressed) = limit_log.ready() {
+            if let Some(suppressed) = gate(&proxy.limit_log) {
                 warn!(%peer, rejected = n, suppressed, max = proxy.cfg.max_connections,
                     "connection limit reached: closing new connections (--max-connections)");
             }
@@ -225,16 +279,25 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, sweeper: bool) {
             continue;
         };
         let conn = ConnState::new(Some(permit));
-        let shed = proxy
+        let admitted = proxy
             .clients
             .lock()
             .map(|mut c| c.admit(peer.ip(), &conn, proxy.cfg.max_idle_per_client))
-            .unwrap_or(false);
-        if shed {
-            proxy.stats.shed_idle.fetch_add(1, Relaxed);
+            .unwrap_or(true);
+        if !admitted {
+            let n = proxy.stats.rejected_client.fetch_add(1, Relaxed) + 1;
+            if let Some(suppressed) = gate(&proxy.limit_log) {
+                warn!(%peer, rejected = n, suppressed, max_idle = proxy.cfg.max_idle_per_client,
+                    "a client opens idle connections faster than they are shed: closing its new ones (--max-idle-per-client)");
+            }
+            continue;
         }
         tokio::spawn(serve_conn(stream, peer, dst, conn, proxy.clone()));
     }
+}
+
+fn gate(log: &Mutex<RateLimitedLog>) -> Option<u64> {
+    log.lock().ok()?.ready()
 }
 
 /// Every second: outlier sweeps (each cluster at its own interval); every 10 s: idle pooled
@@ -324,6 +387,14 @@ async fn serve_conn(
             let counter = if h2 { &p.stats.http2 } else { &p.stats.http1 };
             counter.fetch_add(1, Relaxed);
             conn.set_kind(if h2 { ConnKind::Http2 } else { ConnKind::Http1 });
+            // One more HTTP connection of this client: past its idle allowance, its
+            // longest-idle ones go.
+            let shed = p
+                .clients
+                .lock()
+                .map(|mut c| c.shed(peer.ip(), p.cfg.max_idle_per_client))
+                .unwrap_or(0);
+            p.stats.shed_idle.fetch_add(shed as u64, Relaxed);
             debug!(%peer, %dst, protocol = if h2 { "http2" } else { "http1" }, "protocol detected");
             let io = TokioIo::new(Watched::new(Rewind::new(prefix, stream), conn.clone(), h2));
             let ds = Arc::new(Downstream {
@@ -447,9 +518,15 @@ async fn drive<C: Graceful>(
             // An HTTP/1 connection with nothing in flight (or a head that never finished): drop.
             return Some(why);
         }
-        // HTTP/2: GOAWAY, let streams in flight finish briefly, then drop.
+        // HTTP/2: GOAWAY, let streams in flight finish briefly, then drop. An idle connection
+        // has nothing in flight: it only needs the GOAWAY written.
         c.as_mut().shutdown();
-        let _ = tokio::time::timeout(limits::GOAWAY_GRACE, c.as_mut()).await;
+        let grace = if matches!(why, "idle-shed" | "idle-timeout") {
+            limits::GOAWAY_IDLE_GRACE
+        } else {
+            limits::GOAWAY_GRACE
+        };
+        let _ = tokio::time::timeout(grace, c.as_mut()).await;
         return Some(why);
     }
 }
