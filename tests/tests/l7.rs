@@ -536,7 +536,11 @@ fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends(
     let mut yaml = k8s::http_service("myweb", VIP, 80, 8080, &ips);
     for (p, v) in v1.iter().map(|p| (p, "v1")).chain([(&v2, "v2")]) {
         yaml.push_str("---\n");
-        yaml.push_str(&k8s::pod(&p.name, p.ip, &[("app", "myweb"), ("version", v)]));
+        yaml.push_str(&k8s::pod(
+            &p.name,
+            p.ip,
+            &[("app", "myweb"), ("version", v)],
+        ));
     }
     node.write_manifest("myweb.yaml", &yaml);
     let rule = |subsets: &str| {
@@ -561,13 +565,18 @@ fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends(
         v
     };
     let out = http(&client, "http://198.19.0.10/", 40, &[]);
-    assert_eq!((out["ok"].as_u64(), versions(&out)), (Some(40), vec!["Version 1".to_string()]), "{out}");
+    assert_eq!(
+        (out["ok"].as_u64(), versions(&out)),
+        (Some(40), vec!["Version 1".to_string()]),
+        "{out}"
+    );
 
     // The DestinationRule loses subset v1: the VirtualService's route is invalid now.
     node.write_manifest("dr.yaml", &rule("  - {name: v2, labels: {version: v2}}\n"));
     let log = agent.wait_log_count("unknown subset \"v1\"", 1, T);
     assert!(
-        log.contains("VirtualService default/myweb") && log.contains("spec.http[0].route[0].destination.subset"),
+        log.contains("VirtualService default/myweb")
+            && log.contains("spec.http[0].route[0].destination.subset"),
         "the problem must name the object and the field: {log}"
     );
     agent.wait_log_count("datapath synced", 2, T);
@@ -577,7 +586,11 @@ fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends(
         (Some(40), vec!["Version 1".to_string()]),
         "the last good route must keep sending to the old subset's pods: {out}"
     );
-    assert_eq!(tally(&out, "bodies").len(), 2, "both v1 pods still serve: {out}");
+    assert_eq!(
+        tally(&out, "bodies").len(),
+        2,
+        "both v1 pods still serve: {out}"
+    );
 
     // Fixing the rule serves the new version of the route.
     node.write_manifest("dr.yaml", &rule(both));
@@ -588,5 +601,9 @@ fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends(
     );
     agent.wait_log_count("datapath synced", 4, T);
     let out = http(&client, "http://198.19.0.10/", 20, &[]);
-    assert_eq!((out["ok"].as_u64(), versions(&out)), (Some(20), vec!["Version 2".to_string()]), "{out}");
+    assert_eq!(
+        (out["ok"].as_u64(), versions(&out)),
+        (Some(20), vec!["Version 2".to_string()]),
+        "{out}"
+    );
 }
