@@ -993,5 +993,31 @@ mod tests {
         assert_eq!(e.0, "spec.http[0].retries.retryOn");
         let e = virtual_service(y("hosts: [a]\nhttp:\n- route: [{destination: {host: a}, weight: 30}, {destination: {host: b}, weight: 30}]\n")).unwrap_err();
         assert!(e.1.contains("60"), "{e:?}");
+        // Local-origin errors are not split from upstream ones (Envoy's default): rejected
+        // by name rather than ignored.
+        let e = destination_rule(y(
+            "host: a\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 3, splitExternalLocalOriginErrors: true}}\n",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.0,
+            "spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors"
+        );
+        assert!(e.1.contains("not supported"), "{e:?}");
+    }
+
+    #[test]
+    fn outlier_counts_5xx_and_gateway_errors_apart_and_keeps_the_interval() {
+        let dr = destination_rule(y(
+            "host: a\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 7, consecutiveGatewayErrors: 3, interval: 2s, baseEjectionTime: 45s}}\n",
+        ))
+        .unwrap();
+        let od = dr.policy.outlier.unwrap();
+        assert_eq!(
+            (od.consecutive_5xx, od.consecutive_gateway),
+            (Some(7), Some(3))
+        );
+        assert_eq!(od.interval, Duration::from_secs(2));
+        assert_eq!(od.base_ejection, Duration::from_secs(45));
     }
 }

@@ -601,3 +601,45 @@ fn hop_by_hop_headers_are_stripped_and_x_forwarded_for_can_be_turned_off() {
         "with --x-forwarded-for false the header is untouched: {r}"
     );
 }
+
+#[test]
+fn parsing_a_50_mb_manifest_does_not_delay_proxied_requests() {
+    let (node, _pods, client, _other, _s, mut agent) = setup("webapp", &[], 2, &[]);
+    let url = format!("http://{VIP}/");
+    let run = |count: &str| client.spawn_probe("http-probe", &["--url", &url, "--count", count]);
+    let baseline = Pod::finish_probe(run("3000"), T);
+    assert_eq!(baseline["ok"], 3000, "{baseline}");
+    // 50 MB of objects the agent must parse (and then ignore): 200k small ConfigMaps.
+    let mut big = String::with_capacity(52 << 20);
+    let mut i = 0;
+    while big.len() < 50 << 20 {
+        big.push_str(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm-{i}, namespace: default, labels: {{app: filler, shard: s{}}}}}\ndata: {{key: value-{i}, other: \"{}\"}}\n---\n",
+            i % 97,
+            "x".repeat(120)
+        ));
+        i += 1;
+    }
+    let during = run("12000");
+    let t0 = Instant::now();
+    node.write_manifest("big.yaml", &big);
+    agent.wait_log_count("manifests read", 2, T);
+    let parse = t0.elapsed();
+    let mut during = during;
+    assert!(
+        during.running(),
+        "the probe ended before the manifest was parsed ({parse:?}): no overlap to measure"
+    );
+    let out = Pod::finish_probe(during, T);
+    assert_eq!(out["ok"], 12000, "{out}");
+    let (b, d) = (
+        baseline["latency_ms"]["p99"].as_f64().unwrap(),
+        out["latency_ms"]["p99"].as_f64().unwrap(),
+    );
+    eprintln!("parse took {parse:?}; p99 before {b} ms, while parsing {d} ms");
+    assert!(
+        d - b < 10.0,
+        "parsing a 50 MB manifest added {:.1} ms to the proxied p99 ({b} -> {d})",
+        d - b
+    );
+}

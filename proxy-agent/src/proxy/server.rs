@@ -204,18 +204,33 @@ impl Clients {
         true
     }
 
-    /// Closes the longest-idle HTTP connections of `ip` beyond `max_idle`; returns how many.
+    /// Once a second: sheds what the per-connection scans left (a client that stopped opening
+    /// connections right after passing its allowance); returns how many were closed.
+    fn sweep(&mut self, max_idle: usize) -> usize {
+        let over: Vec<IpAddr> = self
+            .by_ip
+            .iter()
+            .filter(|(_, c)| c.conns.len() > max_idle)
+            .map(|(ip, _)| *ip)
+            .collect();
+        over.into_iter().map(|ip| self.shed_now(ip, max_idle)).sum()
+    }
+
+    /// Closes the longest-idle HTTP connections of `ip` beyond `max_idle`, scanning once per
+    /// [`SHED_SCAN_BATCH`] new connections; returns how many.
     fn shed(&mut self, ip: IpAddr, max_idle: usize) -> usize {
+        match self.by_ip.get(&ip) {
+            Some(c) if c.conns.len() > max_idle && c.since_scan >= SHED_SCAN_BATCH => {
+                self.shed_now(ip, max_idle)
+            }
+            _ => 0,
+        }
+    }
+
+    fn shed_now(&mut self, ip: IpAddr, max_idle: usize) -> usize {
         let Some(c) = self.by_ip.get_mut(&ip) else {
             return 0;
         };
-        if c.conns.len() <= max_idle {
-            c.idle_seen = 0;
-            return 0;
-        }
-        if c.since_scan < SHED_SCAN_BATCH {
-            return 0;
-        }
         c.since_scan = 0;
         c.prune();
         let mut idle: Vec<(Duration, Arc<ConnState>)> = c
@@ -300,8 +315,9 @@ fn gate(log: &Mutex<RateLimitedLog>) -> Option<u64> {
     log.lock().ok()?.ready()
 }
 
-/// Every second: outlier sweeps (each cluster at its own interval); every 10 s: idle pooled
-/// connections closed; every minute: the connection counters logged if they changed.
+/// Every second: outlier sweeps (each cluster at its own interval) and idle shedding of
+/// clients over their allowance; every 10 s: idle pooled connections closed; every minute: the
+/// connection counters logged if they changed.
 async fn sweep(proxy: Weak<Proxy>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -311,6 +327,12 @@ async fn sweep(proxy: Weak<Proxy>) {
         tick.tick().await;
         let Some(p) = proxy.upgrade() else { return };
         n += 1;
+        let shed = p
+            .clients
+            .lock()
+            .map(|mut c| c.sweep(p.cfg.max_idle_per_client))
+            .unwrap_or(0);
+        p.stats.shed_idle.fetch_add(shed as u64, Relaxed);
         let table = p.table.load();
         for route in table.routes.values() {
             let mirror = route.mirror.as_ref().map(|m| &m.cluster);
