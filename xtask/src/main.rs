@@ -207,7 +207,17 @@ fn test(filter: Option<String>) -> Result<()> {
     if !root {
         eprintln!("xtask: NOT ROOT: the privileged tests below will fail, each naming the reason");
     }
-    let (e2e_ok, e2e_out) = cargo_streamed(&["test", "-p", "tests", "--test", "*", "--", &filter])?;
+    // Every test binary runs even when an earlier one failed: the summary counts them all.
+    let (e2e_ok, e2e_out) = cargo_streamed(&[
+        "test",
+        "-p",
+        "tests",
+        "--no-fail-fast",
+        "--test",
+        "*",
+        "--",
+        &filter,
+    ])?;
     let leaks = leak_check();
     let (up, uf) = count(&unit_out);
     let (ep, ef) = count(&e2e_out);
