@@ -416,3 +416,21 @@ fn connect_tunnels_and_h2c_upgrades_are_declined_politely() {
         "{log}"
     );
 }
+
+#[test]
+fn http2_extended_connect_and_connect_tunnel_through_the_proxy() {
+    let (node, _pod, client, server) = node_with("stream", "http", &[]);
+    let _agent = start_agent(&node);
+    for mode in ["websocket", "connect"] {
+        let out = client.probe(
+            "h2-tunnel-probe",
+            &["--to", &format!("{VIP}:80"), "--mode", mode],
+            T,
+        );
+        assert_eq!(out["ok"], true, "{mode}: {out}");
+    }
+    // RFC 8441 became an HTTP/1.1 upgrade to the backend; CONNECT stayed CONNECT.
+    let log = server.log_text();
+    assert!(log.contains("GET /ws 101"), "{log}");
+    assert!(log.contains("CONNECT db.example:5432 200"), "{log}");
+}
