@@ -352,12 +352,14 @@ fn mirror(m: &Mirror, head: &Head, body: ProxyBody, client: SocketAddr) {
     if let Ok(v) = HeaderValue::from_str(&format!("{name}-shadow{port}")) {
         shadow.headers.insert(header::HOST, v);
     }
-    let req = shadow.request(policy.h2, body);
     let opts = m.cluster.conn_opts();
     // Fire and forget: the primary response never waits for the copy.
     tokio::spawn(async move {
-        if let Ok(Ok(resp)) =
-            tokio::time::timeout(Duration::from_secs(30), backend.conns.send(req, &opts)).await
+        if let Ok(Ok(resp)) = tokio::time::timeout(
+            Duration::from_secs(30),
+            backend.conns.send(&shadow, body, &opts),
+        )
+        .await
         {
             let _ = resp.into_body().collect().await;
         }
@@ -493,7 +495,7 @@ pub async fn handle(
         tried.push(backend.addr);
         let active = BackendActive::start(&backend);
         let attempt_started = Instant::now();
-        let send = backend.conns.send(head.request(policy.h2, b), &opts);
+        let send = backend.conns.send(&head, b, &opts);
         let result = tokio::select! {
             r = send => Ok(r),
             e = expiry(body.as_ref(), attempt_started, retry.per_try_timeout, route.timeout) => Err(e),

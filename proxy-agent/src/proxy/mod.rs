@@ -7,6 +7,7 @@ pub mod body;
 pub mod cluster;
 pub mod config;
 pub mod detect;
+pub mod h1;
 pub mod handler;
 pub mod io;
 pub mod limits;

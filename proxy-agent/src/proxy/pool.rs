@@ -1,5 +1,6 @@
 //! Upstream connections to one backend: pooled HTTP/1.1 keep-alive connections (at most
-//! `max_idle` idle ones, each closed after `idle_timeout`), or one shared HTTP/2 connection
+//! `max_idle` idle ones, each closed after `idle_timeout`, spoken by [`super::h1`]), or one
+//! shared HTTP/2 connection
 //! multiplexing all requests, opened once however many requests wait for it (single flight).
 //! Pools are per proxy worker (as Envoy's are per worker thread), so a request and its upstream
 //! connection always run on the same thread.
@@ -11,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
@@ -21,7 +22,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::body::{ProxyBody, Tracked};
+use super::body::{BoxError, ProxyBody, Tracked};
+use super::h1::{self, H1Conn, SendError};
+use super::handler::Head;
 
 /// Why an attempt got no response.
 #[derive(Debug, thiserror::Error)]
@@ -34,10 +37,10 @@ pub enum UpstreamError {
     ConnectTimeout,
     /// The request was not written: the connection closed before it could be sent.
     #[error("connection closed before the request was sent: {0}")]
-    NotSent(hyper::Error),
+    NotSent(BoxError),
     /// The connection broke after the request was (maybe partly) sent, before a response.
     #[error("connection reset before a response: {0}")]
-    Reset(hyper::Error),
+    Reset(BoxError),
 }
 
 impl UpstreamError {
@@ -75,16 +78,10 @@ pub struct ConnOpts {
     pub idle_timeout: Duration,
 }
 
-struct Http1Conn {
-    sender: http1::SendRequest<ProxyBody>,
-    used: u32,
-    idle_since: Instant,
-}
-
 /// One worker's connections to a backend.
 #[derive(Default)]
 struct Slot {
-    idle: Mutex<Vec<Http1Conn>>,
+    idle: Mutex<Vec<H1Conn>>,
     shared: ArcSwapOption<http2::SendRequest<ProxyBody>>,
     /// Held while an HTTP/2 connection is being opened: one connect, however many wait.
     connecting: tokio::sync::Mutex<()>,
@@ -136,7 +133,7 @@ impl Conns {
     pub fn reap(&self, timeout: Duration, max: usize) {
         for slot in self.slots.iter() {
             if let Ok(mut idle) = slot.idle.lock() {
-                idle.retain(|c| c.idle_since.elapsed() < timeout && !c.sender.is_closed());
+                idle.retain(|c| c.idle_since.elapsed() < timeout && c.is_reusable());
                 let extra = idle.len().saturating_sub(max);
                 idle.drain(..extra);
             }
@@ -146,8 +143,7 @@ impl Conns {
         }
     }
 
-    fn put_idle(&self, worker: usize, mut conn: Http1Conn, opts: &ConnOpts) {
-        conn.idle_since = Instant::now();
+    fn put_idle(&self, worker: usize, conn: H1Conn, opts: &ConnOpts) {
         if let Ok(mut idle) = self.slots[worker].idle.lock()
             && idle.len() < opts.max_idle
         {
@@ -171,29 +167,31 @@ impl Conns {
         });
         sender.try_send_request(req).await.map_err(|mut e| {
             if e.take_message().is_some() {
-                UpstreamError::NotSent(e.into_error())
+                UpstreamError::NotSent(e.into_error().into())
             } else {
-                UpstreamError::Reset(e.into_error())
+                UpstreamError::Reset(e.into_error().into())
             }
         })
     }
 
-    /// Sends one request and returns the response with a streaming body.
+    /// Sends one request (`head` with `body`) and returns the response with a streaming body.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<ProxyBody>,
+        head: &Head,
+        body: ProxyBody,
         opts: &ConnOpts,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         if self.h2 {
-            self.send_h2(req, opts).await
+            self.send_h2(head.request(true, body), opts).await
         } else {
-            self.send_h1(req, opts).await
+            self.send_h1(head, body, opts).await
         }
     }
 
     async fn send_h1(
         self: &Arc<Self>,
-        req: Request<ProxyBody>,
+        head: &Head,
+        body: ProxyBody,
         opts: &ConnOpts,
     ) -> Result<Response<ProxyBody>, UpstreamError> {
         let worker = super::workers::current() % self.slots.len();
@@ -204,61 +202,30 @@ impl Conns {
                 .ok()
                 .and_then(|mut v| v.pop());
             match c {
-                Some(c) if c.sender.is_ready() && c.idle_since.elapsed() < opts.idle_timeout => {
+                Some(c) if c.idle_since.elapsed() < opts.idle_timeout && c.is_reusable() => {
                     break Some(c);
                 }
                 Some(_) => continue, // closed by the server, or idle too long
                 None => break None,
             }
         };
-        let mut conn = match pooled {
+        let conn = match pooled {
             Some(c) => c,
-            None => {
-                let io = connect(self.addr, opts).await?;
-                let (sender, conn) = http1::handshake(io)
-                    .await
-                    .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-                Http1Conn {
-                    sender,
-                    used: 0,
-                    idle_since: Instant::now(),
-                }
-            }
+            None => H1Conn::new(connect(self.addr, opts).await?.into_inner()),
         };
-        conn.used += 1;
-        let reuse = opts
+        let close = opts
             .max_requests_per_connection
-            .is_none_or(|m| conn.used < m);
-        let mut req = req;
-        if !reuse {
-            req.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-        }
-        match conn.sender.try_send_request(req).await {
-            Ok(resp) => {
-                let (parts, body) = resp.into_parts();
-                let this = Arc::clone(self);
-                let opts = *opts;
-                let tracked = Tracked::new(body, move |ok| {
-                    if ok && reuse {
-                        this.put_idle(worker, conn, &opts);
-                    }
-                });
-                Ok(Response::from_parts(parts, tracked.boxed()))
-            }
-            Err(mut e) => {
-                if e.take_message().is_some() {
-                    Err(UpstreamError::NotSent(e.into_error()))
-                } else {
-                    Err(UpstreamError::Reset(e.into_error()))
-                }
-            }
-        }
+            .is_some_and(|m| conn.used + 1 >= m);
+        let this = Arc::clone(self);
+        let opts = *opts;
+        h1::send(conn, head, body, close, move |c| {
+            this.put_idle(worker, c, &opts)
+        })
+        .await
+        .map_err(|e| match e {
+            SendError::NotSent(e) => UpstreamError::NotSent(e.into()),
+            SendError::Reset(e) => UpstreamError::Reset(e.into()),
+        })
     }
 
     fn ready_h2(&self) -> Option<http2::SendRequest<ProxyBody>> {
@@ -296,7 +263,10 @@ impl Conns {
                 }
             }
         };
-        sender.ready().await.map_err(UpstreamError::NotSent)?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| UpstreamError::NotSent(e.into()))?;
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let (parts, body) = resp.into_parts();
@@ -304,9 +274,9 @@ impl Conns {
             }
             Err(mut e) => {
                 if e.take_message().is_some() {
-                    Err(UpstreamError::NotSent(e.into_error()))
+                    Err(UpstreamError::NotSent(e.into_error().into()))
                 } else {
-                    Err(UpstreamError::Reset(e.into_error()))
+                    Err(UpstreamError::Reset(e.into_error().into()))
                 }
             }
         }
