@@ -31,7 +31,8 @@ pub struct ProxyConfig {
     /// A pooled upstream HTTP/1.1 connection idle for this long is closed
     /// (`--pool-idle-timeout`, 90s; a DestinationRule's `http.idleTimeout` overrides).
     pub pool_idle_timeout: Duration,
-    /// Idle pooled upstream connections kept per backend (`--pool-max-idle`, 64).
+    /// Idle pooled upstream connections kept per backend and proxy worker (`--pool-max-idle`,
+    /// 64).
     pub pool_max_idle: usize,
     /// Append the client pod's IP to `x-forwarded-for` (`--x-forwarded-for`, true). Through
     /// the proxy a backend sees the node IP as the source, not the pod IP as under kube-proxy.
