@@ -65,9 +65,24 @@ impl H1Conn {
     }
 
     /// Whether an idle connection can take a request: still open, nothing unsolicited to read.
+    ///
+    /// Without a syscall when nothing happened: [`H1Conn::settle`] cleared the socket's
+    /// readiness when the last exchange ended, so readiness now means the server sent something
+    /// or closed while the connection was idle; only then is the socket read to find out.
     pub fn is_reusable(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if self.io.poll_read_ready(&mut cx).is_pending() {
+            return true;
+        }
         let mut b = [0u8; 1];
         matches!(self.io.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Forgets the readiness left by the exchange's last read (all of it was consumed).
+    fn settle(&self) {
+        let _ = self.io.try_io(tokio::io::Interest::READABLE, || {
+            Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+        });
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -451,6 +466,7 @@ impl H1Body {
         };
         // Reuse only after a clean exchange: the whole request sent, nothing extra read.
         if self.reusable && self.pump.as_ref().is_none_or(|p| p.done) && conn.rbuf.is_empty() {
+            conn.settle();
             conn.idle_since = Instant::now();
             if let Some(d) = self.done.take() {
                 d(conn);
@@ -758,6 +774,25 @@ mod tests {
             Version::HTTP_10,
             &h(&[("connection", "keep-alive")])
         ));
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_server_closed_is_not_reused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let conn = H1Conn::new(client.unwrap());
+        let (server, _) = accepted.unwrap();
+        conn.settle();
+        assert!(conn.is_reusable(), "nothing happened while idle");
+        assert!(conn.is_reusable(), "checking twice changes nothing");
+        drop(server);
+        // The FIN arrives asynchronously: wait for the socket to turn readable.
+        tokio::time::timeout(std::time::Duration::from_secs(5), conn.io.readable())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!conn.is_reusable(), "the server closed it");
     }
 
     #[test]
