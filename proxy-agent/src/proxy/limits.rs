@@ -55,11 +55,9 @@ impl Default for ProxyConfig {
     }
 }
 
-/// Largest HTTP/1 request head (request line and headers); larger ones get 431.
+/// Largest HTTP/1 request head (request line and headers); larger ones get 431. More than 100
+/// headers (hyper's default, which keeps the header index on the stack) also get 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Most headers in one HTTP/1 request (431 beyond): hyper's default of 100, which keeps the
-/// header index on the stack (a larger limit costs a heap allocation per request).
-pub const MAX_HEADERS: usize = 100;
 /// HTTP/2: concurrent streams per downstream connection.
 pub const H2_MAX_CONCURRENT_STREAMS: u32 = 1024;
 /// HTTP/2: streams the client may reset before the proxy accepted them, before GOAWAY
