@@ -74,6 +74,14 @@ struct RunArgs {
     /// configuration work runs on a runtime of its own.
     #[arg(long)]
     proxy_workers: Option<usize>,
+    /// Limits and timeouts of the L7 proxy.
+    #[command(flatten)]
+    limits: ProxyArgs,
+}
+
+/// The L7 proxy's limits and timeouts (see `proxy::limits`).
+#[derive(clap::Args, Debug)]
+struct ProxyArgs {
     /// Downstream connections the proxy holds at once; beyond, new ones are closed.
     #[arg(long, default_value_t = ProxyConfig::default().max_connections)]
     max_connections: usize,
@@ -103,6 +111,22 @@ struct RunArgs {
     /// source through the proxy, not the pod IP as under kube-proxy).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     x_forwarded_for: bool,
+}
+
+impl From<ProxyArgs> for ProxyConfig {
+    fn from(a: ProxyArgs) -> Self {
+        Self {
+            max_connections: a.max_connections,
+            max_idle_per_client: a.max_idle_per_client,
+            detect_timeout: a.detect_timeout,
+            header_read_timeout: a.header_read_timeout,
+            http_idle_timeout: a.http_idle_timeout,
+            stream_idle_timeout: a.stream_idle_timeout,
+            pool_idle_timeout: a.pool_idle_timeout,
+            pool_max_idle: a.pool_max_idle,
+            x_forwarded_for: a.x_forwarded_for,
+        }
+    }
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -144,15 +168,7 @@ fn main() -> anyhow::Result<()> {
                 node_ip,
                 proxy_port,
                 proxy_workers,
-                max_connections,
-                max_idle_per_client,
-                detect_timeout,
-                header_read_timeout,
-                http_idle_timeout,
-                stream_idle_timeout,
-                pool_idle_timeout,
-                pool_max_idle,
-                x_forwarded_for,
+                limits,
             } = *args;
             let cgroup = match cgroup {
                 Some(c) => c,
@@ -185,17 +201,7 @@ fn main() -> anyhow::Result<()> {
                 poll: Duration::from_millis(poll_ms),
                 node_ip,
                 proxy_port,
-                proxy: ProxyConfig {
-                    max_connections,
-                    max_idle_per_client,
-                    detect_timeout,
-                    header_read_timeout,
-                    http_idle_timeout,
-                    stream_idle_timeout,
-                    pool_idle_timeout,
-                    pool_max_idle,
-                    x_forwarded_for,
-                },
+                proxy: limits.into(),
                 proxy_workers: proxy_workers.handles().to_vec(),
             }));
             // Both runtimes end here, outside any async context.

@@ -24,28 +24,9 @@ struct Usage {
 }
 
 fn usage(pid: u32) -> Usage {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|x| x.1)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0);
     Usage {
-        cpu_s: (t(11) + t(12)) / 100.0,
-        rss_kib,
+        cpu_s: tests::sys::cpu_seconds(pid),
+        rss_kib: tests::sys::rss_kib(pid),
         at: Instant::now(),
     }
 }

@@ -81,19 +81,6 @@ fn raw(
     got
 }
 
-/// CPU seconds (user + system) of a process so far.
-fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|x| x.1)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
-}
-
 #[test]
 fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
     let (_node, _pods, client, other, _s, mut agent) =
@@ -189,12 +176,12 @@ fn accept_failures_back_off_instead_of_spinning() {
     );
     agent.wait_log_count("accepting a connection failed", 1, T);
     let (cpu0, t0, lines0) = (
-        cpu_s(agent.pid()),
+        tests::sys::cpu_seconds(agent.pid()),
         Instant::now(),
         agent.log_text().lines().count(),
     );
     std::thread::sleep(Duration::from_secs(3));
-    let cpu = (cpu_s(agent.pid()) - cpu0) / t0.elapsed().as_secs_f64();
+    let cpu = (tests::sys::cpu_seconds(agent.pid()) - cpu0) / t0.elapsed().as_secs_f64();
     let lines = agent.log_text().lines().count() - lines0;
     assert!(
         cpu < 0.2,
@@ -421,6 +408,33 @@ fn request_heads_over_64_kib_get_431() {
     assert_eq!(out[1]["statuses"], json!([431]), "{:?}", out[1]);
 }
 
+/// A node whose Service's one pod records every request it gets (a JSON line each, in the
+/// returned file); the agent runs with `agent_args`.
+fn sniffer_node(agent_args: &[&str]) -> (SimNode, Pod, std::path::PathBuf, Proc, Proc) {
+    let mut node = SimNode::new();
+    let pod = node.add_pod("sniffer1");
+    let client = node.add_pod("client");
+    let record = node.dir.join("requests.jsonl");
+    let server = pod.fixture_server(
+        "sniffer",
+        &[
+            "--listen",
+            "0.0.0.0:8080",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    );
+    node.write_manifest(
+        "svc.yaml",
+        &k8s::http_service("svc", VIP, 80, 8080, &[pod.ip]),
+    );
+    let mut args = vec!["--node-ip", "198.18.0.1"];
+    args.extend_from_slice(agent_args);
+    let mut agent = node.start_agent(&args);
+    agent.wait_log_count("l7_routes=1", 1, T);
+    (node, client, record, server, agent)
+}
+
 /// One smuggling probe: the request bytes, and whether the proxy must reject it (400) or may
 /// normalise it (one request reaches the backend).
 struct Case {
@@ -468,25 +482,7 @@ fn corpus() -> Vec<Case> {
 
 #[test]
 fn the_smuggling_corpus_never_reaches_a_backend_as_two_requests() {
-    let mut node = SimNode::new();
-    let pod = node.add_pod("sniffer1");
-    let client = node.add_pod("client");
-    let record = node.dir.join("requests.jsonl");
-    let _server = pod.fixture_server(
-        "sniffer",
-        &[
-            "--listen",
-            "0.0.0.0:8080",
-            "--record",
-            record.to_str().unwrap(),
-        ],
-    );
-    node.write_manifest(
-        "svc.yaml",
-        &k8s::http_service("svc", VIP, 80, 8080, &[pod.ip]),
-    );
-    let mut agent = node.start_agent(&["--node-ip", "198.18.0.1"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let (node, client, record, _server, _agent) = sniffer_node(&[]);
     let cases = corpus();
     assert!(cases.len() >= 20);
     let list: Vec<(String, String)> = cases
@@ -559,25 +555,7 @@ fn the_smuggling_corpus_never_reaches_a_backend_as_two_requests() {
 
 #[test]
 fn hop_by_hop_headers_are_stripped_and_x_forwarded_for_can_be_turned_off() {
-    let mut node = SimNode::new();
-    let pod = node.add_pod("sniffer1");
-    let client = node.add_pod("client");
-    let record = node.dir.join("requests.jsonl");
-    let _server = pod.fixture_server(
-        "sniffer",
-        &[
-            "--listen",
-            "0.0.0.0:8080",
-            "--record",
-            record.to_str().unwrap(),
-        ],
-    );
-    node.write_manifest(
-        "svc.yaml",
-        &k8s::http_service("svc", VIP, 80, 8080, &[pod.ip]),
-    );
-    let mut agent = node.start_agent(&["--node-ip", "198.18.0.1", "--x-forwarded-for", "false"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let (node, client, record, _server, _agent) = sniffer_node(&["--x-forwarded-for", "false"]);
     let out = raw(
         &node,
         &client,

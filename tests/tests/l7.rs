@@ -361,8 +361,9 @@ fn scenario_3_pool_overflow_answers_503_at_once_with_a_reason() {
     assert_eq!(out["ok"].as_u64().unwrap() + overflow, 200, "{out}");
 }
 
-#[test]
-fn scenario_4_subsets_random_and_consistent_hash_on_a_header() {
+/// `myweb` (scenario 4): two pods labelled version v1 and one v2, each answering
+/// `Version N: server id …`, and a client pod.
+fn myweb_v1_v2() -> (SimNode, Pod, Vec<Proc>) {
     let mut node = SimNode::new();
     let v1: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("v1-{i}"))).collect();
     let v2 = node.add_pod("v2-1");
@@ -383,6 +384,12 @@ fn scenario_4_subsets_random_and_consistent_hash_on_a_header() {
         ));
     }
     node.write_manifest("myweb.yaml", &yaml);
+    (node, client, servers)
+}
+
+#[test]
+fn scenario_4_subsets_random_and_consistent_hash_on_a_header() {
+    let (node, client, _servers) = myweb_v1_v2();
     let policy = |lb: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: myweb}}\nspec:\n  host: myweb\n  trafficPolicy:\n    loadBalancer: {lb}\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: myweb}}\nspec:\n  hosts: [myweb]\n  http:\n  - route: [{{destination: {{host: myweb, subset: v1}}}}]\n"
@@ -524,26 +531,7 @@ fn grpc_ports_use_http2_upstream_and_balance_per_request() {
 
 #[test]
 fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends() {
-    let mut node = SimNode::new();
-    let v1: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("v1-{i}"))).collect();
-    let v2 = node.add_pod("v2-1");
-    let client = node.add_pod("client");
-    let mut servers: Vec<Proc> = v1
-        .iter()
-        .map(|p| p.fixture_server("web", &["--listen", "0.0.0.0:8080", "--version", "1"]))
-        .collect();
-    servers.push(v2.fixture_server("web", &["--listen", "0.0.0.0:8080", "--version", "2"]));
-    let ips: Vec<Ipv4Addr> = v1.iter().chain([&v2]).map(|p| p.ip).collect();
-    let mut yaml = k8s::http_service("myweb", VIP, 80, 8080, &ips);
-    for (p, v) in v1.iter().map(|p| (p, "v1")).chain([(&v2, "v2")]) {
-        yaml.push_str("---\n");
-        yaml.push_str(&k8s::pod(
-            &p.name,
-            p.ip,
-            &[("app", "myweb"), ("version", v)],
-        ));
-    }
-    node.write_manifest("myweb.yaml", &yaml);
+    let (node, client, _servers) = myweb_v1_v2();
     let rule = |subsets: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: myweb}}\nspec:\n  host: myweb\n  subsets:\n{subsets}"

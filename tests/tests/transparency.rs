@@ -70,20 +70,6 @@ fn both(
     (vip, direct)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_websocket_upgrades_and_echoes_through_the_clusterip() {
     let (node, pod, client, _server) = node_with("stream", "http-ws", &[]);
@@ -239,7 +225,7 @@ fn a_100_mb_upload_and_download_stream_at_constant_memory() {
         T,
     );
     assert_eq!(warm["ok"], true, "{warm}");
-    let before = rss_kib(agent.pid());
+    let before = tests::sys::rss_kib(agent.pid());
     let mut peak = before;
     for mode in ["upload", "download"] {
         let (vip, direct) = both(
@@ -249,7 +235,7 @@ fn a_100_mb_upload_and_download_stream_at_constant_memory() {
             &["--url", "{}", "--mode", mode, "--bytes", "104857600"],
             |a| format!("http://{a}"),
         );
-        peak = peak.max(rss_kib(agent.pid()));
+        peak = peak.max(tests::sys::rss_kib(agent.pid()));
         assert_eq!(direct["ok"], true, "direct {mode}: {direct}");
         assert_eq!(vip["ok"], true, "through the ClusterIP {mode}: {vip}");
         if mode == "download" {

@@ -144,21 +144,6 @@ fn median(mut v: Vec<Sample>) -> Sample {
     s
 }
 
-/// Resident set size of a process in KiB (0 when it is gone).
-pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
-}
-
 /// A node with 3 backends (web1..3), a `direct` pod (the baseline target, no backend of the
 /// Service), a client and `n` Services in its manifests.
 struct BenchNode {
@@ -225,7 +210,7 @@ pub fn l4() -> Result<()> {
         let mut agent = b.node.start_agent(&[]);
         agent.wait_log_count(&format!("frontends={n} "), 1, T);
         let load = started.elapsed();
-        let rss_kib = rss_kib(agent.pid());
+        let rss_kib = tests::sys::rss_kib(agent.pid());
         let (mut d, mut c) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             d.push(measure(&b.client, &b.direct_to)?);

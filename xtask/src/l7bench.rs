@@ -128,27 +128,8 @@ fn tree_usage(root: u32) -> (u64, u64) {
     }
     let (mut cpu, mut rss) = (0, 0);
     for pid in pids {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let f: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|x| x.1)
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        // After the command name: state(0) ppid(1) ... utime(11) stime(12).
-        cpu += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        rss += std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0);
+        cpu += tests::sys::cpu_ticks(pid);
+        rss += tests::sys::rss_kib(pid);
     }
     (cpu, rss)
 }

@@ -129,7 +129,7 @@ pub fn run() -> Result<()> {
             initial,
             pct(&lat, 50.0),
             pct(&lat, 99.0),
-            crate::bench::rss_kib(agent.pid()) / 1024,
+            tests::sys::rss_kib(agent.pid()) / 1024,
         ));
     }
     println!(
