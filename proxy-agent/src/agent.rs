@@ -1,26 +1,27 @@
-//! The `run` loop: desired state in, datapath writes out, until SIGTERM/SIGINT.
+//! The `run` loop: desired state in, datapath writes and proxy routes out, until SIGTERM/SIGINT.
+//! Each generation is published to the introspection [`Hub`] for the admin API and metrics.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use proxy_common::{L7Config, OrigKey, RevValue};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::datapath::{Datapath, L7Maps, Reconciler};
-use crate::kube_source::{self, KubeConfig};
+use crate::admin::{ApplyReport, Hub, Snapshot};
+use crate::datapath::{AyaMaps, Datapath, L7Maps, Opened, Reconciler};
+use crate::model::{FrontendCache, State};
+use crate::proxy::config::ConfigProblem;
+use crate::proxy::telemetry::Peers;
 use crate::proxy::{self, OrigDst, Proxy, ProxyConfig, Registry, RouteTable};
-
-use crate::manifests;
-use crate::model::State;
+use crate::source::{Problem, dir, kube};
 
 /// Settings of `proxy-agent run`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunConfig {
     /// Where the desired state comes from.
     pub source: Source,
@@ -32,6 +33,8 @@ pub struct RunConfig {
     pub bpffs: PathBuf,
     /// How often the manifests directory is checked for changes.
     pub poll: Duration,
+    /// Largest manifest file read.
+    pub max_manifest_bytes: u64,
     /// The node's IP: the L7 proxy listens there (`None`: no L7 proxy, all Services in L4).
     pub node_ip: Option<Ipv4Addr>,
     /// The L7 proxy's port.
@@ -41,6 +44,8 @@ pub struct RunConfig {
     /// The proxy's worker runtimes, apart from the agent's own (configuration parsing and map
     /// writes never run on a proxy worker).
     pub proxy_workers: Vec<tokio::runtime::Handle>,
+    /// The introspection core the admin API reads.
+    pub hub: Arc<Hub>,
 }
 
 /// Where the desired state comes from.
@@ -52,67 +57,34 @@ pub enum Source {
     Kubernetes(Option<PathBuf>),
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<::kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
+            let kc = ::kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            ::kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
                 .with_context(|| format!("using the kubeconfig {}", path.display()))?
         }
-        None => kube::Config::infer()
+        None => ::kube::Config::infer()
             .await
             .context("no in-cluster configuration and no kubeconfig: pass --manifests DIR or --kubeconfig FILE")?,
     };
-    kube::Client::try_from(config).context("creating the Kubernetes client")
+    ::kube::Client::try_from(config).context("creating the Kubernetes client")
 }
 
-/// The original-destination map of the datapath, read after each accept.
-struct MapOrigDst(Mutex<aya::maps::HashMap<aya::maps::MapData, OrigKey, RevValue>>);
-
-impl OrigDst for MapOrigDst {
-    fn take(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
-        let key = OrigKey {
-            addr_be: u32::from(*client.ip()).to_be(),
-            port_be: client.port().to_be(),
-            _pad: 0,
-        };
-        let mut map = self.0.lock().ok()?;
-        let v = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
-        Some(SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(v.addr_be)),
-            u16::from_be(v.port_be),
-        ))
-    }
-}
-
-/// Binds the proxy listener, publishes it to the datapath (redirect target and liveness).
+/// Binds the proxy listeners, publishes them to the datapath (redirect target and liveness)
+/// and starts the workers.
 fn start_proxy(
     cfg: &RunConfig,
     node_ip: Ipv4Addr,
-    mut l7: L7Maps,
+    l7: L7Maps,
     table: Arc<ArcSwap<RouteTable>>,
 ) -> anyhow::Result<()> {
     let addr = SocketAddrV4::new(node_ip, cfg.proxy_port);
     let listeners = proxy::workers::listeners(addr, cfg.proxy_workers.len())?;
-    let redirect = L7Config {
-        proxy_addr_be: u32::from(node_ip).to_be(),
-        proxy_port_be: cfg.proxy_port.to_be(),
-        _pad: 0,
-    };
-    l7.config
-        .set(0, redirect, 0)
-        .context("writing the L7 redirect configuration")?;
-    // From here on the datapath redirects HTTP Services to us; the kernel removes the socket from
-    // the map when this process dies (closing every listener of the group), and connects fall
-    // back to in-kernel balancing at once.
-    l7.proxy_sock
-        .set(0, &listeners[0], 0)
-        .context("publishing the proxy listener to the datapath")?;
-    let orig: Arc<dyn OrigDst> = Arc::new(MapOrigDst(Mutex::new(l7.orig_dst)));
-    let proxy = Proxy::new(table, orig, cfg.proxy.clone());
+    let orig: Arc<dyn OrigDst> = Arc::new(l7.publish(addr, &listeners[0])?);
+    let proxy = Proxy::new(table, orig, cfg.proxy.clone(), cfg.hub.telemetry.clone());
     for (i, (l, rt)) in listeners.into_iter().zip(&cfg.proxy_workers).enumerate() {
         let listener = {
             let _rt = rt.enter();
@@ -120,108 +92,83 @@ fn start_proxy(
         };
         rt.spawn(proxy::serve(listener, proxy.clone(), i == 0));
     }
+    cfg.hub.set_proxy(proxy);
     info!(%addr, workers = cfg.proxy_workers.len(), "L7 proxy listening");
     Ok(())
 }
 
-/// Runs the agent until SIGTERM or SIGINT; the datapath stays pinned and serving afterwards.
-pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let (_datapath, maps, mut l7) = Datapath::open(&cfg.cgroup, &cfg.bpffs)
-        .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?;
-    let mut reconciler = Reconciler::restore(maps).context("reading the pinned maps back")?;
-    let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-    let mut registry = Registry::new(proxy::cluster::PoolSettings {
-        idle_timeout: cfg.proxy.pool_idle_timeout,
-        max_idle: cfg.proxy.pool_max_idle,
-    });
-    let mut frontend_cache = crate::model::FrontendCache::default();
-    match cfg.node_ip {
-        Some(ip) => start_proxy(&cfg, ip, l7, table.clone())?,
-        None => {
-            l7.config
-                .set(0, L7Config::default(), 0)
-                .context("clearing the L7 redirect configuration")?;
-            warn!(
-                "no --node-ip (or NODE_IP): the L7 proxy is off and HTTP Services are balanced in the kernel"
-            );
-        }
-    }
-    info!(
-        frontends = reconciler.frontend_count(),
-        "restored datapath state from pinned maps"
-    );
-
-    // `None` until the directory was read once: an empty map must never be applied before the
-    // source has spoken, or a restarted agent would flush the pinned state it just adopted.
-    let (tx, mut rx) = watch::channel(None::<Arc<State>>);
-    let problems = match &cfg.source {
-        Source::Manifests(dir) => {
-            tokio::spawn(manifests::watch(dir.clone(), cfg.poll, tx));
-            None
-        }
-        Source::Kubernetes(kubeconfig) => {
-            let client = kube_client(kubeconfig.as_deref()).await?;
-            let kc = KubeConfig {
-                node_name: cfg.node_name.clone(),
-                optional_wait: Duration::from_secs(10),
-                debounce: Duration::from_millis(2),
-            };
-            Some(kube_source::start(client, kc, tx).await)
-        }
+/// A route problem as the reporter lists it.
+fn route_problem(p: ConfigProblem) -> Problem {
+    let (field, message) = match p.message.split_once(": ") {
+        Some((f, m)) if !f.contains(' ') => (f.to_string(), m.to_string()),
+        _ => ("-".to_string(), p.message.clone()),
     };
+    Problem {
+        kind: p.kind.to_string(),
+        object: p.object.to_string(),
+        file: None,
+        field,
+        message,
+        effect: "the affected Service keeps its last good route".into(),
+        reference: None,
+    }
+}
 
-    let mut generation = 0u64;
-    let mut retry: Option<tokio::time::Instant> = None;
-    loop {
-        let retry_at =
-            retry.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-        tokio::select! {
-            changed = rx.changed() => {
-                if changed.is_err() {
-                    anyhow::bail!("the manifests watcher stopped");
-                }
-            }
-            _ = tokio::time::sleep_until(retry_at), if retry.is_some() => {}
-            _ = term.recv() => { info!("SIGTERM: exiting, the datapath stays pinned and serving"); return Ok(()); }
-            _ = int.recv() => { info!("SIGINT: exiting, the datapath stays pinned and serving"); return Ok(()); }
-        }
-        let t0 = std::time::Instant::now();
-        let Some(state) = rx.borrow_and_update().clone() else {
-            continue;
-        };
-        let frontends = frontend_cache.frontends(&state, cfg.node_name.as_deref());
+/// Everything a generation's sync needs, moved to a blocking thread and back so map writes
+/// and route building never run on an async worker.
+struct Syncer {
+    reconciler: Reconciler<AyaMaps>,
+    registry: Registry,
+    cache: FrontendCache,
+    node_name: Option<String>,
+    generation: u64,
+    synced_at: Option<SystemTime>,
+    last: Option<Arc<State>>,
+}
+
+impl Syncer {
+    /// Applies one state; returns whether the maps took it.
+    fn sync(&mut self, state: Arc<State>, table: &ArcSwap<RouteTable>, hub: &Hub) -> bool {
+        let t0 = Instant::now();
+        let frontends = self.cache.frontends(&state, self.node_name.as_deref());
         let t_model = t0.elapsed();
-        generation += 1;
-        let (routes, found) = registry.build(&state, &frontends, &table.load());
+        self.generation += 1;
+        let generation = self.generation;
+        let (routes, found) = self.registry.build(&state, &frontends, &table.load());
         let t_routes = t0.elapsed() - t_model;
-        for p in &found {
-            error!(
-                generation,
-                "{p}; the affected Service keeps its last good route"
-            );
-            if let Some(tx) = &problems {
-                let _ = tx.send(kube_source::Problem {
-                    reference: k8s_openapi::api::core::v1::ObjectReference {
-                        api_version: Some("networking.istio.io/v1".into()),
-                        kind: Some(p.kind.into()),
-                        name: Some(p.object.name.clone()),
-                        namespace: Some(p.object.namespace.clone()),
-                        ..Default::default()
-                    },
-                    message: p.to_string(),
-                });
-            }
+        hub.reporter
+            .replace("routes", found.into_iter().map(route_problem).collect());
+        let routes = Arc::new(routes);
+        table.store(routes.clone());
+        if self.last.as_ref().is_none_or(|l| l.pods != state.pods) {
+            hub.telemetry.set_peers(Peers::of(&state));
         }
         let l7_routes = routes.routes.len();
-        table.store(Arc::new(routes));
-
         let t_maps_start = t0.elapsed();
-        match reconciler.apply(&frontends) {
+        let result = self.reconciler.apply(&frontends);
+        let t_maps = t0.elapsed() - t_maps_start;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let mut report = ApplyReport {
+            generation,
+            at_unix: crate::proxy::telemetry::unix_secs(SystemTime::now()),
+            ok: result.is_ok(),
+            error: None,
+            frontends: frontends.len(),
+            backends: 0,
+            writes: 0,
+            l7_routes,
+            model_ms: ms(t_model),
+            routes_ms: ms(t_routes),
+            maps_ms: ms(t_maps),
+        };
+        let ok = match result {
             Ok(stats) => {
-                retry = None;
-                let t_maps = t0.elapsed() - t_maps_start;
+                report.frontends = stats.frontends;
+                report.backends = stats.backends;
+                report.writes = stats.writes;
+                hub.sync.duration.observe(t0.elapsed().as_secs_f64());
+                self.network_programming(&state, hub);
+                self.synced_at = Some(SystemTime::now());
                 info!(
                     generation,
                     services = state.services.len(),
@@ -234,11 +181,149 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                     maps_ms = t_maps.as_millis() as u64,
                     "datapath synced"
                 );
+                true
             }
             Err(e) => {
+                hub.sync.failures.inc();
                 error!(generation, error = %e, "datapath update failed; retrying in 1s (the maps keep their last consistent state)");
-                retry = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                report.error = Some(e.to_string());
+                false
+            }
+        };
+        hub.publish(Snapshot {
+            generation,
+            state: state.clone(),
+            frontends: Arc::new(frontends),
+            routes,
+            apply: report,
+            synced_at: self.synced_at,
+        });
+        if ok {
+            self.last = Some(state);
+        }
+        ok
+    }
+
+    /// Observes, for every EndpointSlice that changed since the last applied state, the time
+    /// from its `last-change-trigger-time` to now (kube-proxy's network programming latency).
+    /// The first state is the initial list, not a change.
+    fn network_programming(&self, state: &State, hub: &Hub) {
+        let Some(last) = &self.last else { return };
+        let now = SystemTime::now();
+        for (id, slice) in &state.slices {
+            let changed = last
+                .slices
+                .get(id)
+                .is_none_or(|old| !Arc::ptr_eq(old, slice));
+            if let (true, Some(t)) = (changed, slice.trigger_time)
+                && let Ok(d) = now.duration_since(t)
+            {
+                hub.sync.network_programming.observe(d.as_secs_f64());
             }
         }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT; the datapath stays pinned and serving afterwards.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let hub = cfg.hub.clone();
+    let Opened {
+        datapath: _datapath,
+        maps,
+        l7,
+        counters,
+        monitor,
+    } = Datapath::open(&cfg.cgroup, &cfg.bpffs)
+        .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?;
+    hub.set_counters(counters);
+    hub.monitor.attach_kernel(monitor);
+    let reconciler = Reconciler::restore(maps).context("reading the pinned maps back")?;
+    let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+    let registry = Registry::new(proxy::cluster::PoolSettings {
+        idle_timeout: cfg.proxy.pool_idle_timeout,
+        max_idle: cfg.proxy.pool_max_idle,
+    });
+    match cfg.node_ip {
+        Some(ip) => start_proxy(&cfg, ip, l7, table.clone())?,
+        None => {
+            l7.disable()?;
+            warn!(
+                "no --node-ip (or NODE_IP): the L7 proxy is off and HTTP Services are balanced in the kernel"
+            );
+        }
+    }
+    info!(
+        frontends = reconciler.frontend_count(),
+        "restored datapath state from pinned maps"
+    );
+
+    // `None` until the source has spoken: an empty map must never be applied before it has,
+    // or a restarted agent would flush the pinned state it just adopted.
+    let (tx, mut rx) = watch::channel(None::<Arc<State>>);
+    match &cfg.source {
+        Source::Manifests(path) => {
+            let dcfg = dir::DirConfig {
+                dir: path.clone(),
+                interval: cfg.poll,
+                max_file_bytes: cfg.max_manifest_bytes,
+            };
+            tokio::spawn(dir::watch(dcfg, tx, hub.reporter.clone()));
+        }
+        Source::Kubernetes(kubeconfig) => {
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let kc = kube::KubeConfig {
+                node_name: cfg.node_name.clone(),
+                optional_wait: Duration::from_secs(10),
+                debounce: Duration::from_millis(2),
+            };
+            kube::start(client, kc, tx, hub.reporter.clone()).await;
+        }
+    }
+    let beat = hub.clone();
+    tokio::spawn(async move {
+        loop {
+            beat.beat();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+
+    let mut syncer = Some(Syncer {
+        reconciler,
+        registry,
+        cache: FrontendCache::default(),
+        node_name: cfg.node_name.clone(),
+        generation: 0,
+        synced_at: None,
+        last: None,
+    });
+    let mut retry: Option<tokio::time::Instant> = None;
+    loop {
+        let retry_at =
+            retry.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    anyhow::bail!("the configuration source stopped");
+                }
+            }
+            _ = tokio::time::sleep_until(retry_at), if retry.is_some() => {}
+            _ = term.recv() => { info!("SIGTERM: exiting, the datapath stays pinned and serving"); return Ok(()); }
+            _ = int.recv() => { info!("SIGINT: exiting, the datapath stays pinned and serving"); return Ok(()); }
+        }
+        let Some(state) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        let mut s = syncer.take().context("the syncer is gone")?;
+        let (table, hub) = (table.clone(), hub.clone());
+        let (s, ok) = tokio::task::spawn_blocking(move || {
+            let ok = s.sync(state, &table, &hub);
+            (s, ok)
+        })
+        .await
+        .context("the sync task panicked")?;
+        syncer = Some(s);
+        retry = (!ok).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
     }
 }

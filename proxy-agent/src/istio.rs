@@ -481,10 +481,12 @@ pub struct TrafficPolicy {
 
 // ---------------------------------------------------------------- parsing
 
-/// A validation failure: the field and what is wrong.
-pub type FieldError = (String, String);
+pub use crate::source::convert::FieldError;
 
-fn strict<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, FieldError> {
+/// A validation failure inside this module: (field, message).
+type Fe = (String, String);
+
+fn strict<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, Fe> {
     serde_path_to_error::deserialize(spec).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." {
@@ -503,7 +505,7 @@ fn strict<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, 
 }
 
 /// Parses an Istio duration (`1.5s`, `100ms`, `1m`, `2h`).
-pub fn duration(field: &str, s: &str) -> Result<Duration, FieldError> {
+fn duration_fe(field: &str, s: &str) -> Result<Duration, Fe> {
     let err = || {
         (
             field.to_string(),
@@ -528,7 +530,7 @@ pub fn duration(field: &str, s: &str) -> Result<Duration, FieldError> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn count(field: &str, v: i64) -> Result<u32, FieldError> {
+fn count(field: &str, v: i64) -> Result<u32, Fe> {
     u32::try_from(v).map_err(|_| {
         (
             field.to_string(),
@@ -537,7 +539,7 @@ fn count(field: &str, v: i64) -> Result<u32, FieldError> {
     })
 }
 
-fn percent(field: &str, v: i64) -> Result<u32, FieldError> {
+fn percent(field: &str, v: i64) -> Result<u32, Fe> {
     if (0..=100).contains(&v) {
         Ok(v as u32)
     } else {
@@ -549,7 +551,7 @@ fn percent(field: &str, v: i64) -> Result<u32, FieldError> {
 }
 
 /// Parses a `retryOn` string.
-pub fn retry_on(field: &str, s: &str) -> Result<RetryOn, FieldError> {
+fn retry_on_fe(field: &str, s: &str) -> Result<RetryOn, Fe> {
     let mut r = RetryOn::default();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part {
@@ -586,7 +588,7 @@ pub fn retry_on(field: &str, s: &str) -> Result<RetryOn, FieldError> {
     Ok(r)
 }
 
-fn destination(field: &str, d: DestinationWire) -> Result<Destination, FieldError> {
+fn destination(field: &str, d: DestinationWire) -> Result<Destination, Fe> {
     let port = match d.port {
         None => None,
         Some(p) => Some(u16::try_from(p.number).ok().filter(|p| *p != 0).ok_or((
@@ -605,7 +607,7 @@ fn destination(field: &str, d: DestinationWire) -> Result<Destination, FieldErro
 }
 
 /// Validates a VirtualService `spec`.
-pub fn virtual_service(spec: serde_yaml::Value) -> Result<VirtualService, FieldError> {
+fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
     let w: VsSpec = strict(spec)?;
     if w.hosts.is_empty() {
         return Err(("spec.hosts".into(), "at least one host is required".into()));
@@ -651,7 +653,7 @@ pub fn virtual_service(spec: serde_yaml::Value) -> Result<VirtualService, FieldE
         }
         let timeout = r
             .timeout
-            .map(|t| duration(&format!("{f}.timeout"), &t))
+            .map(|t| duration_fe(&format!("{f}.timeout"), &t))
             .transpose()?;
         let timeout = timeout.filter(|t| !t.is_zero());
         let retries = match r.retries {
@@ -660,10 +662,10 @@ pub fn virtual_service(spec: serde_yaml::Value) -> Result<VirtualService, FieldE
                 let attempts = count(&format!("{f}.retries.attempts"), rt.attempts.unwrap_or(2))?;
                 let per_try_timeout = rt
                     .per_try_timeout
-                    .map(|t| duration(&format!("{f}.retries.perTryTimeout"), &t))
+                    .map(|t| duration_fe(&format!("{f}.retries.perTryTimeout"), &t))
                     .transpose()?
                     .filter(|t| !t.is_zero());
-                let retry_on = retry_on(
+                let retry_on = retry_on_fe(
                     &format!("{f}.retries.retryOn"),
                     rt.retry_on
                         .as_deref()
@@ -672,7 +674,7 @@ pub fn virtual_service(spec: serde_yaml::Value) -> Result<VirtualService, FieldE
                 .or_else(|e| {
                     // Istio's default includes gRPC conditions; without a retryOn we use ours.
                     if rt.retry_on.is_none() {
-                        retry_on(&e.0, "connect-failure,refused-stream,503")
+                        retry_on_fe(&e.0, "connect-failure,refused-stream,503")
                     } else {
                         Err(e)
                     }
@@ -713,7 +715,7 @@ pub fn virtual_service(spec: serde_yaml::Value) -> Result<VirtualService, FieldE
     })
 }
 
-fn policy(field: &str, w: TrafficPolicyWire) -> Result<TrafficPolicy, FieldError> {
+fn policy(field: &str, w: TrafficPolicyWire) -> Result<TrafficPolicy, Fe> {
     let load_balancer = match w.load_balancer {
         None => None,
         Some(lb) => Some(match (lb.simple.as_deref(), lb.consistent_hash) {
@@ -773,7 +775,7 @@ fn policy(field: &str, w: TrafficPolicyWire) -> Result<TrafficPolicy, FieldError
                     .transpose()?;
                 p.connect_timeout = t
                     .connect_timeout
-                    .map(|v| duration(&format!("{field}.connectionPool.tcp.connectTimeout"), &v))
+                    .map(|v| duration_fe(&format!("{field}.connectionPool.tcp.connectTimeout"), &v))
                     .transpose()?;
             }
             if let Some(h) = cp.http {
@@ -830,12 +832,12 @@ fn policy(field: &str, w: TrafficPolicyWire) -> Result<TrafficPolicy, FieldError
                     .transpose()?,
                 interval: o
                     .interval
-                    .map(|v| duration(&format!("{f}.interval"), &v))
+                    .map(|v| duration_fe(&format!("{f}.interval"), &v))
                     .transpose()?
                     .unwrap_or(d.interval),
                 base_ejection: o
                     .base_ejection_time
-                    .map(|v| duration(&format!("{f}.baseEjectionTime"), &v))
+                    .map(|v| duration_fe(&format!("{f}.baseEjectionTime"), &v))
                     .transpose()?
                     .unwrap_or(d.base_ejection),
                 max_ejection_percent: o
@@ -882,7 +884,7 @@ fn merge(base: &TrafficPolicy, over: TrafficPolicy) -> TrafficPolicy {
 }
 
 /// Validates a DestinationRule `spec`.
-pub fn destination_rule(spec: serde_yaml::Value) -> Result<DestinationRule, FieldError> {
+fn destination_rule_fe(spec: serde_yaml::Value) -> Result<DestinationRule, Fe> {
     let w: DrSpec = strict(spec)?;
     if w.host.is_empty() {
         return Err(("spec.host".into(), "must not be empty".into()));
@@ -914,6 +916,26 @@ pub fn destination_rule(spec: serde_yaml::Value) -> Result<DestinationRule, Fiel
     })
 }
 
+/// Validates a VirtualService `spec`.
+pub fn virtual_service(spec: serde_yaml::Value) -> Result<VirtualService, FieldError> {
+    virtual_service_fe(spec).map_err(FieldError::from)
+}
+
+/// Validates a DestinationRule `spec`.
+pub fn destination_rule(spec: serde_yaml::Value) -> Result<DestinationRule, FieldError> {
+    destination_rule_fe(spec).map_err(FieldError::from)
+}
+
+/// Parses an Istio duration (`1.5s`, `100ms`, `1m`, `2h`).
+pub fn duration(field: &str, s: &str) -> Result<Duration, FieldError> {
+    duration_fe(field, s).map_err(FieldError::from)
+}
+
+/// Parses a `retryOn` string.
+pub fn retry_on(field: &str, s: &str) -> Result<RetryOn, FieldError> {
+    retry_on_fe(field, s).map_err(FieldError::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -924,7 +946,7 @@ mod tests {
 
     #[test]
     fn mission_retry_policy_parses() {
-        let vs = virtual_service(y(
+        let vs = virtual_service_fe(y(
             "hosts: [retry-service]\nhttp:\n- route: [{destination: {host: retry-service}}]\n  timeout: 15s\n  retries: {attempts: 15, perTryTimeout: 1s, retryOn: 'gateway-error,reset,5xx'}\n",
         ))
         .unwrap();
@@ -941,7 +963,7 @@ mod tests {
 
     #[test]
     fn mission_circuit_breaker_parses() {
-        let dr = destination_rule(y(
+        let dr = destination_rule_fe(y(
             "host: retry-service\ntrafficPolicy:\n  connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}\n  outlierDetection: {consecutiveErrors: 2, interval: 10s, baseEjectionTime: 1m, maxEjectionPercent: 100}\n",
         ))
         .unwrap();
@@ -962,7 +984,7 @@ mod tests {
 
     #[test]
     fn subsets_inherit_and_override_policy() {
-        let dr = destination_rule(y(
+        let dr = destination_rule_fe(y(
             "host: myweb\ntrafficPolicy: {loadBalancer: {simple: RANDOM}}\nsubsets:\n- {name: v1, labels: {version: v1}}\n- name: v2\n  labels: {version: v2}\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: User}}}\n",
         ))
         .unwrap();
@@ -978,24 +1000,24 @@ mod tests {
 
     #[test]
     fn unsupported_fields_and_bad_values_name_the_field() {
-        let e = virtual_service(y("hosts: [a]\nhttp:\n- match: [{uri: {prefix: /}}]\n  route: [{destination: {host: a}}]\n")).unwrap_err();
+        let e = virtual_service_fe(y("hosts: [a]\nhttp:\n- match: [{uri: {prefix: /}}]\n  route: [{destination: {host: a}}]\n")).unwrap_err();
         assert_eq!(e.0, "spec.http[0].match");
         assert!(
             e.1.contains("unknown field `match`") && e.1.contains("not supported"),
             "{e:?}"
         );
-        let e = destination_rule(y(
+        let e = destination_rule_fe(y(
             "host: a\ntrafficPolicy: {outlierDetection: {interval: -1s}}\n",
         ))
         .unwrap_err();
         assert_eq!(e.0, "spec.trafficPolicy.outlierDetection.interval");
-        let e = virtual_service(y("hosts: [a]\nhttp:\n- route: [{destination: {host: a}}]\n  retries: {attempts: 3, retryOn: sometimes}\n")).unwrap_err();
+        let e = virtual_service_fe(y("hosts: [a]\nhttp:\n- route: [{destination: {host: a}}]\n  retries: {attempts: 3, retryOn: sometimes}\n")).unwrap_err();
         assert_eq!(e.0, "spec.http[0].retries.retryOn");
-        let e = virtual_service(y("hosts: [a]\nhttp:\n- route: [{destination: {host: a}, weight: 30}, {destination: {host: b}, weight: 30}]\n")).unwrap_err();
+        let e = virtual_service_fe(y("hosts: [a]\nhttp:\n- route: [{destination: {host: a}, weight: 30}, {destination: {host: b}, weight: 30}]\n")).unwrap_err();
         assert!(e.1.contains("60"), "{e:?}");
         // Local-origin errors are not split from upstream ones (Envoy's default): rejected
         // by name rather than ignored.
-        let e = destination_rule(y(
+        let e = destination_rule_fe(y(
             "host: a\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 3, splitExternalLocalOriginErrors: true}}\n",
         ))
         .unwrap_err();
@@ -1008,7 +1030,7 @@ mod tests {
 
     #[test]
     fn outlier_counts_5xx_and_gateway_errors_apart_and_keeps_the_interval() {
-        let dr = destination_rule(y(
+        let dr = destination_rule_fe(y(
             "host: a\ntrafficPolicy: {outlierDetection: {consecutive5xxErrors: 7, consecutiveGatewayErrors: 3, interval: 2s, baseEjectionTime: 45s}}\n",
         ))
         .unwrap();

@@ -1,14 +1,15 @@
 //! `proxy-agent`: a node-level Kubernetes service proxy.
 //!
-//! Sources ([`manifests`]) produce the desired [`model::State`]; the [`datapath`] reconciler
-//! programs the eBPF maps from it. See ARCHITECTURE.md at the repository root for the whole
+//! Sources ([`source`]) produce the desired [`model::State`]; the [`datapath`] reconciler
+//! programs the eBPF maps from it and the [`proxy`] serves HTTP from it; [`admin`] shows all
+//! of it to operators (admin API, metrics, CLI). See ARCHITECTURE.md at the repository root for the whole
 //! picture.
 
+pub mod admin;
 pub mod agent;
 pub mod datapath;
 pub mod istio;
-pub mod kube_source;
-pub mod manifests;
 pub mod model;
 pub mod proxy;
 pub mod ratelog;
+pub mod source;

@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use proxy_agent::admin::{self, render::Output};
 use proxy_agent::agent::{self, RunConfig, Source};
 use proxy_agent::datapath;
 use proxy_agent::proxy::ProxyConfig;
+use proxy_agent::proxy::telemetry::AccessLogTarget;
 
 /// Node-level Kubernetes service proxy with an eBPF datapath.
 #[derive(Parser, Debug)]
@@ -17,20 +19,92 @@ struct Cli {
     command: Command,
 }
 
+/// How a CLI command reaches the agent, and how it prints.
+#[derive(clap::Args, Debug, Clone)]
+struct ClientArgs {
+    /// The agent's admin API (`proxy-agent run --admin-addr`).
+    #[arg(long, env = "PROXY_AGENT_ADMIN_ADDR", default_value = admin::client::DEFAULT_ADMIN_ADDR)]
+    admin_addr: std::net::SocketAddr,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve the node's Services until SIGTERM/SIGINT, from the API server (in-cluster or
     /// `--kubeconfig`) or from a manifests directory.
     Run(Box<RunArgs>),
+    /// Synced generation and age, source, proxy, map occupancy, problem count.
+    Status(ClientArgs),
+    /// Every Service port: ClusterIP, mode (L4/L7), ready/terminating backends, affinity.
+    Services(ClientArgs),
+    /// One Service: kernel slots read from the maps, route and policies, backends with health.
+    Service {
+        /// `NAMESPACE/NAME` (or `NAME` in `default`).
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The proxy's HTTP routes.
+    Routes(ClientArgs),
+    /// The proxy's destinations with live backend health and load.
+    Clusters(ClientArgs),
+    /// Explain one connection from a pod to a ClusterIP:port, through the kernel and the proxy.
+    Explain {
+        /// The client pod's IP.
+        #[arg(long)]
+        from: std::net::Ipv4Addr,
+        /// `VIP:PORT`.
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        /// UDP instead of TCP.
+        #[arg(long)]
+        udp: bool,
+        /// The request path (HTTP).
+        #[arg(long)]
+        path: Option<String>,
+        /// A request header `Name: value` (HTTP), repeatable.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Live socket translations from the eBPF programs and requests through the proxy.
+    Monitor {
+        /// Which events: trace (translations), drop (refusals), l7 (requests); repeatable.
+        #[arg(short = 't', long = "type", value_parser = ["trace", "drop", "l7"])]
+        types: Vec<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Configuration problems (objects that do not apply, and what serves instead).
+    Problems(ClientArgs),
+    /// Change the agent's log filter (`info`, `debug`, `proxy_agent=trace`...).
+    LogLevel {
+        /// A tracing filter.
+        level: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print CustomResourceDefinitions for the accepted Istio kinds (`cargo xtask codegen`).
     #[cfg(feature = "codegen")]
     #[command(hide = true)]
     Crds,
-    /// Print the datapath maps as text.
+    /// Print the datapath maps (read from the pins; Services named through the admin API).
     Dump {
         /// bpffs directory of the agent.
         #[arg(long, default_value = "/sys/fs/bpf/proxy-agent")]
         bpffs: PathBuf,
+        /// The agent's admin API, to name the Services.
+        #[arg(long, env = "PROXY_AGENT_ADMIN_ADDR", default_value = admin::client::DEFAULT_ADMIN_ADDR)]
+        admin_addr: std::net::SocketAddr,
+        /// Output format (table: the maps as text).
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// Detach the programs and remove everything pinned under the bpffs directory.
     Cleanup {
@@ -77,6 +151,23 @@ struct RunArgs {
     /// Limits and timeouts of the L7 proxy.
     #[command(flatten)]
     limits: ProxyArgs,
+    /// The admin API (JSON; `proxy-agent status` and the other CLI commands use it). A
+    /// non-loopback address needs --admin-addr-unsafe.
+    #[arg(long, default_value = admin::client::DEFAULT_ADMIN_ADDR)]
+    admin_addr: std::net::SocketAddr,
+    /// Allow a non-loopback --admin-addr (the admin API shows the whole configuration and
+    /// changes the log level).
+    #[arg(long)]
+    admin_addr_unsafe: bool,
+    /// Prometheus `/metrics`, `/ready` and `/healthz`.
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: std::net::SocketAddr,
+    /// Access log of the proxy: `off`, `stderr` or a file path (JSON lines).
+    #[arg(long, default_value = "off")]
+    access_log: AccessLogTarget,
+    /// Largest manifest file read (bytes); larger files are refused.
+    #[arg(long, default_value_t = proxy_agent::source::dir::DEFAULT_MAX_FILE_BYTES)]
+    max_manifest_bytes: u64,
 }
 
 /// The L7 proxy's limits and timeouts (see `proxy::limits`).
@@ -130,7 +221,7 @@ impl From<ProxyArgs> for ProxyConfig {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    proxy_agent::istio::duration("", s).map_err(|(_, e)| e)
+    proxy_agent::istio::duration("", s).map_err(|e| e.message)
 }
 
 /// The cgroup2 mount point, from /proc/mounts.
@@ -146,78 +237,302 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 file system is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup")
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+/// Sets up logging with a filter the admin API can change.
+fn init_tracing() -> admin::LogControl {
+    use tracing_subscriber::prelude::*;
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&initial)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => {
-            let RunArgs {
-                manifests,
-                kubeconfig,
-                node_name,
-                cgroup,
-                bpffs,
-                poll_ms,
-                node_ip,
-                proxy_port,
-                proxy_workers,
-                limits,
-            } = *args;
-            let cgroup = match cgroup {
-                Some(c) => c,
-                None => cgroup2_root()?,
-            };
-            match proxy_agent::proxy::limits::raise_fd_limit() {
-                Ok(n) => tracing::info!(open_files = n, "open-file limit"),
-                Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    admin::LogControl::new(&initial, move |f| {
+        let filter = tracing_subscriber::EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
+}
+
+fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
+    let RunArgs {
+        manifests,
+        kubeconfig,
+        node_name,
+        cgroup,
+        bpffs,
+        poll_ms,
+        node_ip,
+        proxy_port,
+        proxy_workers,
+        limits,
+        admin_addr,
+        admin_addr_unsafe,
+        metrics_addr,
+        access_log,
+        max_manifest_bytes,
+    } = args;
+    admin::server::check_admin_addr(admin_addr, admin_addr_unsafe)?;
+    let cgroup = match cgroup {
+        Some(c) => c,
+        None => cgroup2_root()?,
+    };
+    match proxy_agent::proxy::limits::raise_fd_limit() {
+        Ok(n) => tracing::info!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+    let workers = proxy_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let telemetry = proxy_agent::proxy::telemetry::Telemetry::new(
+        workers,
+        proxy_agent::proxy::telemetry::AccessLog::start(&access_log)?,
+    );
+    let (source, source_kind, location) = match manifests {
+        Some(dir) => {
+            let l = dir.display().to_string();
+            (Source::Manifests(dir), "manifests", l)
+        }
+        None => {
+            let l = kubeconfig
+                .as_ref()
+                .map_or("in-cluster".to_string(), |k| k.display().to_string());
+            (Source::Kubernetes(kubeconfig), "kubernetes", l)
+        }
+    };
+    let hub = admin::Hub::new(
+        admin::AgentInfo {
+            source: source_kind.into(),
+            source_location: location,
+            node_name: node_name.clone(),
+            bpffs: bpffs.clone(),
+            cgroup: cgroup.clone(),
+            proxy_addr: node_ip.map(|ip| std::net::SocketAddr::from((ip, proxy_port))),
+            version: env!("CARGO_PKG_VERSION"),
+        },
+        proxy_agent::source::Reporter::new(),
+        telemetry,
+        Some(log),
+    );
+    // Three planes on their own threads: the admin API and metrics, the agent's work (sources,
+    // parsing, map writes), and the proxy's serving; none can delay another.
+    let admin_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the admin runtime")?;
+    admin::server::start(
+        &hub,
+        &admin::server::AdminConfig {
+            admin_addr,
+            metrics_addr,
+            admin_addr_unsafe,
+        },
+        admin_rt.handle(),
+    )?;
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_thread = std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            admin_rt.block_on(async {
+                let _ = admin_stopped.await;
+            });
+            admin_rt.shutdown_background();
+        })
+        .context("starting the admin thread")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("agent")
+        .enable_all()
+        .build()
+        .context("starting the agent runtime")?;
+    let proxy_workers = proxy_agent::proxy::workers::Workers::start(workers)?;
+    let result = rt.block_on(agent::run(RunConfig {
+        source,
+        node_name,
+        cgroup,
+        bpffs,
+        poll: Duration::from_millis(poll_ms),
+        max_manifest_bytes,
+        node_ip,
+        proxy_port,
+        proxy: limits.into(),
+        proxy_workers: proxy_workers.handles().to_vec(),
+        hub,
+    }));
+    // The runtimes end here, outside any async context.
+    drop(rt);
+    proxy_workers.stop();
+    let _ = admin_stop.send(());
+    let _ = admin_thread.join();
+    result
+}
+
+fn print(v: &serde_json::Value, o: Output, table: fn(&serde_json::Value) -> String) {
+    print!(
+        "{}",
+        admin::render::document(v, o).unwrap_or_else(|| table(v))
+    );
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
             }
-            // The agent's own work (sources, parsing, map writes) and the proxy's serving run
-            // on separate runtimes, so a large manifest never delays a proxied request.
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("agent")
-                .enable_all()
-                .build()
-                .context("starting the agent runtime")?;
-            let workers = proxy_workers
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
-            let proxy_workers = proxy_agent::proxy::workers::Workers::start(workers)?;
-            let source = match manifests {
-                Some(dir) => Source::Manifests(dir),
-                None => Source::Kubernetes(kubeconfig),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let log = match &cli.command {
+        Command::Run(_) => Some(init_tracing()),
+        _ => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .init();
+            None
+        }
+    };
+    let client = |c: &ClientArgs| admin::client::Client::new(c.admin_addr);
+    match cli.command {
+        Command::Run(args) => run(*args, log.context("logging")?),
+        Command::Status(c) => {
+            print(
+                &client(&c).get_json("/status")?,
+                c.output,
+                admin::render::status,
+            );
+            Ok(())
+        }
+        Command::Services(c) => {
+            print(
+                &client(&c).get_json("/services")?,
+                c.output,
+                admin::render::services,
+            );
+            Ok(())
+        }
+        Command::Service { name, client: c } => {
+            let (ns, n) = name.split_once('/').unwrap_or(("default", name.as_str()));
+            let v = client(&c).get_json(&format!("/services/{}/{}", encode(ns), encode(n)))?;
+            print(&v, c.output, admin::render::service);
+            Ok(())
+        }
+        Command::Routes(c) => {
+            print(
+                &client(&c).get_json("/routes")?,
+                c.output,
+                admin::render::routes,
+            );
+            Ok(())
+        }
+        Command::Clusters(c) => {
+            print(
+                &client(&c).get_json("/clusters")?,
+                c.output,
+                admin::render::clusters,
+            );
+            Ok(())
+        }
+        Command::Explain {
+            from,
+            to,
+            udp,
+            path,
+            headers,
+            client: c,
+        } => {
+            let mut q = format!("/explain?from={from}&to={}", encode(&to.to_string()));
+            if udp {
+                q.push_str("&protocol=UDP");
+            }
+            if let Some(p) = path {
+                q.push_str(&format!("&path={}", encode(&p)));
+            }
+            for h in headers {
+                q.push_str(&format!("&header={}", encode(&h)));
+            }
+            print(&client(&c).get_json(&q)?, c.output, admin::render::explain);
+            Ok(())
+        }
+        Command::Monitor {
+            types,
+            count,
+            client: c,
+        } => {
+            let types = if types.is_empty() {
+                "trace,drop,l7".to_string()
+            } else {
+                types.join(",")
             };
-            let result = rt.block_on(agent::run(RunConfig {
-                source,
-                node_name,
-                cgroup,
-                bpffs,
-                poll: Duration::from_millis(poll_ms),
-                node_ip,
-                proxy_port,
-                proxy: limits.into(),
-                proxy_workers: proxy_workers.handles().to_vec(),
-            }));
-            // Both runtimes end here, outside any async context.
-            drop(rt);
-            proxy_workers.stop();
-            result
+            let mut seen = 0usize;
+            let out = std::io::stdout();
+            client(&c).stream_lines(&format!("/monitor?types={types}"), |line| {
+                use std::io::Write as _;
+                let text = match c.output {
+                    Output::Json => line.to_string(),
+                    _ => serde_json::from_str(line)
+                        .map(|v| admin::render::monitor_line(&v))
+                        .unwrap_or_else(|_| line.to_string()),
+                };
+                let mut o = out.lock();
+                let _ = writeln!(o, "{text}");
+                let _ = o.flush();
+                seen += 1;
+                count.is_none_or(|n| seen < n)
+            })
+        }
+        Command::Problems(c) => {
+            print(
+                &client(&c).get_json("/problems")?,
+                c.output,
+                admin::render::problems,
+            );
+            Ok(())
+        }
+        Command::LogLevel { level, client: c } => {
+            let v = client(&c).json("POST", &format!("/logging?level={}", encode(&level)))?;
+            match admin::render::document(&v, c.output) {
+                Some(d) => print!("{d}"),
+                None => println!("log filter is now {}", admin::render::text(&v["level"])),
+            }
+            Ok(())
         }
         #[cfg(feature = "codegen")]
         Command::Crds => {
             print!("{}", proxy_agent::istio::crd_yaml());
             Ok(())
         }
-        Command::Dump { bpffs } => {
+        Command::Dump {
+            bpffs,
+            admin_addr,
+            output,
+        } => {
             let maps = datapath::loader::open_pinned_maps(&bpffs)
                 .with_context(|| format!("opening the maps pinned under {}", bpffs.display()))?;
-            print!("{}", datapath::dump(&maps)?);
+            if output == Output::Table {
+                print!("{}", datapath::dump(&maps)?);
+                return Ok(());
+            }
+            let names = admin::client::Client::new(admin_addr).get_json("/services");
+            if let Err(e) = &names {
+                eprintln!("warning: Services are not named: {e}");
+            }
+            let v = datapath::maps::dump_json(&maps, names.ok().as_ref())?;
+            print!(
+                "{}",
+                admin::render::document(&v, output).unwrap_or_default()
+            );
             Ok(())
         }
         Command::Cleanup { bpffs } => {

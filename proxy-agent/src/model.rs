@@ -1,6 +1,6 @@
 //! The desired-state model: the one representation of "what the node should serve".
 //!
-//! Sources (the manifests directory, later the API server) produce a [`State`]; the map
+//! Sources (the manifests directory, the API server) produce a [`State`]; the map
 //! reconciler and the L7 proxy consume only this model, never source-specific types.
 
 use std::collections::{BTreeMap, HashMap};
@@ -130,6 +130,30 @@ impl ServicePort {
         }
     }
 
+    /// Why [`ServicePort::is_l7`] says what it says, in the operator's terms.
+    pub fn l7_reason(&self, mode: Option<Mode>) -> String {
+        if self.protocol != Protocol::Tcp {
+            return format!("{}: balanced in the kernel", self.protocol);
+        }
+        match mode {
+            Some(Mode::L4) => return format!("annotation {MODE_ANNOTATION}: l4"),
+            Some(Mode::L7) => return format!("annotation {MODE_ANNOTATION}: l7"),
+            None => {}
+        }
+        match &self.app_protocol {
+            Some(a) if self.is_l7(None) => format!("appProtocol {a}"),
+            Some(a) => format!("appProtocol {a} is not HTTP/gRPC"),
+            None if self.is_l7(None) => {
+                format!("port name {:?} (Istio's http/grpc naming)", self.name)
+            }
+            None if self.name.is_empty() => "unnamed port, no appProtocol".into(),
+            None => format!(
+                "port name {:?} is not http/grpc and no appProtocol",
+                self.name
+            ),
+        }
+    }
+
     /// Whether upstream connections speak HTTP/2 (h2c/gRPC ports).
     pub fn is_h2(&self) -> bool {
         let app = self.app_protocol.as_deref().map(str::to_ascii_lowercase);
@@ -215,6 +239,9 @@ pub struct EndpointSlice {
     pub ports: Vec<EndpointPort>,
     /// Endpoints.
     pub endpoints: Vec<Endpoint>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`: when the change behind this version
+    /// happened (network programming latency is measured from it).
+    pub trigger_time: Option<std::time::SystemTime>,
 }
 
 /// Everything the node should serve.
@@ -449,6 +476,7 @@ mod tests {
                     pod: None,
                 })
                 .collect(),
+            trigger_time: None,
         }
     }
 

@@ -237,6 +237,121 @@ pub struct OrigKey {
 }
 const _: () = assert!(size_of::<OrigKey>() == 8);
 
+/// Name of the per-CPU counter array of the programs (indices `STAT_*`, [`STATS_COUNT`] slots).
+pub const MAP_STATS: &str = "PXA_STATS_V1";
+/// Name of the monitor switch (one `u32` at index 0): events are written to [`MAP_EVENTS`] only
+/// while it is non-zero, i.e. while a `proxy-agent monitor` reader is attached.
+pub const MAP_MONITOR: &str = "PXA_MONITOR_V1";
+/// Name of the ring buffer of [`TraceEvent`]s.
+pub const MAP_EVENTS: &str = "PXA_EVENTS_V1";
+/// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// Counter: connect4 translated a ClusterIP to a backend in the kernel.
+pub const STAT_CONNECT4: u32 = 0;
+/// Counter: connect6 translated (IPv4-mapped).
+pub const STAT_CONNECT6: u32 = 1;
+/// Counter: sendmsg4 translated.
+pub const STAT_SENDMSG4: u32 = 2;
+/// Counter: sendmsg6 translated.
+pub const STAT_SENDMSG6: u32 = 3;
+/// Counter: recvmsg4 reversed a backend address to the ClusterIP.
+pub const STAT_RECVMSG4: u32 = 4;
+/// Counter: recvmsg6 reversed.
+pub const STAT_RECVMSG6: u32 = 5;
+/// Counter: getpeername4 reversed.
+pub const STAT_GETPEERNAME4: u32 = 6;
+/// Counter: getpeername6 reversed.
+pub const STAT_GETPEERNAME6: u32 = 7;
+/// Counter: a Service without a usable backend refused a connect or send (ECONNREFUSED).
+pub const STAT_REFUSED: u32 = 8;
+/// Counter: an HTTP/gRPC connect was redirected to the node proxy.
+pub const STAT_L7_REDIRECT: u32 = 9;
+/// Counter: an HTTP/gRPC connect was balanced in the kernel because the proxy was down.
+pub const STAT_L7_FALLBACK: u32 = 10;
+/// Counter: a direct connect to the proxy port was refused.
+pub const STAT_PROXY_PORT_REFUSED: u32 = 11;
+/// Counter: monitor events written to the ring buffer.
+pub const STAT_EVENTS: u32 = 12;
+/// Counter: monitor events lost (ring buffer full).
+pub const STAT_EVENTS_LOST: u32 = 13;
+/// Counter: original destinations published by sock_ops for the proxy.
+pub const STAT_ORIG_DST: u32 = 14;
+// Translation counters are indexed by hook: `STAT_CONNECT4 + HOOK_*`.
+const _: () = assert!(STAT_GETPEERNAME6 == STAT_CONNECT4 + HOOK_GETPEERNAME6 as u32);
+const _: () = assert!(STAT_SENDMSG6 == STAT_CONNECT4 + HOOK_SENDMSG6 as u32);
+/// Number of counters in [`MAP_STATS`].
+pub const STATS_COUNT: u32 = 16;
+
+/// Hook of a [`TraceEvent`]: connect4.
+pub const HOOK_CONNECT4: u8 = 0;
+/// Hook: connect6.
+pub const HOOK_CONNECT6: u8 = 1;
+/// Hook: sendmsg4.
+pub const HOOK_SENDMSG4: u8 = 2;
+/// Hook: sendmsg6.
+pub const HOOK_SENDMSG6: u8 = 3;
+/// Hook: recvmsg4.
+pub const HOOK_RECVMSG4: u8 = 4;
+/// Hook: recvmsg6.
+pub const HOOK_RECVMSG6: u8 = 5;
+/// Hook: getpeername4.
+pub const HOOK_GETPEERNAME4: u8 = 6;
+/// Hook: getpeername6.
+pub const HOOK_GETPEERNAME6: u8 = 7;
+
+/// Verdict of a [`TraceEvent`]: translated to a backend in the kernel.
+pub const VERDICT_TRANSLATED: u8 = 0;
+/// Verdict: redirected to the node proxy.
+pub const VERDICT_L7_REDIRECT: u8 = 1;
+/// Verdict: an HTTP/gRPC Service balanced in the kernel because the proxy was down.
+pub const VERDICT_L7_FALLBACK: u8 = 2;
+/// Verdict: refused, no usable backend.
+pub const VERDICT_REFUSED: u8 = 3;
+/// Verdict: refused, a direct connect to the proxy port.
+pub const VERDICT_PROXY_PORT: u8 = 4;
+/// Verdict: a backend address reversed to the ClusterIP (recvmsg, getpeername).
+pub const VERDICT_REVERSED: u8 = 5;
+
+/// One socket translation, written to [`MAP_EVENTS`] while a monitor is attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TraceEvent {
+    /// `bpf_ktime_get_ns`.
+    pub ts_ns: u64,
+    /// Socket cookie.
+    pub cookie: u64,
+    /// Network namespace cookie of the socket (one per pod).
+    pub netns_cookie: u64,
+    /// Process id (tgid) of the caller.
+    pub pid: u32,
+    /// Service id of the master entry (0 when none).
+    pub service_id: u32,
+    /// Address the application used, network byte order.
+    pub orig_addr_be: u32,
+    /// Address after the hook, network byte order.
+    pub new_addr_be: u32,
+    /// Port the application used, network byte order.
+    pub orig_port_be: u16,
+    /// Port after the hook, network byte order.
+    pub new_port_be: u16,
+    /// `HOOK_*`.
+    pub hook: u8,
+    /// `VERDICT_*`.
+    pub verdict: u8,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// Explicit padding; always 0.
+    pub _pad: u8,
+    /// Backend id chosen (0 when none).
+    pub backend_id: u32,
+    /// The caller's command name (`bpf_get_current_comm`), NUL-padded.
+    pub comm: [u8; 16],
+    /// Explicit padding; always 0.
+    pub _pad2: u32,
+}
+const _: () = assert!(size_of::<TraceEvent>() == 72);
+
 /// Picks a backend slot in `1..=count` from a 32-bit random or hash value without a division.
 ///
 /// Returns 0 when `count` is 0 (no backend).
@@ -285,6 +400,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityMatchKey {}
     unsafe impl aya::Pod for L7Config {}
     unsafe impl aya::Pod for OrigKey {}
+    unsafe impl aya::Pod for TraceEvent {}
 }
 
 #[cfg(test)]

@@ -5,24 +5,34 @@
 //! entry. `recvmsg4/6` and `getpeername4/6` translate the backend back to the ClusterIP so
 //! applications (DNS resolvers in particular) see the address they asked for. IPv6 sockets are
 //! handled for IPv4-mapped addresses (`::ffff:a.b.c.d`).
+//!
+//! Every decision is counted in a per-CPU array (`PXA_STATS_V1`), and while a monitor reader is
+//! attached (the `PXA_MONITOR_V1` switch) each one is also written to a ring buffer as a
+//! [`TraceEvent`]; with the switch off nothing is written.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_prandom_u32,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
         generated::{bpf_map_lookup_elem, bpf_set_retval, bpf_sk_release},
     },
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, SockMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap},
     programs::{SockAddrContext, SockOpsContext},
 };
 use proxy_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
-    BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, L7Config, ORIG_DST_MAX_ENTRIES,
-    OrigKey, PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES,
-    SVC_F_AFFINITY, SVC_F_L7, ServiceKey, ServiceValue, mix64, pick_slot, usable_slots,
+    BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, EVENTS_RING_BYTES, HOOK_CONNECT4,
+    HOOK_CONNECT6, HOOK_GETPEERNAME4, HOOK_GETPEERNAME6, HOOK_RECVMSG4, HOOK_RECVMSG6,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, L7Config, ORIG_DST_MAX_ENTRIES, OrigKey, PROTO_TCP, PROTO_UDP,
+    REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES, STAT_CONNECT4, STAT_EVENTS,
+    STAT_EVENTS_LOST, STAT_L7_FALLBACK, STAT_L7_REDIRECT, STAT_ORIG_DST, STAT_PROXY_PORT_REFUSED,
+    STAT_REFUSED, STATS_COUNT, SVC_F_AFFINITY, SVC_F_L7, ServiceKey, ServiceValue, TraceEvent,
+    VERDICT_L7_FALLBACK, VERDICT_L7_REDIRECT, VERDICT_PROXY_PORT, VERDICT_REFUSED,
+    VERDICT_REVERSED, VERDICT_TRANSLATED, mix64, pick_slot, usable_slots,
 };
 
 /// Allow the syscall.
@@ -59,6 +69,81 @@ static PROXY_SOCK: SockMap = SockMap::pinned(1, 0);
 #[map(name = "PXA_ORIGDST_V1")]
 static ORIG_DST: LruHashMap<OrigKey, RevValue> = LruHashMap::pinned(ORIG_DST_MAX_ENTRIES, 0);
 
+#[map(name = "PXA_STATS_V1")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_COUNT, 0);
+
+/// Non-zero while a monitor reader is attached; the agent sets and clears it.
+#[map(name = "PXA_MONITOR_V1")]
+static MONITOR: Array<u32> = Array::pinned(1, 0);
+
+#[map(name = "PXA_EVENTS_V1")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+/// Adds one to counter `i` of this CPU.
+#[inline(always)]
+fn count(i: u32) {
+    if let Some(c) = STATS.get_ptr_mut(i) {
+        // SAFETY: a per-CPU slot is only touched by programs on this CPU, one at a time.
+        unsafe { *c += 1 };
+    }
+}
+
+/// What a hook decided, for the counters and the monitor.
+#[derive(Clone, Copy)]
+struct Decision {
+    hook: u8,
+    verdict: u8,
+    proto: u8,
+    orig_addr_be: u32,
+    orig_port_be: u16,
+    new_addr_be: u32,
+    new_port_be: u16,
+    service_id: u32,
+    backend_id: u32,
+}
+
+/// Writes `d` to the ring buffer if a monitor reader is attached.
+#[inline(always)]
+fn trace(ctx: &SockAddrContext, d: &Decision) {
+    let on = MONITOR.get(0).copied().unwrap_or(0);
+    if on == 0 {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<TraceEvent>(0) else {
+        count(STAT_EVENTS_LOST);
+        return;
+    };
+    let ctx_ptr = ctx.as_ptr();
+    // SAFETY: helpers called with the program's own context.
+    let (cookie, netns_cookie) = unsafe {
+        (
+            bpf_get_socket_cookie(ctx_ptr),
+            bpf_get_netns_cookie(ctx_ptr),
+        )
+    };
+    let ev = TraceEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        cookie,
+        netns_cookie,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        service_id: d.service_id,
+        orig_addr_be: d.orig_addr_be,
+        new_addr_be: d.new_addr_be,
+        orig_port_be: d.orig_port_be,
+        new_port_be: d.new_port_be,
+        hook: d.hook,
+        verdict: d.verdict,
+        proto: d.proto,
+        _pad: 0,
+        backend_id: d.backend_id,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        _pad2: 0,
+    };
+    entry.write(ev);
+    entry.submit(0);
+    count(STAT_EVENTS);
+}
+
 /// Whether the node proxy's listening socket is alive (present in the sockmap).
 #[inline(always)]
 fn proxy_alive() -> bool {
@@ -89,10 +174,10 @@ fn l7_target() -> Option<L7Config> {
 enum Fwd {
     /// Not a Service address: leave the socket alone.
     Pass,
-    /// Translated to this backend.
-    To(BackendValue),
-    /// A Service with no usable backend: fail fast.
-    Refuse,
+    /// Translated to this backend (verdict, service id, backend id).
+    To(BackendValue, u8, u32, u32),
+    /// A Service with no usable backend: fail fast (service id).
+    Refuse(u32),
 }
 
 /// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), network order.
@@ -132,8 +217,10 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
     let cookie = unsafe { bpf_get_socket_cookie(ctx_ptr) };
     // HTTP/gRPC Services go to the node proxy while it runs; otherwise they are balanced here
     // like any other Service (the fallback that keeps a node working without its proxy).
+    let mut verdict = VERDICT_TRANSLATED;
     if master.flags & SVC_F_L7 != 0 && proto == PROTO_TCP {
         if let Some(cfg) = l7_target() {
+            verdict = VERDICT_L7_FALLBACK;
             if proxy_alive() {
                 let rk = RevKey {
                     cookie,
@@ -148,18 +235,23 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
                     service_id: master.service_id,
                 };
                 let _ = REVERSE.insert(&rk, &rv, 0);
-                return Fwd::To(BackendValue {
-                    addr_be: cfg.proxy_addr_be,
-                    port_be: cfg.proxy_port_be,
-                    proto,
-                    state: 0,
-                });
+                return Fwd::To(
+                    BackendValue {
+                        addr_be: cfg.proxy_addr_be,
+                        port_be: cfg.proxy_port_be,
+                        proto,
+                        state: 0,
+                    },
+                    VERDICT_L7_REDIRECT,
+                    master.service_id,
+                    0,
+                );
             }
         }
     }
     let (first, len) = usable_slots(&master);
     if len == 0 {
-        return Fwd::Refuse;
+        return Fwd::Refuse(master.service_id);
     }
 
     let mut chosen: Option<(u32, BackendValue)> = None;
@@ -210,10 +302,10 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
             let Some(slot) = (unsafe { SERVICES.get(&key) }).copied() else {
                 // The agent is between writes; slots are written before counts, so this is
                 // only a transient inconsistency.
-                return Fwd::Refuse;
+                return Fwd::Refuse(master.service_id);
             };
             let Some(b) = (unsafe { BACKENDS.get(&slot.backend_id) }).copied() else {
-                return Fwd::Refuse;
+                return Fwd::Refuse(master.service_id);
             };
             (slot.backend_id, b)
         }
@@ -239,7 +331,7 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
         service_id: master.service_id,
     };
     let _ = REVERSE.insert(&rk, &rv, 0);
-    Fwd::To(backend)
+    Fwd::To(backend, verdict, master.service_id, backend_id)
 }
 
 /// The VIP a translated socket believes its peer `addr_be:port_be` is, if the entry is current.
@@ -295,8 +387,84 @@ fn set_addr6_mapped(ctx: &SockAddrContext, addr_be: u32, port_be: u16) {
     }
 }
 
+/// Counts and traces a forward decision, and returns the hook's answer.
 #[inline(always)]
-fn fwd4(ctx: &SockAddrContext) -> i32 {
+fn decide(
+    ctx: &SockAddrContext,
+    hook: u8,
+    proto: u8,
+    addr_be: u32,
+    port_be: u16,
+    fwd: Fwd,
+) -> (i32, Option<BackendValue>) {
+    let mut d = Decision {
+        hook,
+        verdict: VERDICT_TRANSLATED,
+        proto,
+        orig_addr_be: addr_be,
+        orig_port_be: port_be,
+        new_addr_be: addr_be,
+        new_port_be: port_be,
+        service_id: 0,
+        backend_id: 0,
+    };
+    let answer = match fwd {
+        Fwd::Pass => return (SYS_PROCEED, None),
+        Fwd::To(b, verdict, service_id, backend_id) => {
+            d.verdict = verdict;
+            d.new_addr_be = b.addr_be;
+            d.new_port_be = b.port_be;
+            d.service_id = service_id;
+            d.backend_id = backend_id;
+            count(match verdict {
+                VERDICT_L7_REDIRECT => STAT_L7_REDIRECT,
+                VERDICT_L7_FALLBACK => STAT_L7_FALLBACK,
+                _ => STAT_CONNECT4 + hook as u32,
+            });
+            if verdict == VERDICT_L7_FALLBACK {
+                count(STAT_CONNECT4 + hook as u32);
+            }
+            (SYS_PROCEED, Some(b))
+        }
+        Fwd::Refuse(service_id) => {
+            d.verdict = VERDICT_REFUSED;
+            d.service_id = service_id;
+            count(STAT_REFUSED);
+            (refuse(), None)
+        }
+    };
+    trace(ctx, &d);
+    answer
+}
+
+#[inline(always)]
+fn proxy_port_refused(
+    ctx: &SockAddrContext,
+    hook: u8,
+    proto: u8,
+    addr_be: u32,
+    port_be: u16,
+) -> i32 {
+    count(STAT_PROXY_PORT_REFUSED);
+    trace(
+        ctx,
+        &Decision {
+            hook,
+            verdict: VERDICT_PROXY_PORT,
+            proto,
+            orig_addr_be: addr_be,
+            orig_port_be: port_be,
+            new_addr_be: addr_be,
+            new_port_be: port_be,
+            service_id: 0,
+            backend_id: 0,
+        },
+    );
+    refuse()
+}
+
+#[inline(always)]
+fn fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
@@ -304,20 +472,18 @@ fn fwd4(ctx: &SockAddrContext) -> i32 {
     // SAFETY: reads and 4-byte writes of context fields the verifier allows for these hooks.
     let (addr_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
     if is_proxy_port(addr_be, port_be) {
-        return refuse();
+        return proxy_port_refused(ctx, hook, proto, addr_be, port_be);
     }
-    match forward(ctx, addr_be, port_be, proto) {
-        Fwd::Pass => SYS_PROCEED,
-        Fwd::To(b) => {
-            set_addr4(ctx, b.addr_be, b.port_be);
-            SYS_PROCEED
-        }
-        Fwd::Refuse => refuse(),
+    let fwd = forward(ctx, addr_be, port_be, proto);
+    let (answer, to) = decide(ctx, hook, proto, addr_be, port_be, fwd);
+    if let Some(b) = to {
+        set_addr4(ctx, b.addr_be, b.port_be);
     }
+    answer
 }
 
 #[inline(always)]
-fn fwd6(ctx: &SockAddrContext) -> i32 {
+fn fwd6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
@@ -328,16 +494,14 @@ fn fwd6(ctx: &SockAddrContext) -> i32 {
     };
     let port_be = unsafe { (*sa).user_port } as u16;
     if is_proxy_port(addr_be, port_be) {
-        return refuse();
+        return proxy_port_refused(ctx, hook, proto, addr_be, port_be);
     }
-    match forward(ctx, addr_be, port_be, proto) {
-        Fwd::Pass => SYS_PROCEED,
-        Fwd::To(b) => {
-            set_addr6_mapped(ctx, b.addr_be, b.port_be);
-            SYS_PROCEED
-        }
-        Fwd::Refuse => refuse(),
+    let fwd = forward(ctx, addr_be, port_be, proto);
+    let (answer, to) = decide(ctx, hook, proto, addr_be, port_be, fwd);
+    if let Some(b) = to {
+        set_addr6_mapped(ctx, b.addr_be, b.port_be);
     }
+    answer
 }
 
 /// Pods may reach the proxy only through a redirect: the proxy is no open relay.
@@ -354,7 +518,26 @@ fn refuse() -> i32 {
 }
 
 #[inline(always)]
-fn rev4(ctx: &SockAddrContext) -> i32 {
+fn reversed(ctx: &SockAddrContext, hook: u8, proto: u8, addr_be: u32, port_be: u16, rv: &RevValue) {
+    count(STAT_CONNECT4 + hook as u32);
+    trace(
+        ctx,
+        &Decision {
+            hook,
+            verdict: VERDICT_REVERSED,
+            proto,
+            orig_addr_be: addr_be,
+            orig_port_be: port_be,
+            new_addr_be: rv.addr_be,
+            new_port_be: rv.port_be,
+            service_id: rv.service_id,
+            backend_id: 0,
+        },
+    );
+}
+
+#[inline(always)]
+fn rev4(ctx: &SockAddrContext, hook: u8) -> i32 {
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
@@ -362,12 +545,13 @@ fn rev4(ctx: &SockAddrContext) -> i32 {
     let (addr_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
     if let Some(rv) = reverse(ctx, addr_be, port_be, proto) {
         set_addr4(ctx, rv.addr_be, rv.port_be);
+        reversed(ctx, hook, proto, addr_be, port_be, &rv);
     }
     SYS_PROCEED
 }
 
 #[inline(always)]
-fn rev6(ctx: &SockAddrContext) -> i32 {
+fn rev6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
@@ -379,6 +563,7 @@ fn rev6(ctx: &SockAddrContext) -> i32 {
     let port_be = unsafe { (*sa).user_port } as u16;
     if let Some(rv) = reverse(ctx, addr_be, port_be, proto) {
         set_addr6_mapped(ctx, rv.addr_be, rv.port_be);
+        reversed(ctx, hook, proto, addr_be, port_be, &rv);
     }
     SYS_PROCEED
 }
@@ -386,49 +571,49 @@ fn rev6(ctx: &SockAddrContext) -> i32 {
 /// TCP and connected UDP sockets, IPv4.
 #[cgroup_sock_addr(connect4)]
 pub fn pxa_connect4(ctx: SockAddrContext) -> i32 {
-    fwd4(&ctx)
+    fwd4(&ctx, HOOK_CONNECT4)
 }
 
 /// TCP and connected UDP sockets, IPv6 (IPv4-mapped destinations).
 #[cgroup_sock_addr(connect6)]
 pub fn pxa_connect6(ctx: SockAddrContext) -> i32 {
-    fwd6(&ctx)
+    fwd6(&ctx, HOOK_CONNECT6)
 }
 
 /// Unconnected UDP sends, IPv4.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn pxa_sendmsg4(ctx: SockAddrContext) -> i32 {
-    fwd4(&ctx)
+    fwd4(&ctx, HOOK_SENDMSG4)
 }
 
 /// Unconnected UDP sends, IPv6 (IPv4-mapped destinations).
 #[cgroup_sock_addr(sendmsg6)]
 pub fn pxa_sendmsg6(ctx: SockAddrContext) -> i32 {
-    fwd6(&ctx)
+    fwd6(&ctx, HOOK_SENDMSG6)
 }
 
 /// UDP receives: replies from a backend appear to come from the ClusterIP.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn pxa_recvmsg4(ctx: SockAddrContext) -> i32 {
-    rev4(&ctx)
+    rev4(&ctx, HOOK_RECVMSG4)
 }
 
 /// UDP receives on IPv6 sockets (IPv4-mapped sources).
 #[cgroup_sock_addr(recvmsg6)]
 pub fn pxa_recvmsg6(ctx: SockAddrContext) -> i32 {
-    rev6(&ctx)
+    rev6(&ctx, HOOK_RECVMSG6)
 }
 
 /// getpeername(): the application sees the ClusterIP as its peer.
 #[cgroup_sock_addr(getpeername4)]
 pub fn pxa_getpeername4(ctx: SockAddrContext) -> i32 {
-    rev4(&ctx)
+    rev4(&ctx, HOOK_GETPEERNAME4)
 }
 
 /// getpeername() on IPv6 sockets (IPv4-mapped peers).
 #[cgroup_sock_addr(getpeername6)]
 pub fn pxa_getpeername6(ctx: SockAddrContext) -> i32 {
-    rev6(&ctx)
+    rev6(&ctx, HOOK_GETPEERNAME6)
 }
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -508,6 +693,7 @@ pub fn pxa_sockops(ctx: SockOpsContext) -> u32 {
             _pad: 0,
         };
         let _ = ORIG_DST.insert(&ok, &rv, 0);
+        count(STAT_ORIG_DST);
     }
     1
 }

@@ -7,6 +7,7 @@
 //! `pxt<owner pid>-<n>…`, removed on drop (even on panic), and left-overs of a crashed run (owner
 //! pid gone) are removed when the next run starts. Processes are ended by PID only.
 
+pub mod admin;
 pub mod apiserver;
 pub mod k8s;
 pub mod leftovers;

@@ -174,7 +174,7 @@ impl SimNode {
     }
 
     /// Starts `proxy-agent run` on this node's manifests directory with `extra` arguments and
-    /// waits for the first "datapath synced".
+    /// waits until its `/ready` answers.
     pub fn start_agent(&self, extra: &[&str]) -> Proc {
         let manifests = self.manifests();
         let mut args = vec!["--manifests", manifests.to_str().expect("utf-8 path")];
@@ -183,7 +183,7 @@ impl SimNode {
     }
 
     /// Starts `proxy-agent run` against an API server through `kubeconfig` (a file path) and
-    /// waits for the first "datapath synced".
+    /// waits until its `/ready` answers.
     pub fn start_agent_kube(&self, kubeconfig: &Path, extra: &[&str]) -> Proc {
         let mut args = vec![
             "--kubeconfig",
@@ -196,7 +196,7 @@ impl SimNode {
     }
 
     /// Starts `proxy-agent run` on the manifests directory through a wrapper command (e.g.
-    /// `prlimit --nofile=300:300 --`), and waits for the first "datapath synced".
+    /// `prlimit --nofile=300:300 --`), and waits until its `/ready` answers.
     pub fn start_agent_wrapped(&self, wrapper: &[&str], agent: &str, extra: &[&str]) -> Proc {
         let manifests = self.manifests();
         let mut args = wrapper[1..].to_vec();
@@ -226,6 +226,60 @@ impl SimNode {
         self.spawn_agent(self.host_place().command(sys::bin("proxy-agent"), &args))
     }
 
+    /// The agent's `/status` (panics if it does not answer).
+    pub fn status(&self) -> serde_json::Value {
+        crate::admin::get_json(&self.netns_path(), "/status")
+    }
+
+    /// GETs a JSON document from the agent's admin API.
+    pub fn admin_json(&self, path: &str) -> serde_json::Value {
+        crate::admin::get_json(&self.netns_path(), path)
+    }
+
+    /// Waits until the agent's `/status` satisfies `f`; returns it.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let ns = self.netns_path();
+        sys::poll(
+            &format!("the agent's /status to show {what}"),
+            timeout,
+            || crate::admin::status(&ns).filter(|s| f(s)),
+        )
+    }
+
+    /// Waits until the agent applied generation `n` (or a later one) successfully.
+    pub fn wait_synced(&self, n: u64, timeout: Duration) -> serde_json::Value {
+        self.wait_status(&format!("generation {n} applied"), timeout, |s| {
+            s["last_apply"]["generation"].as_u64().unwrap_or(0) >= n
+                && s["last_apply"]["ok"] == true
+        })
+    }
+
+    /// Waits until the agent has `n` HTTP routes.
+    pub fn wait_l7_routes(&self, n: usize, timeout: Duration) -> serde_json::Value {
+        self.wait_status(&format!("{n} HTTP routes"), timeout, |s| {
+            s["l7_routes"] == n && s["last_apply"]["ok"] == true
+        })
+    }
+
+    /// Waits until the agent's `/ready` answers 200 (first sync done, proxy listening),
+    /// failing at once if the agent exits.
+    pub fn wait_ready(&self, agent: &mut Proc, timeout: Duration) {
+        let ns = self.netns_path();
+        sys::poll("the agent's /ready to answer 200", timeout, || {
+            assert!(
+                agent.running(),
+                "the agent exited before it was ready: {}",
+                agent.log_text()
+            );
+            crate::admin::ready(&ns).then_some(())
+        });
+    }
+
     fn spawn_agent(&self, mut cmd: std::process::Command) -> Proc {
         let place = self.host_place();
         cmd.env(
@@ -240,13 +294,20 @@ impl SimNode {
             cmd,
             place.logs.join(format!("agent-{n}.log")),
         );
-        agent.wait_log_count("datapath synced", 1, Duration::from_secs(30));
+        self.wait_ready(&mut agent, Duration::from_secs(30));
         agent
     }
 
     /// The node's network namespace file (for servers that must live on the node).
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from(format!("/run/netns/{}", self.netns))
+    }
+
+    /// Runs a `proxy-agent` CLI command on the node (it reaches the agent's admin API on the
+    /// node's loopback) and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.host_place()
+            .run(sys::bin("proxy-agent"), args, Duration::from_secs(30))
     }
 
     /// Runs `proxy-agent dump` against this node's pins.

@@ -46,8 +46,8 @@ fn under_attack(attack: &[&str], check: impl FnOnce(&Value)) {
         .collect();
     let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     node.write_manifest("svc.yaml", &k8s::http_service("svc", VIP, 80, 8080, &ips));
-    let mut agent = node.start_agent(&["--node-ip", "198.18.0.1"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let agent = node.start_agent(&["--node-ip", "198.18.0.1"]);
+    node.wait_l7_routes(1, T);
     let url = format!("http://{VIP}/");
     let warm = victim.probe("http-probe", &["--url", &url, "--count", "200"], T);
     assert_eq!(warm["ok"], 200, "{warm}");

@@ -32,8 +32,8 @@ fn setup(
     node.write_manifest("svc.yaml", &k8s::http_service("svc", VIP, 80, 8080, &ips));
     let mut a = vec!["--node-ip", "198.18.0.1"];
     a.extend_from_slice(agent_args);
-    let mut agent = node.start_agent(&a);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let agent = node.start_agent(&a);
+    node.wait_l7_routes(1, T);
     (node, pods, client, other, servers, agent)
 }
 
@@ -160,7 +160,7 @@ fn accept_failures_back_off_instead_of_spinning() {
         agent_bin.to_str().unwrap(),
         &["--node-ip", "198.18.0.1", "--detect-timeout", "100ms"],
     );
-    agent.wait_log_count("l7_routes=1", 1, T);
+    node.wait_l7_routes(1, T);
     let hold = client.spawn_probe(
         "h2-abuse",
         &[
@@ -360,8 +360,8 @@ fn concurrent_http2_requests_open_a_single_upstream_connection() {
         &k8s::service_with_endpoints("svc", VIP, 80, "TCP", 8080, &[pod.ip])
             .replace("- name: p\n", "- name: grpc\n"),
     );
-    let mut agent = node.start_agent(&["--node-ip", "198.18.0.1", "--proxy-workers", "2"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = node.start_agent(&["--node-ip", "198.18.0.1", "--proxy-workers", "2"]);
+    node.wait_l7_routes(1, T);
     // 50 connections at once, each with requests, from a cold start.
     let out = client.run(
         "h2load",
@@ -430,8 +430,8 @@ fn sniffer_node(agent_args: &[&str]) -> (SimNode, Pod, std::path::PathBuf, Proc,
     );
     let mut args = vec!["--node-ip", "198.18.0.1"];
     args.extend_from_slice(agent_args);
-    let mut agent = node.start_agent(&args);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let agent = node.start_agent(&args);
+    node.wait_l7_routes(1, T);
     (node, client, record, server, agent)
 }
 

@@ -72,7 +72,7 @@ fn services_and_endpoints_come_from_the_api_server() {
         "TCP",
         &[(ips[1], k8s::Cond::Ready)],
     ));
-    agent.wait_log_count("datapath synced", 2, T);
+    node.wait_synced(2, T);
     let out = tcp(&client, 50);
     assert_eq!(
         tally(&out, "reads").keys().collect::<Vec<_>>(),
@@ -202,7 +202,7 @@ fn invalid_objects_become_events_and_the_last_good_configuration_keeps_serving()
     let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: default}\nspec:\n  hosts: [web]\n  http:\n  - route: [{destination: {host: web}}]\n";
     api.apply_yaml(vs);
     let mut agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    node.wait_l7_routes(1, T);
     let ok = |n: usize| {
         client.probe(
             "http-probe",
@@ -254,8 +254,8 @@ fn scenario_6_seed_experiment_with_objects_from_the_api_server() {
     let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     api.apply_yaml(&k8s::http_service("svc", "198.19.0.10", 80, 8080, &ips));
     api.apply_yaml(&scenarios::seed_policy("svc"));
-    let mut agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
+    node.wait_l7_routes(1, T);
     let r = scenarios::seed_ab(&client, &client, &servers, &pods[0], || {});
     assert_eq!((r.complete, r.failed, r.non_2xx), (20000, 0, 0), "{r:?}");
 }
@@ -271,8 +271,8 @@ fn scenario_1_retries_with_objects_from_the_api_server() {
     let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     api.apply_yaml(&k8s::http_service("svc", "198.19.0.10", 80, 8080, &ips));
     api.apply_yaml("apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: retry, namespace: default}\nspec:\n  hosts: [svc]\n  http:\n  - route: [{destination: {host: svc}}]\n    timeout: 15s\n    retries: {attempts: 15, perTryTimeout: 1s, retryOn: 'gateway-error,reset,5xx'}\n");
-    let mut agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
+    node.wait_l7_routes(1, T);
     let out = client.probe(
         "http-probe",
         &[

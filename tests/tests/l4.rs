@@ -129,13 +129,13 @@ fn udp_replies_appear_to_come_from_the_clusterip() {
 #[test]
 fn a_removed_endpoint_gets_no_new_connections_and_an_empty_service_refuses_fast() {
     let (node, webs, client, _servers) = web_node(3);
-    let mut agent = node.start_agent(&[]);
+    let _agent = node.start_agent(&[]);
     let ips: Vec<_> = webs.iter().map(|p| p.ip).collect();
     node.write_manifest(
         "web.yaml",
         &k8s::service_with_endpoints("web", VIP, 80, "TCP", 8080, &ips[..2]),
     );
-    agent.wait_log_count("datapath synced", 2, T);
+    node.wait_synced(2, T);
     let out = tcp(&client, "198.19.0.10:80", 300);
     assert_eq!(out["ok"], 300, "{out}");
     assert!(
@@ -147,7 +147,7 @@ fn a_removed_endpoint_gets_no_new_connections_and_an_empty_service_refuses_fast(
         "web.yaml",
         &k8s::service_with_endpoints("web", VIP, 80, "TCP", 8080, &[]),
     );
-    agent.wait_log_count("datapath synced", 3, T);
+    node.wait_synced(3, T);
     let out = client.probe(
         "tcp-probe",
         &[
@@ -187,13 +187,13 @@ fn terminating_endpoints_serve_only_when_none_is_ready() {
         node.write_manifest("web.yaml", &yaml);
     };
     write([Cond::Ready, Cond::Terminating]);
-    let mut agent = node.start_agent(&[]);
+    let _agent = node.start_agent(&[]);
     assert_eq!(
         tally(&tcp(&client, "198.19.0.10:80", 100), "reads"),
         BTreeMap::from([("web1".into(), 100)])
     );
     write([Cond::NotReady, Cond::Terminating]);
-    agent.wait_log_count("datapath synced", 2, T);
+    node.wait_synced(2, T);
     assert_eq!(
         tally(&tcp(&client, "198.19.0.10:80", 100), "reads"),
         BTreeMap::from([("web2".into(), 100)])
@@ -219,7 +219,7 @@ fn session_affinity_client_ip_pins_each_client_to_one_backend() {
             k8s::slice("web-1", "web", 8080, "TCP", &eps)
         ),
     );
-    let mut agent = node.start_agent(&[]);
+    let _agent = node.start_agent(&[]);
     let out = tcp(&client, "198.19.0.10:80", 100);
     let reads = tally(&out, "reads");
     assert_eq!(reads.values().sum::<u64>(), 100, "{out}");
@@ -242,7 +242,7 @@ fn session_affinity_client_ip_pins_each_client_to_one_backend() {
             k8s::slice("web-1", "web", 8080, "TCP", &rest)
         ),
     );
-    agent.wait_log_count("datapath synced", 2, T);
+    node.wait_synced(2, T);
     let reads = tally(&tcp(&client, "198.19.0.10:80", 50), "reads");
     assert_eq!(reads.len(), 1, "{reads:?}");
     assert!(!reads.contains_key(&pinned), "{reads:?}");

@@ -78,8 +78,8 @@ fn seed_experiment_ab_50_concurrent_20000_requests_with_one_pod_failing_midway()
     let (node, pods, client, servers) = http_node("webapp", &[], 2);
     // The mission's fix, written as an Istio user would: retries on 5xx plus outlier detection.
     node.write_manifest("policy.yaml", &scenarios::seed_policy("svc"));
-    let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let agent = node.start_agent(&agent_args());
+    node.wait_l7_routes(1, T);
     let r = scenarios::seed_ab(&client, &client, &servers, &pods[0], || {});
     assert_eq!((r.complete, r.failed, r.non_2xx), (20000, 0, 0), "{r:?}");
     let errors_served = servers[0].log_text().matches(" 500").count();
@@ -162,8 +162,8 @@ const RETRY_VS: &str = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualSe
 fn scenario_1_busy_backends_are_hidden_by_retries() {
     let (node, _pods, client, servers) = http_node("retry-backend", &[], 3);
     node.write_manifest("vs.yaml", RETRY_VS);
-    let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = node.start_agent(&agent_args());
+    node.wait_l7_routes(1, T);
     // 50% busy: 16 tries leave a 0.5^16 chance per request, so all 50 must succeed.
     let out = http(
         &client,
@@ -205,8 +205,8 @@ fn scenario_1_busy_backends_are_hidden_by_retries() {
 fn scenario_1_failures_exhaust_exactly_the_configured_attempts() {
     let (node, _pods, client, _servers) = http_node("retry-backend", &[], 3);
     node.write_manifest("vs.yaml", &RETRY_VS.replace("attempts: 15", "attempts: 4"));
-    let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = node.start_agent(&agent_args());
+    node.wait_l7_routes(1, T);
     let out = client.run(
         "curl",
         &[
@@ -259,8 +259,8 @@ fn scenario_2_crashing_backends_are_hidden_by_retries_within_the_timeout() {
     let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     node.write_manifest("svc.yaml", &k8s::http_service("svc", VIP, 80, 8080, &ips));
     node.write_manifest("vs.yaml", RETRY_VS);
-    let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = node.start_agent(&agent_args());
+    node.wait_l7_routes(1, T);
     let out = http(
         &client,
         "http://198.19.0.10/?failRate=50&mode=crash",
@@ -285,7 +285,7 @@ fn scenario_3_circuit_breaker_ejects_failing_pods_and_lets_them_back_after_the_e
         "apiVersion: networking.istio.io/v1alpha3\nkind: VirtualService\nmetadata: {name: retry}\nspec:\n  hosts: [svc]\n  http:\n  - route: [{destination: {host: svc}}]\n    timeout: 30s\n    retries: {attempts: 30, perTryTimeout: 1s, retryOn: 'gateway-error,reset,5xx'}\n---\napiVersion: networking.istio.io/v1alpha3\nkind: DestinationRule\nmetadata: {name: retry}\nspec:\n  host: svc\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}\n    outlierDetection: {consecutiveErrors: 2, interval: 10s, baseEjectionTime: 1m, maxEjectionPercent: 100}\n",
     );
     let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=1", 1, T);
+    node.wait_l7_routes(1, T);
     let seen = || {
         servers
             .iter()
@@ -343,8 +343,8 @@ fn scenario_3_pool_overflow_answers_503_at_once_with_a_reason() {
         "dr.yaml",
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: retry}\nspec:\n  host: svc\n  trafficPolicy:\n    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}\n",
     );
-    let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = node.start_agent(&agent_args());
+    node.wait_l7_routes(1, T);
     // Two slow requests (crash mode hangs 2 s... use a 100% busy rate with concurrency instead):
     // 8 concurrent requests against 1 connection + 1 pending slot must overflow.
     let out = http(
@@ -396,8 +396,8 @@ fn scenario_4_subsets_random_and_consistent_hash_on_a_header() {
         )
     };
     node.write_manifest("policy.yaml", &policy("{simple: RANDOM}"));
-    let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = node.start_agent(&agent_args());
+    node.wait_l7_routes(1, T);
     let out = http(&client, "http://198.19.0.10/", 60, &[]);
     assert_eq!(out["ok"], 60, "{out}");
     let bodies = tally(&out, "bodies");
@@ -411,7 +411,7 @@ fn scenario_4_subsets_random_and_consistent_hash_on_a_header() {
         "policy.yaml",
         &policy("{consistentHash: {httpHeaderName: User}}"),
     );
-    agent.wait_log_count("datapath synced", 2, T);
+    node.wait_synced(2, T);
     let out = http(
         &client,
         "http://198.19.0.10/",
@@ -464,8 +464,8 @@ fn scenario_5_mirror_copies_every_request_to_the_sniffer() {
         "vs.yaml",
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: retry-service}\nspec:\n  hosts: [retry-service]\n  http:\n  - route: [{destination: {host: retry-service}}]\n    mirror: {host: sniffer}\n",
     );
-    let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=2", 1, T);
+    let _agent = node.start_agent(&agent_args());
+    node.wait_l7_routes(2, T);
     let out = http(
         &client,
         "http://198.19.0.10/hello",
@@ -544,7 +544,7 @@ fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: myweb}\nspec:\n  hosts: [myweb]\n  http:\n  - route: [{destination: {host: myweb, subset: v1}}]\n",
     );
     let mut agent = node.start_agent(&agent_args());
-    agent.wait_log_count("l7_routes=1", 1, T);
+    node.wait_l7_routes(1, T);
     let versions = |out: &Value| -> Vec<String> {
         let mut v: Vec<String> = tally(out, "bodies")
             .keys()
@@ -568,7 +568,7 @@ fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends(
             && log.contains("spec.http[0].route[0].destination.subset"),
         "the problem must name the object and the field: {log}"
     );
-    agent.wait_log_count("datapath synced", 2, T);
+    node.wait_synced(2, T);
     let out = http(&client, "http://198.19.0.10/", 40, &[]);
     assert_eq!(
         (out["ok"].as_u64(), versions(&out)),
@@ -583,12 +583,12 @@ fn a_route_whose_subset_disappears_keeps_its_last_good_version_and_its_backends(
 
     // Fixing the rule serves the new version of the route.
     node.write_manifest("dr.yaml", &rule(both));
-    agent.wait_log_count("datapath synced", 3, T);
+    node.wait_synced(3, T);
     node.write_manifest(
         "vs.yaml",
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: myweb}\nspec:\n  hosts: [myweb]\n  http:\n  - route: [{destination: {host: myweb, subset: v2}}]\n",
     );
-    agent.wait_log_count("datapath synced", 4, T);
+    node.wait_synced(4, T);
     let out = http(&client, "http://198.19.0.10/", 20, &[]);
     assert_eq!(
         (out["ok"].as_u64(), versions(&out)),

@@ -42,8 +42,8 @@ fn node_with(
 }
 
 fn start_agent(node: &SimNode) -> Proc {
-    let mut agent = node.start_agent(&["--node-ip", "198.18.0.1"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let agent = node.start_agent(&["--node-ip", "198.18.0.1"]);
+    node.wait_l7_routes(1, T);
     agent
 }
 

@@ -14,14 +14,15 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, SockMap};
+use aya::maps::{Array, PerCpuArray, RingBuf, SockMap};
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink, links::PinnedLink};
 use aya::{Ebpf, EbpfLoader};
-use proxy_common::{L7Config, OrigKey, RevValue};
 use tracing::{info, warn};
 
+use super::l7::L7Maps;
 use super::maps::AyaMaps;
+use super::telemetry::{Counters, Monitor};
 
 /// The eBPF object built by `build.rs` from `proxy-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -110,6 +111,20 @@ pub fn object_hash() -> String {
     format!("{:08x}", h as u32)
 }
 
+/// Everything [`Datapath::open`] returns.
+pub struct Opened {
+    /// The loaded object and its links.
+    pub datapath: Datapath,
+    /// The balancing maps, for the reconciler.
+    pub maps: AyaMaps,
+    /// The L7 redirect maps, for the proxy.
+    pub l7: L7Maps,
+    /// Decision counters.
+    pub counters: Counters,
+    /// The monitor switch and ring buffer.
+    pub monitor: Monitor,
+}
+
 /// The loaded datapath: maps open, programs attached and pinned.
 pub struct Datapath {
     /// Keeps the object (and its map fds) alive.
@@ -123,7 +138,7 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object with its maps pinned under `bpffs/maps`, and attaches (or adopts) one
     /// link per program on `cgroup`. Returns the datapath and its maps.
-    pub fn open(cgroup: &Path, bpffs: &Path) -> Result<(Self, AyaMaps, L7Maps), DatapathError> {
+    pub fn open(cgroup: &Path, bpffs: &Path) -> Result<Opened, DatapathError> {
         if fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
             return Err(DatapathError::NotCgroup2(cgroup.to_path_buf()));
         }
@@ -197,6 +212,20 @@ impl Datapath {
             backends: take_hash(&mut ebpf, proxy_common::MAP_BACKENDS)?,
             affinity_match: take_hash(&mut ebpf, proxy_common::MAP_AFFINITY_MATCH)?,
         };
+        let map_err = |name: &'static str| {
+            move |e: aya::maps::MapError| DatapathError::Map(name, e.to_string())
+        };
+        let counters = Counters::new(
+            PerCpuArray::try_from(take(&mut ebpf, proxy_common::MAP_STATS)?)
+                .map_err(map_err(proxy_common::MAP_STATS))?,
+        );
+        let monitor = Monitor::new(
+            Array::try_from(take(&mut ebpf, proxy_common::MAP_MONITOR)?)
+                .map_err(map_err(proxy_common::MAP_MONITOR))?,
+            RingBuf::try_from(take(&mut ebpf, proxy_common::MAP_EVENTS)?)
+                .map_err(map_err(proxy_common::MAP_EVENTS))?,
+        )
+        .map_err(|e| DatapathError::Map(proxy_common::MAP_MONITOR, e.to_string()))?;
         info!(
             cgroup = %cgroup.display(),
             bpffs = %bpffs.display(),
@@ -204,15 +233,17 @@ impl Datapath {
             adopted = adopted_all,
             "datapath attached"
         );
-        Ok((
-            Self {
+        Ok(Opened {
+            datapath: Self {
                 _ebpf: ebpf,
                 bpffs: bpffs.to_path_buf(),
                 adopted: adopted_all,
             },
             maps,
             l7,
-        ))
+            counters,
+            monitor,
+        })
     }
 }
 
@@ -257,16 +288,6 @@ fn attach(
             .try_into()
             .map_err(link_err)
     }
-}
-
-/// Maps of the L7 redirect path.
-pub struct L7Maps {
-    /// Redirect target (index 0).
-    pub config: Array<MapData, L7Config>,
-    /// The proxy's listening socket (index 0).
-    pub proxy_sock: SockMap<MapData>,
-    /// Original destinations by client address.
-    pub orig_dst: AyaHashMap<MapData, OrigKey, RevValue>,
 }
 
 fn take_hash<K: aya::Pod, V: aya::Pod>(

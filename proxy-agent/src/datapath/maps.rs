@@ -282,3 +282,68 @@ pub fn dump(maps: &impl LbMaps) -> Result<String, MapError> {
     let _ = writeln!(out, "BACKENDS {}", backends.len());
     Ok(out)
 }
+
+/// The maps as JSON for `proxy-agent dump -o json`: one object per frontend with its slots and
+/// backends, named after its Service when `services` (the admin API's `/services`) is given.
+pub fn dump_json(
+    maps: &impl LbMaps,
+    services: Option<&serde_json::Value>,
+) -> Result<serde_json::Value, MapError> {
+    use serde_json::json;
+    let backends: BTreeMap<u32, BackendValue> = maps.backends()?.into_iter().collect();
+    let mut entries = maps.services()?;
+    entries.sort_by_key(|(k, _)| {
+        (
+            u32::from_be(k.addr_be),
+            u16::from_be(k.port_be),
+            k.proto,
+            k.slot,
+        )
+    });
+    let name_of = |k: &ServiceKey| -> Option<String> {
+        let ip = Ipv4Addr::from(u32::from_be(k.addr_be)).to_string();
+        let port = u16::from_be(k.port_be);
+        services?.as_array()?.iter().find_map(|s| {
+            if s["cluster_ip"] == ip.as_str()
+                && s["port"] == port
+                && s["protocol"] == proto_text(k.proto).as_str()
+            {
+                Some(format!(
+                    "{}/{}",
+                    s["namespace"].as_str()?,
+                    s["name"].as_str()?
+                ))
+            } else {
+                None
+            }
+        })
+    };
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    for (k, v) in &entries {
+        if k.slot == 0 {
+            out.push(json!({
+                "frontend": frontend_text(k),
+                "service": name_of(k),
+                "service_id": v.service_id,
+                "count": v.count,
+                "terminating_count": v.terminating_count,
+                "flags": v.flags,
+                "affinity_timeout_s": v.affinity_timeout_s,
+                "slots": [],
+            }));
+        } else if let Some(last) = out.last_mut()
+            && last["frontend"] == frontend_text(k).as_str()
+        {
+            let b = backends.get(&v.backend_id);
+            if let Some(slots) = last["slots"].as_array_mut() {
+                slots.push(json!({
+                    "slot": k.slot,
+                    "backend_id": v.backend_id,
+                    "backend": b.map(|b| format!("{}:{}", Ipv4Addr::from(u32::from_be(b.addr_be)), u16::from_be(b.port_be))),
+                    "state": b.map(|b| if b.state == proxy_common::BACKEND_TERMINATING { "terminating" } else { "active" }),
+                }));
+            }
+        }
+    }
+    Ok(json!({"frontends": out, "backends": backends.len()}))
+}

@@ -1,10 +1,13 @@
-//! The kernel datapath: loading the eBPF object, pinning maps and links, and keeping the maps in
-//! sync with the desired state.
+//! The kernel datapath: loading the eBPF object, pinning maps and links, keeping the maps in
+//! sync with the desired state, the L7 redirect maps, and the datapath's own telemetry.
 
+pub mod l7;
 pub mod loader;
 pub mod maps;
 pub mod reconcile;
+pub mod telemetry;
 
-pub use loader::{Datapath, DatapathError, L7Maps, cleanup};
+pub use l7::{L7Maps, MapOrigDst};
+pub use loader::{Datapath, DatapathError, Opened, cleanup};
 pub use maps::{AyaMaps, LbMaps, MapError, MemMaps, dump};
 pub use reconcile::{ApplyStats, Reconciler};

@@ -37,6 +37,8 @@ struct State {
     /// Buffered data chunks (emptied once capped).
     chunks: Vec<Bytes>,
     buffered: usize,
+    /// Body bytes received from the client so far.
+    received: u64,
     capped: bool,
     /// The downstream body, until it ended.
     inner: Option<Incoming>,
@@ -71,6 +73,7 @@ impl Replay {
                 current: 0,
                 chunks: Vec::new(),
                 buffered: 0,
+                received: 0,
                 capped: false,
                 inner: Some(body),
                 trailers: None,
@@ -128,6 +131,11 @@ impl Replay {
             all.extend_from_slice(c);
         }
         Some((all.freeze(), st.trailers.clone()))
+    }
+
+    /// Body bytes received from the client so far.
+    pub fn received(&self) -> u64 {
+        self.0.lock().received
     }
 
     /// Why the downstream body failed, if it did (the request is malformed or was abandoned).
@@ -199,6 +207,7 @@ impl Body for ReplayBody {
             }
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
+                    st.received += data.len() as u64;
                     if st.inner.as_ref().is_some_and(Body::is_end_stream) {
                         // The last bytes of a sized body: it ended with this frame.
                         st.inner = None;

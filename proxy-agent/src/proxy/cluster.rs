@@ -77,7 +77,14 @@ pub struct Backend {
     ejected_at_ms: AtomicU64,
     /// The ejection multiplier.
     ejections: AtomicU32,
+    /// Times it was ejected, ever.
+    ejections_total: AtomicU64,
+    /// Attempts that failed (5xx or no response).
+    pub errors: AtomicU64,
 }
+
+/// Ejections by outlier detection since the start, over all clusters.
+pub static EJECTIONS: AtomicU64 = AtomicU64::new(0);
 
 /// Milliseconds since a process-wide epoch (backends are shared by cluster versions).
 fn now_ms() -> u64 {
@@ -96,6 +103,8 @@ impl Backend {
             consecutive_gateway: AtomicU32::new(0),
             ejected_at_ms: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            ejections_total: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
         }
     }
 
@@ -107,6 +116,22 @@ impl Backend {
     /// The ejection multiplier (ejections not yet decayed).
     pub fn ejections(&self) -> u32 {
         self.ejections.load(Relaxed)
+    }
+
+    /// Times outlier detection ejected it since the agent started.
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections_total.load(Relaxed)
+    }
+
+    /// When its ejection ends under `od` (`None`: not ejected), as a duration from now.
+    pub fn ejected_for(&self, od: Option<&OutlierDetection>) -> Option<Duration> {
+        let at = self.ejected_at_ms.load(Relaxed);
+        let od = od?;
+        if at == 0 {
+            return None;
+        }
+        let until = at - 1 + ejection_time(od, self.ejections()).as_millis() as u64;
+        Some(Duration::from_millis(until.saturating_sub(now_ms())))
     }
 }
 
@@ -143,6 +168,7 @@ struct Runtime {
 pub struct Cluster {
     /// Name for logs: `namespace/service:port[/subset]`.
     pub name: String,
+    subset: Option<String>,
     backends: Vec<Arc<Backend>>,
     /// Ring hash: (point, backend index), sorted by point.
     ring: Vec<(u64, usize)>,
@@ -187,6 +213,16 @@ fn limit_key(policy: &ClusterPolicy) -> LimitKey {
 impl Cluster {
     /// A cluster with the given backends and policy.
     pub fn new(name: String, addrs: &[SocketAddr], policy: ClusterPolicy) -> Self {
+        Self::of_subset(name, None, addrs, policy)
+    }
+
+    /// A cluster of a DestinationRule subset (`None`: the whole Service).
+    pub fn of_subset(
+        name: String,
+        subset: Option<String>,
+        addrs: &[SocketAddr],
+        policy: ClusterPolicy,
+    ) -> Self {
         let rt = Arc::new(Runtime {
             rr: AtomicUsize::new(0),
             active_requests: AtomicU32::new(0),
@@ -194,11 +230,11 @@ impl Cluster {
             pending: AtomicU32::new(0),
             last_sweep_ms: AtomicU64::new(now_ms()),
         });
-        Self::build(name, addrs, policy, HashMap::new(), None, rt)
+        Self::build((name, subset), addrs, policy, HashMap::new(), None, rt)
     }
 
     fn build(
-        name: String,
+        (name, subset): (String, Option<String>),
         addrs: &[SocketAddr],
         policy: ClusterPolicy,
         mut keep: HashMap<SocketAddr, Arc<Backend>>,
@@ -235,6 +271,7 @@ impl Cluster {
         };
         Self {
             name,
+            subset,
             backends,
             ring,
             conn_opts: conn_opts(&policy),
@@ -261,13 +298,18 @@ impl Cluster {
             HashMap::new()
         };
         Arc::new(Self::build(
-            self.name.clone(),
+            (self.name.clone(), self.subset.clone()),
             addrs,
             policy,
             keep,
             Some((self.limit_key, self.permits.clone())),
             self.rt.clone(),
         ))
+    }
+
+    /// The DestinationRule subset it serves, if any.
+    pub fn subset(&self) -> Option<&str> {
+        self.subset.as_deref()
     }
 
     /// The policy.
@@ -336,6 +378,9 @@ impl Cluster {
 
     /// Feeds one attempt's result to outlier detection.
     pub fn record(&self, b: &Backend, outcome: Outcome) {
+        if outcome != Outcome::Success {
+            b.errors.fetch_add(1, Relaxed);
+        }
         let Some(od) = self.policy.outlier.as_ref() else {
             return;
         };
@@ -379,6 +424,8 @@ impl Cluster {
             return; // a concurrent request ejected it
         }
         let times = b.ejections.fetch_add(1, Relaxed) + 1;
+        b.ejections_total.fetch_add(1, Relaxed);
+        EJECTIONS.fetch_add(1, Relaxed);
         b.consecutive_5xx.store(0, Relaxed);
         b.consecutive_gateway.store(0, Relaxed);
         tracing::info!(
@@ -472,6 +519,17 @@ impl Cluster {
             return None;
         }
         Some(RetryGuard(self.rt.clone()))
+    }
+
+    /// Retries in flight now and the most allowed at once (the budget, or `maxRetries`).
+    pub fn retry_budget(&self, budgeted: bool) -> (u32, u32) {
+        let max = self.policy.pool.max_retries.unwrap_or(u32::MAX);
+        let limit = if budgeted {
+            (self.rt.active_requests.load(Relaxed) / 5).max(3).min(max)
+        } else {
+            max
+        };
+        (self.rt.active_retries.load(Relaxed), limit)
     }
 
     /// Chooses one of `len` candidates (`at(j)` is the backend index of candidate `j`) under

@@ -56,6 +56,10 @@ pub struct Mirror {
 pub struct Route {
     /// The Service.
     pub service: ObjectRef,
+    /// The Service's id in metrics series.
+    pub metrics_id: u32,
+    /// The VirtualService that routes it (`None`: the Service's default route).
+    pub virtual_service: Option<ObjectRef>,
     /// Weighted destinations.
     pub destinations: Vec<(Arc<Cluster>, u32)>,
     /// Overall timeout.
@@ -327,6 +331,8 @@ impl Registry {
                     };
                     Route {
                         service: fe.service.clone(),
+                        metrics_id: super::telemetry::service_id(&fe.service),
+                        virtual_service: Some((*vs_id).clone()),
                         destinations,
                         timeout: r.timeout,
                         retry,
@@ -347,6 +353,8 @@ impl Registry {
                     );
                     Route {
                         service: fe.service.clone(),
+                        metrics_id: super::telemetry::service_id(&fe.service),
+                        virtual_service: None,
                         destinations: vec![(c, 100)],
                         timeout: None,
                         retry: RetryPolicy::safe_default(),
@@ -431,7 +439,9 @@ impl Registry {
         let spec = self.cluster_spec(ctx, d, &svc, fe);
         let c = match (spec, self.clusters.get(&key)) {
             (Ok((addrs, policy)), Some(old)) => old.updated(&addrs, policy),
-            (Ok((addrs, policy)), None) => Arc::new(Cluster::new(name(), &addrs, policy)),
+            (Ok((addrs, policy)), None) => {
+                Arc::new(Cluster::of_subset(name(), d.subset.clone(), &addrs, policy))
+            }
             (Err(problem), old) => {
                 if let Some((kind, id)) = origin {
                     errors.push(ConfigProblem::new(kind, id, format!("{field}.{problem}")));
@@ -439,7 +449,12 @@ impl Registry {
                 // The route that named it keeps its last good version, and that version's
                 // cluster must stay as it was: an invalid destination never replaces it.
                 return old.cloned().unwrap_or_else(|| {
-                    Arc::new(Cluster::new(name(), &[], self.default_policy(from)))
+                    Arc::new(Cluster::of_subset(
+                        name(),
+                        d.subset.clone(),
+                        &[],
+                        self.default_policy(from),
+                    ))
                 });
             }
         };
@@ -559,6 +574,7 @@ mod tests {
                 node_name: None,
                 pod: None,
             }],
+            trigger_time: None,
         };
         (Arc::new(s), Arc::new(sl))
     }

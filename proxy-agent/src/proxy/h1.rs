@@ -38,6 +38,25 @@ pub struct H1Conn {
     pub used: u32,
     /// When it last went idle.
     pub idle_since: Instant,
+    /// Counts it among its backend's open connections while it lives.
+    _open: Option<OpenConn>,
+}
+
+/// One open upstream connection of a backend: counted until dropped.
+pub struct OpenConn(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenConn {
+    /// Counts one more connection in `n`.
+    pub fn new(n: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(n.clone())
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What went wrong, and whether the request can have reached the backend.
@@ -54,13 +73,14 @@ fn invalid(msg: impl Into<String>) -> io::Error {
 }
 
 impl H1Conn {
-    /// A fresh connection.
-    pub fn new(io: TcpStream) -> Self {
+    /// A fresh connection, counted by `open` while it lives.
+    pub fn new(io: TcpStream, open: Option<OpenConn>) -> Self {
         Self {
             io,
             rbuf: BytesMut::new(),
             used: 0,
             idle_since: Instant::now(),
+            _open: open,
         }
     }
 
@@ -781,7 +801,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let conn = H1Conn::new(client.unwrap());
+        let conn = H1Conn::new(client.unwrap(), None);
         let (server, _) = accepted.unwrap();
         conn.settle();
         assert!(conn.is_reusable(), "nothing happened while idle");

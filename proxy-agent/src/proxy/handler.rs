@@ -24,6 +24,8 @@ use super::config::{Mirror, Route};
 use super::io::ConnState;
 use super::limits::ProxyConfig;
 use super::pool::UpstreamError;
+use super::record::{Noted, Pending};
+use super::telemetry::{RetryReason, Telemetry, flags};
 use crate::istio::{LoadBalancer, RetryOn};
 
 /// Response header naming why the proxy itself answered.
@@ -43,6 +45,10 @@ pub struct Downstream {
     pub conn: Arc<ConnState>,
     /// Node-wide proxy settings.
     pub cfg: Arc<ProxyConfig>,
+    /// The client pod's peer id (metrics labels).
+    pub source: u32,
+    /// Where finished requests are recorded.
+    pub telemetry: Arc<Telemetry>,
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1), besides those named in `Connection`. `TE` is handled
@@ -406,22 +412,39 @@ async fn expiry(
     }
 }
 
-/// Handles one downstream request for `route`.
+/// Handles one downstream request for `route` and records it when its response ends.
 pub async fn handle(
     req: Request<Incoming>,
-    ds: &Downstream,
+    ds: &Arc<Downstream>,
     route: Arc<Route>,
 ) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let mut pending = Pending::new(started, ds.clone(), route.clone(), &parts);
+    let req = Request::from_parts(parts, body);
+    let resp = serve(req, ds, &route, started, pending.noted()).await;
+    pending.wrap(resp)
+}
+
+/// Serves one request, noting in `noted` what happened.
+async fn serve(
+    req: Request<Incoming>,
+    ds: &Downstream,
+    route: &Arc<Route>,
+    started: Instant,
+    noted: &mut Noted,
+) -> Response<ProxyBody> {
     if let Err(why) = check(&req) {
+        noted.flags |= flags::DPE;
         return reject(StatusCode::BAD_REQUEST, why);
     }
     if super::upgrade::wants_upgrade(&req) {
-        return super::upgrade::handle(req, ds, &route).await;
+        return super::upgrade::handle(req, ds, route, noted).await;
     }
-    let started = Instant::now();
     let (parts, body) = req.into_parts();
     let head = Head::new(parts.uri, parts.method, parts.headers, ds);
     let body = (!body.is_end_stream()).then(|| Replay::new(body));
+    noted.body = body.clone();
     // The end of the request body starts the route's timeout.
     let deadline = || {
         let end = match &body {
@@ -430,9 +453,11 @@ pub async fn handle(
         };
         end.zip(route.timeout).map(|(e, t)| e + t)
     };
-    let Some(cluster) = pick_destination(&route) else {
+    let Some(cluster) = pick_destination(route) else {
+        noted.flags |= flags::NR;
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no-route", 0);
     };
+    noted.cluster = Some(cluster.clone());
     let mut mirrored = route.mirror.is_none();
     if !mirrored && body.is_none() {
         mirrored = true;
@@ -454,11 +479,14 @@ pub async fn handle(
     };
     loop {
         attempt += 1;
+        noted.attempts = attempt - 1;
         let remaining = deadline().map(|d| d.saturating_duration_since(Instant::now()));
         if remaining.is_some_and(|r| r.is_zero()) {
+            noted.flags |= flags::UT;
             return local_reply(StatusCode::GATEWAY_TIMEOUT, "timeout", attempt - 1);
         }
         let Some(backend) = cluster.pick(key, &tried) else {
+            noted.flags |= flags::UH;
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-healthy-upstream",
@@ -471,6 +499,11 @@ pub async fn handle(
         {
             Ok(p) => p,
             Err(Overflow::Pending) => {
+                noted.flags |= flags::UO;
+                ds.telemetry
+                    .resilience
+                    .overflow_pending
+                    .fetch_add(1, Relaxed);
                 return local_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "overflow-pending-requests",
@@ -478,6 +511,11 @@ pub async fn handle(
                 );
             }
             Err(Overflow::Timeout) => {
+                noted.flags |= flags::UO;
+                ds.telemetry
+                    .resilience
+                    .overflow_timeout
+                    .fetch_add(1, Relaxed);
                 return local_reply(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout-waiting-for-connection",
@@ -493,6 +531,8 @@ pub async fn handle(
             );
         };
         tried.push(backend.addr);
+        noted.attempts = attempt;
+        noted.backend = Some(backend.addr);
         let active = BackendActive::start(&backend);
         let attempt_started = Instant::now();
         let send = backend.conns.send(&head, b, &opts);
@@ -513,6 +553,7 @@ pub async fn handle(
         {
             // The client's body broke (bad chunk framing, reset): nothing to retry.
             tracing::debug!(client = %ds.client, error = %why, "request body failed");
+            noted.flags |= flags::DPE;
             return reject(StatusCode::BAD_REQUEST, "malformed-request-body");
         }
         let replayable = body.as_ref().is_none_or(Replay::replayable);
@@ -545,6 +586,12 @@ pub async fn handle(
             && attempt <= retry.attempts
             && {
                 _retry_slot = cluster.begin_retry(retry.budgeted);
+                if _retry_slot.is_none() {
+                    ds.telemetry
+                        .resilience
+                        .budget_exhausted
+                        .fetch_add(1, Relaxed);
+                }
                 _retry_slot.is_some()
             }
             && {
@@ -556,6 +603,10 @@ pub async fn handle(
                 next_body.is_some()
             };
         if !can_retry {
+            if retryable && attempt > 1 {
+                // Stopped retrying with the failure still there.
+                noted.flags |= flags::URX;
+            }
             return match result {
                 Ok(Ok(resp)) => {
                     let (mut parts, rbody) = resp.into_parts();
@@ -568,18 +619,33 @@ pub async fn handle(
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(cluster = %cluster.name, backend = %backend.addr, error = %e, "upstream failed");
+                    noted.flags |= match e {
+                        UpstreamError::Connect(_) | UpstreamError::ConnectTimeout => flags::UF,
+                        _ => flags::UC,
+                    };
                     local_reply(StatusCode::SERVICE_UNAVAILABLE, e.reason(), attempt)
                 }
-                Err(why) => local_reply(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    match why {
-                        Expired::Overall => "timeout",
-                        Expired::PerTry => "per-try-timeout",
-                    },
-                    attempt,
-                ),
+                Err(why) => {
+                    noted.flags |= flags::UT;
+                    local_reply(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        match why {
+                            Expired::Overall => "timeout",
+                            Expired::PerTry => "per-try-timeout",
+                        },
+                        attempt,
+                    )
+                }
             };
         }
+        ds.telemetry.retried(match &result {
+            Ok(Ok(_)) => RetryReason::Status,
+            Ok(Err(UpstreamError::Connect(_) | UpstreamError::ConnectTimeout)) => {
+                RetryReason::ConnectFailure
+            }
+            Ok(Err(_)) => RetryReason::Reset,
+            Err(_) => RetryReason::PerTryTimeout,
+        });
         if let Ok(Ok(resp)) = result {
             // Read the failed response to its end so its connection goes back to the pool.
             tokio::spawn(async move {

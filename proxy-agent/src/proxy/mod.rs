@@ -12,8 +12,10 @@ pub mod handler;
 pub mod io;
 pub mod limits;
 pub mod pool;
+pub mod record;
 pub mod server;
 pub mod tcp;
+pub mod telemetry;
 pub mod upgrade;
 pub mod workers;
 

@@ -92,6 +92,8 @@ pub struct Conns {
     addr: SocketAddr,
     h2: bool,
     slots: Box<[Slot]>,
+    /// Upstream connections open now (pooled, busy, HTTP/2, upgraded).
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn connect(addr: SocketAddr, opts: &ConnOpts) -> Result<TokioIo<TcpStream>, UpstreamError> {
@@ -112,7 +114,13 @@ impl Conns {
             slots: (0..super::workers::count())
                 .map(|_| Slot::default())
                 .collect(),
+            open: Arc::default(),
         }
+    }
+
+    /// Upstream connections open now, over all workers.
+    pub fn open_count(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This worker's connections.
@@ -159,11 +167,13 @@ impl Conns {
         opts: &ConnOpts,
     ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
         let io = connect(self.addr, opts).await?;
+        let open = super::h1::OpenConn::new(&self.open);
         let (mut sender, conn) = http1::handshake(io)
             .await
             .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
+            drop(open);
         });
         sender.try_send_request(req).await.map_err(|mut e| {
             if e.take_message().is_some() {
@@ -211,7 +221,10 @@ impl Conns {
         };
         let conn = match pooled {
             Some(c) => c,
-            None => H1Conn::new(connect(self.addr, opts).await?.into_inner()),
+            None => H1Conn::new(
+                connect(self.addr, opts).await?.into_inner(),
+                Some(super::h1::OpenConn::new(&self.open)),
+            ),
         };
         let close = opts
             .max_requests_per_connection
@@ -251,11 +264,13 @@ impl Conns {
                     Some(s) => s,
                     None => {
                         let io = connect(self.addr, opts).await?;
+                        let open = super::h1::OpenConn::new(&self.open);
                         let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                             .await
                             .map_err(|e| UpstreamError::Connect(std::io::Error::other(e)))?;
                         tokio::spawn(async move {
                             let _ = conn.await;
+                            drop(open);
                         });
                         self.slot().shared.store(Some(Arc::new(sender.clone())));
                         sender

@@ -27,6 +27,7 @@ use super::detect::{Protocol, Why, detect};
 use super::handler::{self, Downstream};
 use super::io::{ConnKind, ConnState, LiveCount, Rewind, Watched};
 use super::limits::{self, ProxyConfig, RateLimitedLog};
+use super::telemetry::Telemetry;
 
 /// Where redirected connections were headed (the datapath's original-destination map).
 pub trait OrigDst: Send + Sync + 'static {
@@ -72,7 +73,8 @@ pub struct ProxyStats {
 }
 
 impl ProxyStats {
-    fn summary(&self) -> [(&'static str, u64); 11] {
+    /// Every counter with its name.
+    pub fn summary(&self) -> [(&'static str, u64); 11] {
         [
             ("accepted", self.accepted.load(Relaxed)),
             ("rejected_limit", self.rejected_limit.load(Relaxed)),
@@ -96,6 +98,8 @@ pub struct Proxy {
     cfg: Arc<ProxyConfig>,
     /// Connection counters.
     pub stats: ProxyStats,
+    /// Request metrics, access log and tap.
+    pub telemetry: Arc<Telemetry>,
     h1: hyper::server::conn::http1::Builder,
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
     /// (destination, reason) pairs already logged as opaque at info level.
@@ -115,6 +119,7 @@ impl Proxy {
         table: Arc<ArcSwap<RouteTable>>,
         orig: Arc<dyn OrigDst>,
         cfg: ProxyConfig,
+        telemetry: Arc<Telemetry>,
     ) -> Arc<Self> {
         let mut h1 = hyper::server::conn::http1::Builder::new();
         h1.timer(TokioTimer::new())
@@ -136,6 +141,7 @@ impl Proxy {
             table,
             orig,
             stats: ProxyStats::default(),
+            telemetry,
             h1,
             h2,
             opaque_seen: Mutex::new(HashSet::new()),
@@ -145,6 +151,20 @@ impl Proxy {
             limit_log: Mutex::new(RateLimitedLog::every(limits::WARN_EVERY)),
             cfg: Arc::new(cfg),
         })
+    }
+}
+
+impl Proxy {
+    /// The node-wide settings.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.cfg
+    }
+
+    /// Downstream connections open now.
+    pub fn active_connections(&self) -> usize {
+        self.cfg
+            .max_connections
+            .saturating_sub(self.limit.available_permits())
     }
 }
 
@@ -401,6 +421,7 @@ async fn serve_conn(
                 peer,
                 &route,
                 p.cfg.stream_idle_timeout,
+                &p.telemetry,
             )
             .await;
         }
@@ -426,6 +447,8 @@ async fn serve_conn(
                 orig: dst,
                 conn: conn.clone(),
                 cfg: p.cfg.clone(),
+                source: p.telemetry.peer(peer.ip()),
+                telemetry: p.telemetry.clone(),
             });
             let table = p.table.clone();
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {

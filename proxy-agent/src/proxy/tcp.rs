@@ -17,13 +17,20 @@ use super::config::Route;
 use super::handler::pick_destination;
 use super::io::splice;
 use super::limits::OPAQUE_CONNECT_ATTEMPTS;
+use super::telemetry::Telemetry;
 use crate::istio::LoadBalancer;
 
 /// Carries `client` to a backend of `route` until both sides closed or `idle` passed.
-pub async fn forward<C>(mut client: C, peer: SocketAddr, route: &Route, idle: std::time::Duration)
-where
+pub async fn forward<C>(
+    mut client: C,
+    peer: SocketAddr,
+    route: &Route,
+    idle: std::time::Duration,
+    telemetry: &Telemetry,
+) where
     C: AsyncRead + AsyncWrite + Unpin,
 {
+    let source = telemetry.peer(peer.ip());
     let Some(cluster) = pick_destination(route) else {
         debug!(%peer, "opaque connection without a destination; closing");
         return;
@@ -55,17 +62,22 @@ where
         let _ = upstream.set_nodelay(true);
         backend.active.fetch_add(1, Relaxed);
         let held = Arc::clone(&backend);
+        let series = telemetry.tcp_opened(source, route.metrics_id, Some(backend.addr));
         let r = splice(&mut client, &mut upstream, idle).await;
         held.active.fetch_sub(1, Relaxed);
         match r {
             Ok(s) => {
+                telemetry.tcp_closed(series, s.b_to_a, s.a_to_b);
                 debug!(%peer, backend = %backend.addr, sent = s.a_to_b, received = s.b_to_a, idle_timeout = s.idle_timeout, "opaque connection closed")
             }
             Err(e) => {
+                telemetry.tcp_closed(series, 0, 0);
                 debug!(%peer, backend = %backend.addr, error = %e, "opaque connection failed")
             }
         }
         return;
     }
+    let series = telemetry.tcp_opened(source, route.metrics_id, None);
+    telemetry.tcp_closed(series, 0, 0);
     debug!(%peer, cluster = %cluster.name, tried = tried.len(), "no backend accepted the opaque connection; closing");
 }

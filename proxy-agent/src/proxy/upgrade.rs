@@ -75,7 +75,9 @@ pub async fn handle(
     mut req: Request<Incoming>,
     ds: &Downstream,
     route: &Route,
+    noted: &mut super::record::Noted,
 ) -> Response<ProxyBody> {
+    use super::telemetry::flags;
     let h2_down = req.version() == Version::HTTP_2;
     let protocol = req
         .extensions()
@@ -120,8 +122,10 @@ pub async fn handle(
         }
     };
     let Some(cluster) = pick_destination(route) else {
+        noted.flags |= flags::NR;
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no-route", 0);
     };
+    noted.cluster = Some(cluster.clone());
     let key = hash_of(&cluster.policy().lb, &head.headers, ds.client);
     let opts = cluster.conn_opts();
     let mut body = Some(if body.is_end_stream() {
@@ -132,6 +136,7 @@ pub async fn handle(
     let mut tried = Vec::new();
     let (backend, mut resp) = loop {
         let Some(backend) = cluster.pick(key, &tried) else {
+            noted.flags |= flags::UH;
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-healthy-upstream",
@@ -139,6 +144,8 @@ pub async fn handle(
             );
         };
         tried.push(backend.addr);
+        noted.attempts = tried.len() as u32;
+        noted.backend = Some(backend.addr);
         let Some(b) = body.take() else {
             return local_reply(
                 StatusCode::BAD_GATEWAY,
@@ -160,6 +167,7 @@ pub async fn handle(
                     continue;
                 }
                 tracing::debug!(cluster = %cluster.name, backend = %backend.addr, error = %e, "upgrade failed");
+                noted.flags |= flags::UF;
                 return local_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     e.reason(),

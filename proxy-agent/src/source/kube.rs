@@ -19,14 +19,15 @@ use k8s_openapi::api::discovery::v1::EndpointSlice as K8sSlice;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt as _;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter as EventReporter};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Resource, ResourceExt as _};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
+use super::convert::{self, FieldError};
+use super::report::{Problem, Reporter};
 use crate::istio;
-use crate::manifests;
 use crate::model::{ObjectRef, PodInfo, State};
 
 /// Kinds followed.
@@ -52,6 +53,22 @@ impl Kind {
     fn required(self) -> bool {
         matches!(self, Kind::Service | Kind::Slice)
     }
+
+    /// The Kubernetes kind name.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::Slice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+        }
+    }
+
+    /// The reporter scope of one object's problems.
+    fn scope(self, id: &ObjectRef) -> String {
+        format!("object:{}/{id}", self.name())
+    }
 }
 
 /// A validated object.
@@ -71,22 +88,13 @@ enum Msg {
         kind: Kind,
         id: ObjectRef,
         reference: Box<ObjectReference>,
-        parsed: Box<Result<Obj, (String, String)>>,
+        parsed: Box<Result<Obj, FieldError>>,
         initial: bool,
     },
     Delete(Kind, ObjectRef),
     InitDone(Kind),
     /// The kind is not served by this API server (e.g. Istio CRDs not installed).
     Unavailable(Kind),
-}
-
-/// A configuration problem to report as an Event on an object.
-#[derive(Clone, Debug)]
-pub struct Problem {
-    /// The object.
-    pub reference: ObjectReference,
-    /// What is wrong (field and message).
-    pub message: String,
 }
 
 /// Settings of the Kubernetes source.
@@ -123,7 +131,7 @@ fn reference_of(kind: &str, api_version: &str, meta: &kube::api::ObjectMeta) -> 
 async fn pump<K, S>(
     kind: Kind,
     stream: S,
-    parse: impl Fn(&K) -> (ObjectRef, ObjectReference, Result<Obj, (String, String)>),
+    parse: impl Fn(&K) -> (ObjectRef, ObjectReference, Result<Obj, FieldError>),
     tx: mpsc::Sender<Msg>,
 ) where
     S: futures::Stream<Item = Result<Event<K>, watcher::Error>> + Send,
@@ -190,21 +198,22 @@ async fn istio_resource(client: &Client, kind: &str, plural: &str) -> Option<Api
     None
 }
 
-fn dynamic_spec(o: &DynamicObject) -> Result<serde_yaml::Value, (String, String)> {
+fn dynamic_spec(o: &DynamicObject) -> Result<serde_yaml::Value, FieldError> {
     let spec = o
         .data
         .get("spec")
-        .ok_or(("spec".to_string(), "missing".to_string()))?;
-    serde_yaml::to_value(spec).map_err(|e| ("spec".to_string(), e.to_string()))
+        .ok_or(FieldError::new("spec", "missing"))?;
+    serde_yaml::to_value(spec).map_err(|e| FieldError::new("spec", e.to_string()))
 }
 
-/// Starts the watchers; publishes the desired state on `tx` and reports problems received on
-/// the returned sender (and its own) as Events.
+/// Starts the watchers; publishes the desired state on `tx`. Every problem `reporter` receives
+/// from now on (from this source or from the route builder) becomes an Event on its object.
 pub async fn start(
     client: Client,
     cfg: KubeConfig,
     tx: watch::Sender<Option<std::sync::Arc<State>>>,
-) -> mpsc::UnboundedSender<Problem> {
+    reporter: Reporter,
+) {
     let (msg_tx, msg_rx) = mpsc::channel::<Msg>(1024);
     let wcfg = || watcher::Config::default();
 
@@ -218,7 +227,7 @@ pub async fn start(
             (
                 object_ref(o),
                 r,
-                manifests::service(o).map(|s| Obj::Service(std::sync::Arc::new(s))),
+                convert::service(o).map(|s| Obj::Service(std::sync::Arc::new(s))),
             )
         },
         t,
@@ -234,7 +243,7 @@ pub async fn start(
             (
                 object_ref(o),
                 r,
-                manifests::slice(o).map(|s| Obj::Slice(std::sync::Arc::new(s))),
+                convert::slice(o).map(|s| Obj::Slice(std::sync::Arc::new(s))),
             )
         },
         t,
@@ -309,27 +318,31 @@ pub async fn start(
     let (problem_tx, problem_rx) = mpsc::unbounded_channel::<Problem>();
     let recorder = Recorder::new(
         client.clone(),
-        Reporter {
+        EventReporter {
             controller: "proxy-agent".into(),
             instance: cfg.node_name.clone(),
         },
     );
+    reporter.send_events_to(problem_tx);
     tokio::spawn(publish_events(recorder, problem_rx));
-    tokio::spawn(aggregate(cfg, msg_rx, tx, problem_tx.clone()));
-    problem_tx
+    tokio::spawn(aggregate(cfg, msg_rx, tx, reporter));
 }
 
 async fn publish_events(recorder: Recorder, mut rx: mpsc::UnboundedReceiver<Problem>) {
     while let Some(p) = rx.recv().await {
+        let Some(reference) = p.reference.clone() else {
+            continue;
+        };
+        let note = format!("field `{}`: {}; {}", p.field, p.message, p.effect);
         let ev = KubeEvent {
             type_: EventType::Warning,
             reason: "InvalidConfiguration".into(),
-            note: Some(p.message.chars().take(1000).collect()),
+            note: Some(note.chars().take(1000).collect()),
             action: "Validate".into(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&ev, &p.reference).await {
-            warn!(error = %e, object = ?p.reference.name, "cannot publish a Kubernetes Event");
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            warn!(error = %e, object = ?reference.name, "cannot publish a Kubernetes Event");
         }
     }
 }
@@ -339,6 +352,8 @@ struct Stores {
     objects: BTreeMap<(Kind, ObjectRef), Obj>,
     /// Objects of a kind being re-listed (between Init and InitDone).
     relist: HashMap<Kind, BTreeMap<ObjectRef, Obj>>,
+    /// Every object of a re-list, valid or not (their problems stay listed).
+    relisted: HashMap<Kind, std::collections::BTreeSet<ObjectRef>>,
     listed: BTreeMap<Kind, bool>,
 }
 
@@ -390,7 +405,7 @@ async fn aggregate(
     cfg: KubeConfig,
     mut rx: mpsc::Receiver<Msg>,
     tx: watch::Sender<Option<std::sync::Arc<State>>>,
-    problems: mpsc::UnboundedSender<Problem>,
+    reporter: Reporter,
 ) {
     let mut stores = Stores::default();
     let started = tokio::time::Instant::now();
@@ -412,7 +427,7 @@ async fn aggregate(
         }
         let mut changed = false;
         for m in batch {
-            changed |= apply(&mut stores, m, &problems);
+            changed |= apply(&mut stores, m, &reporter);
         }
         let waited = started.elapsed();
         let ready = Kind::ALL.iter().all(|k| {
@@ -466,10 +481,11 @@ async fn aggregate(
 }
 
 /// Applies one message; returns whether the visible state may have changed.
-fn apply(stores: &mut Stores, m: Msg, problems: &mpsc::UnboundedSender<Problem>) -> bool {
+fn apply(stores: &mut Stores, m: Msg, reporter: &Reporter) -> bool {
     match m {
         Msg::Init(kind) => {
             stores.relist.insert(kind, BTreeMap::new());
+            stores.relisted.insert(kind, Default::default());
             false
         }
         Msg::Apply {
@@ -479,18 +495,29 @@ fn apply(stores: &mut Stores, m: Msg, problems: &mpsc::UnboundedSender<Problem>)
             parsed,
             initial,
         } => {
+            let scope = kind.scope(&id);
             let obj = match *parsed {
-                Ok(o) => Some(o),
-                Err((field, message)) => {
-                    let text = format!(
-                        "{}: field `{field}`: {message}; its last good version keeps serving",
-                        reference.kind.clone().unwrap_or_default()
+                Ok(o) => {
+                    reporter.replace(&scope, Vec::new());
+                    if matches!(kind, Kind::VirtualService | Kind::DestinationRule) {
+                        // Route problems found later name these objects: Events need the uid.
+                        reporter.remember(kind.name(), &id, (*reference).clone());
+                    }
+                    Some(o)
+                }
+                Err(e) => {
+                    reporter.replace(
+                        &scope,
+                        vec![Problem {
+                            kind: kind.name().to_string(),
+                            object: id.to_string(),
+                            file: None,
+                            field: e.field,
+                            message: e.message,
+                            effect: "the last good version of this object keeps serving".into(),
+                            reference: Some(*reference),
+                        }],
                     );
-                    error!(object = %id, field = %field, "{message}; the last good version of this object keeps serving");
-                    let _ = problems.send(Problem {
-                        reference: *reference,
-                        message: text,
-                    });
                     None
                 }
             };
@@ -498,6 +525,7 @@ fn apply(stores: &mut Stores, m: Msg, problems: &mpsc::UnboundedSender<Problem>)
             let obj = obj.or_else(|| stores.objects.get(&(kind, id.clone())).cloned());
             match (initial, stores.relist.get_mut(&kind)) {
                 (true, Some(buf)) => {
+                    stores.relisted.entry(kind).or_default().insert(id.clone());
                     if let Some(o) = obj {
                         buf.insert(id, o);
                     }
@@ -512,10 +540,21 @@ fn apply(stores: &mut Stores, m: Msg, problems: &mpsc::UnboundedSender<Problem>)
                 },
             }
         }
-        Msg::Delete(kind, id) => stores.objects.remove(&(kind, id)).is_some(),
+        Msg::Delete(kind, id) => {
+            reporter.replace(&kind.scope(&id), Vec::new());
+            reporter.forget(kind.name(), &id);
+            stores.objects.remove(&(kind, id)).is_some()
+        }
         Msg::InitDone(kind) => {
             // Replace the kind's objects with the full listed set: removals come from here.
             let buf = stores.relist.remove(&kind).unwrap_or_default();
+            let listed = stores.relisted.remove(&kind).unwrap_or_default();
+            let prefix = format!("object:{}/", kind.name());
+            reporter.retain_scopes(&prefix, |s| {
+                s.strip_prefix(&prefix)
+                    .and_then(|r| r.split_once('/'))
+                    .is_some_and(|(ns, name)| listed.contains(&ObjectRef::new(ns, name)))
+            });
             stores.objects.retain(|(k, _), _| *k != kind);
             for (id, o) in buf {
                 stores.objects.insert((kind, id), o);

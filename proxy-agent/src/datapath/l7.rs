@@ -1,0 +1,74 @@
+//! The maps of the L7 redirect: where HTTP Services are sent (the proxy's address), the proxy's
+//! listening socket (its liveness, as the kernel sees it) and the original destinations the
+//! proxy reads after accept.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Mutex;
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap as AyaHashMap, MapData, SockMap};
+use proxy_common::{L7Config, OrigKey, RevValue};
+
+use crate::proxy::OrigDst;
+
+/// Maps of the L7 redirect path.
+pub struct L7Maps {
+    /// Redirect target (index 0).
+    pub config: Array<MapData, L7Config>,
+    /// The proxy's listening socket (index 0).
+    pub proxy_sock: SockMap<MapData>,
+    /// Original destinations by client address.
+    pub orig_dst: AyaHashMap<MapData, OrigKey, RevValue>,
+}
+
+impl L7Maps {
+    /// Redirects HTTP Services to `addr` and publishes `listener` as the proxy's socket. From
+    /// here on the kernel sends L7 connects to the proxy; it removes the socket from the map
+    /// when the process dies (closing every listener of its group), and connects fall back to
+    /// in-kernel balancing at once. Returns the original-destination lookup for the proxy.
+    pub fn publish(
+        mut self,
+        addr: SocketAddrV4,
+        listener: &std::net::TcpListener,
+    ) -> anyhow::Result<MapOrigDst> {
+        let redirect = L7Config {
+            proxy_addr_be: u32::from(*addr.ip()).to_be(),
+            proxy_port_be: addr.port().to_be(),
+            _pad: 0,
+        };
+        self.config
+            .set(0, redirect, 0)
+            .context("writing the L7 redirect configuration")?;
+        self.proxy_sock
+            .set(0, listener, 0)
+            .context("publishing the proxy listener to the datapath")?;
+        Ok(MapOrigDst(Mutex::new(self.orig_dst)))
+    }
+
+    /// Turns the redirect off: every Service is balanced in the kernel.
+    pub fn disable(mut self) -> anyhow::Result<()> {
+        self.config
+            .set(0, L7Config::default(), 0)
+            .context("clearing the L7 redirect configuration")
+    }
+}
+
+/// The original-destination map of the datapath, read once after each accept.
+pub struct MapOrigDst(Mutex<AyaHashMap<MapData, OrigKey, RevValue>>);
+
+impl OrigDst for MapOrigDst {
+    fn take(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = OrigKey {
+            addr_be: u32::from(*client.ip()).to_be(),
+            port_be: client.port().to_be(),
+            _pad: 0,
+        };
+        let mut map = self.0.lock().ok()?;
+        let v = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(v.addr_be)),
+            u16::from_be(v.port_be),
+        ))
+    }
+}
