@@ -46,6 +46,8 @@ pub struct RunConfig {
     pub proxy_workers: Vec<tokio::runtime::Handle>,
     /// The introspection core the admin API reads.
     pub hub: Arc<Hub>,
+    /// Level of the eBPF programs' debug logs.
+    pub bpf_log: crate::datapath::loader::BpfLog,
 }
 
 /// Where the desired state comes from.
@@ -230,13 +232,18 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let hub = cfg.hub.clone();
     let Opened {
-        datapath: _datapath,
+        datapath,
         maps,
         l7,
         counters,
         monitor,
-    } = Datapath::open(&cfg.cgroup, &cfg.bpffs)
+        logger,
+    } = Datapath::open(&cfg.cgroup, &cfg.bpffs, cfg.bpf_log)
         .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?;
+    if let Some(l) = logger {
+        l.spawn();
+    }
+    hub.set_datapath(datapath.object.clone(), datapath.adopted);
     hub.set_counters(counters);
     hub.monitor.attach_kernel(monitor);
     let reconciler = Reconciler::restore(maps).context("reading the pinned maps back")?;
@@ -269,7 +276,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 interval: cfg.poll,
                 max_file_bytes: cfg.max_manifest_bytes,
             };
-            tokio::spawn(dir::watch(dcfg, tx, hub.reporter.clone()));
+            tokio::spawn(dir::watch(
+                dcfg,
+                tx,
+                hub.reporter.clone(),
+                hub.progress.clone(),
+            ));
         }
         Source::Kubernetes(kubeconfig) => {
             let client = kube_client(kubeconfig.as_deref()).await?;
@@ -278,7 +290,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 optional_wait: Duration::from_secs(10),
                 debounce: Duration::from_millis(2),
             };
-            kube::start(client, kc, tx, hub.reporter.clone()).await;
+            kube::start(client, kc, tx, hub.reporter.clone(), hub.progress.clone()).await;
         }
     }
     let beat = hub.clone();

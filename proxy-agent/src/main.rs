@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use proxy_agent::admin::{self, render::Output};
 use proxy_agent::agent::{self, RunConfig, Source};
 use proxy_agent::datapath;
+use proxy_agent::datapath::loader::BpfLog;
 use proxy_agent::proxy::ProxyConfig;
 use proxy_agent::proxy::telemetry::AccessLogTarget;
 
@@ -168,6 +169,13 @@ struct RunArgs {
     /// Largest manifest file read (bytes); larger files are refused.
     #[arg(long, default_value_t = proxy_agent::source::dir::DEFAULT_MAX_FILE_BYTES)]
     max_manifest_bytes: u64,
+    /// Debug logs of the eBPF programs (aya-log), forwarded to the agent's log under target
+    /// `proxy_ebpf`. A new level re-attaches the programs (hitlessly, like an upgrade).
+    #[arg(long, value_enum, default_value_t = BpfLog::Off)]
+    bpf_log: BpfLog,
+    /// Record request and TCP metrics (turn off only to measure their cost).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    request_metrics: bool,
 }
 
 /// The L7 proxy's limits and timeouts (see `proxy::limits`).
@@ -237,10 +245,15 @@ fn cgroup2_root() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 file system is mounted; mount one (mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup")
 }
 
-/// Sets up logging with a filter the admin API can change.
-fn init_tracing() -> admin::LogControl {
+/// Sets up logging with a filter the admin API can change; `bpf_log` lets the eBPF programs'
+/// records through.
+fn init_tracing(bpf_log: BpfLog) -> admin::LogControl {
     use tracing_subscriber::prelude::*;
-    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let mut initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    if bpf_log != BpfLog::Off {
+        let level = format!("{bpf_log:?}").to_ascii_lowercase();
+        initial.push_str(&format!(",proxy_ebpf={level}"));
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&initial)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
@@ -275,6 +288,8 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         metrics_addr,
         access_log,
         max_manifest_bytes,
+        bpf_log,
+        request_metrics,
     } = args;
     admin::server::check_admin_addr(admin_addr, admin_addr_unsafe)?;
     let cgroup = match cgroup {
@@ -290,6 +305,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
     let telemetry = proxy_agent::proxy::telemetry::Telemetry::new(
         workers,
         proxy_agent::proxy::telemetry::AccessLog::start(&access_log)?,
+        request_metrics,
     );
     let (source, source_kind, location) = match manifests {
         Some(dir) => {
@@ -361,6 +377,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         proxy: limits.into(),
         proxy_workers: proxy_workers.handles().to_vec(),
         hub,
+        bpf_log,
     }));
     // The runtimes end here, outside any async context.
     drop(rt);
@@ -391,7 +408,7 @@ fn encode(s: &str) -> String {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let log = match &cli.command {
-        Command::Run(_) => Some(init_tracing()),
+        Command::Run(args) => Some(init_tracing(args.bpf_log)),
         _ => {
             tracing_subscriber::fmt()
                 .with_writer(std::io::stderr)

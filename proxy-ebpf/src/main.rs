@@ -8,7 +8,8 @@
 //!
 //! Every decision is counted in a per-CPU array (`PXA_STATS_V1`), and while a monitor reader is
 //! attached (the `PXA_MONITOR_V1` switch) each one is also written to a ring buffer as a
-//! [`TraceEvent`]; with the switch off nothing is written.
+//! [`TraceEvent`]; with the switch off nothing is written. Debug logs (aya-log) are compiled
+//! in but off unless the agent loads the programs with a log level (`--bpf-log`).
 #![no_std]
 #![no_main]
 
@@ -23,6 +24,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap},
     programs::{SockAddrContext, SockOpsContext},
 };
+use aya_log_ebpf::{debug, trace};
 use proxy_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
     BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, EVENTS_RING_BYTES, HOOK_CONNECT4,
@@ -423,6 +425,24 @@ fn decide(
             });
             if verdict == VERDICT_L7_FALLBACK {
                 count(STAT_CONNECT4 + hook as u32);
+                debug!(
+                    ctx,
+                    "proxy down: {:i}:{} balanced in the kernel to {:i}:{}",
+                    u32::from_be(addr_be),
+                    u16::from_be(port_be),
+                    u32::from_be(b.addr_be),
+                    u16::from_be(b.port_be)
+                );
+            } else {
+                trace!(
+                    ctx,
+                    "hook {} {:i}:{} -> {:i}:{}",
+                    hook,
+                    u32::from_be(addr_be),
+                    u16::from_be(port_be),
+                    u32::from_be(b.addr_be),
+                    u16::from_be(b.port_be)
+                );
             }
             (SYS_PROCEED, Some(b))
         }
@@ -430,6 +450,13 @@ fn decide(
             d.verdict = VERDICT_REFUSED;
             d.service_id = service_id;
             count(STAT_REFUSED);
+            debug!(
+                ctx,
+                "refused {:i}:{}: service {} has no usable backend",
+                u32::from_be(addr_be),
+                u16::from_be(port_be),
+                service_id
+            );
             (refuse(), None)
         }
     };

@@ -98,3 +98,19 @@ pub fn status(netns: &Path) -> Option<Value> {
 pub fn ready(netns: &Path) -> bool {
     request(netns, ADMIN, "GET", "/ready").is_ok_and(|(c, _)| c == 200)
 }
+
+/// The sum of every sample of `/metrics` whose series starts with `series` (a metric name,
+/// optionally with its first labels: `proxy_agent_proxy_connections_total{event="accepted"`).
+pub fn metric(netns: &Path, series: &str) -> f64 {
+    let (code, body) =
+        request(netns, METRICS, "GET", "/metrics").unwrap_or_else(|e| panic!("GET /metrics: {e}"));
+    assert_eq!(code, 200, "GET /metrics: {body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(series)
+                .is_some_and(|rest| rest.starts_with([' ', ',', '{', '}']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

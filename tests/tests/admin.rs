@@ -848,3 +848,52 @@ fn rfc3339_now() -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+#[test]
+fn ebpf_debug_logs_are_off_unless_asked_and_reach_the_agent_log() {
+    let mut node = SimNode::new();
+    let client = node.add_pod("client");
+    // A Service without endpoints: connects are refused in the kernel.
+    node.write_manifest(
+        "empty.yaml",
+        &format!(
+            "{}---\n{}",
+            k8s::service("empty", "198.19.0.40", 80, "TCP", ""),
+            k8s::slice("empty-1", "empty", 8080, "TCP", &[])
+        ),
+    );
+    let refuse = || {
+        let out = client.probe(
+            "tcp-probe",
+            &[
+                "--to",
+                "198.19.0.40:80",
+                "--count",
+                "3",
+                "--timeout-ms",
+                "2000",
+            ],
+            T,
+        );
+        assert_eq!(out["ok"], 0, "{out}");
+    };
+    let mut quiet = node.start_agent(&[]);
+    refuse();
+    assert_eq!(counters(&node)["refused_no_backend"], 3);
+    assert!(
+        !quiet.log_text().contains("proxy_ebpf"),
+        "eBPF logs without --bpf-log: {}",
+        quiet.log_text()
+    );
+    quiet.terminate(T);
+    // With a level, the programs are re-attached (another link next to the old one) and log.
+    let agent = node.start_agent(&["--bpf-log", "debug"]);
+    assert_eq!(node.status()["datapath"]["adopted"], false);
+    tests::sys::poll("an eBPF refusal log line in the agent log", T, || {
+        refuse();
+        let log = agent.log_text();
+        log.lines()
+            .find(|l| l.contains("proxy_ebpf") && l.contains("refused 198.19.0.40:80"))
+            .map(String::from)
+    });
+}

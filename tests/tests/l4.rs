@@ -301,10 +301,11 @@ fn a_killed_agent_loses_no_connect_and_a_restarted_one_adopts_the_pinned_state()
         elapsed < Duration::from_secs(2),
         "the change took {elapsed:?} to apply after the restart"
     );
-    let log = agent2.log_text();
-    assert!(
-        log.contains("adopted=true"),
-        "links were re-attached instead of adopted:\n{log}"
+    let _agent2 = agent2;
+    let st = node.status();
+    assert_eq!(
+        st["datapath"]["adopted"], true,
+        "links were re-attached instead of adopted: {st}"
     );
     let after = node.dump();
     // Same ids for the old backends (no flush), one new slot and backend for web4.
@@ -318,9 +319,9 @@ fn a_killed_agent_loses_no_connect_and_a_restarted_one_adopts_the_pinned_state()
         after.contains(&format!("slot 4 -> backend 4 {}:8080", webs[3].ip)),
         "{after}"
     );
-    assert!(
-        log.contains("writes=3"),
-        "expected exactly backend+slot+master writes:\n{log}"
+    assert_eq!(
+        st["last_apply"]["writes"], 3,
+        "expected exactly backend+slot+master writes: {st}"
     );
     let reads = tally(&tcp(&client, "198.19.0.10:80", 400), "reads");
     assert_eq!(reads.len(), 4, "{reads:?}");
@@ -351,8 +352,11 @@ fn ten_thousand_services_with_ten_endpoints_each_load() {
     }
     node.write_manifest("many.yaml", &yaml);
     let started = Instant::now();
-    let mut agent = node.start_agent(&[]);
-    agent.wait_log_count("frontends=10000 ", 1, Duration::from_secs(300));
+    // 13 MB in one file: above the default limit of 4 MiB.
+    let _agent = node.start_agent(&["--max-manifest-bytes", "67108864"]);
+    node.wait_status("10000 frontends", Duration::from_secs(300), |s| {
+        s["frontends"] == 10000
+    });
     eprintln!("10,000 Services loaded in {:?}", started.elapsed());
     let dump = node.dump();
     assert_eq!(
@@ -371,19 +375,24 @@ fn ten_thousand_services_with_ten_endpoints_each_load() {
 #[test]
 fn a_broken_manifest_is_reported_and_the_last_good_state_keeps_serving() {
     let (node, webs, client, _servers) = web_node(2);
-    let mut agent = node.start_agent(&[]);
+    let _agent = node.start_agent(&[]);
     let ips: Vec<_> = webs.iter().map(|p| p.ip).collect();
     let bad = k8s::service_with_endpoints("web", VIP, 80, "TCP", 8080, &ips)
         .replace("port: 80\n", "port: eighty\n");
     node.write_manifest("web.yaml", &bad);
-    let log = agent.wait_log_count("field=spec.ports[0].port", 1, T);
-    let line = log
-        .lines()
-        .find(|l| l.contains("field=spec.ports[0].port"))
-        .unwrap();
+    let problems = tests::sys::poll("the broken manifest in /problems", T, || {
+        let p = node.admin_json("/problems");
+        p.as_array().and_then(|a| {
+            a.iter()
+                .find(|p| p["field"] == "spec.ports[0].port")
+                .cloned()
+        })
+    });
     assert!(
-        line.contains("web.yaml") && line.contains("Service default/web"),
-        "{line}"
+        problems["file"].as_str().unwrap().ends_with("web.yaml")
+            && problems["kind"] == "Service"
+            && problems["object"] == "default/web",
+        "{problems}"
     );
     let out = tcp(&client, "198.19.0.10:80", 50);
     assert_eq!(

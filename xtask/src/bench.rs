@@ -207,8 +207,9 @@ pub fn l4() -> Result<()> {
         eprintln!("bench l4: {n} Services, eBPF datapath");
         let b = bench_node(n);
         let started = Instant::now();
-        let mut agent = b.node.start_agent(&[]);
-        agent.wait_log_count(&format!("frontends={n} "), 1, T);
+        let agent = b.node.start_agent(&["--max-manifest-bytes", "268435456"]);
+        b.node
+            .wait_status(&format!("{n} frontends"), T, |s| s["frontends"] == n);
         let load = started.elapsed();
         let rss_kib = tests::sys::rss_kib(agent.pid());
         let (mut d, mut c) = (Vec::new(), Vec::new());

@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: a simulated node whose pods reach Services through the agent's eBPF
 //! datapath, fed from a manifests directory; shows balancing, UDP, an endpoint removal and the
-//! datapath surviving a killed agent.
+//! datapath surviving a killed agent, and what the agent's CLI shows of all of it.
 
 use std::time::Duration;
 
@@ -56,7 +56,7 @@ pub fn run() -> Result<()> {
         println!("   pod {:<7} {}", p.name, p.ip);
     }
 
-    let mut agent = node.start_agent(&[]);
+    let agent = node.start_agent(&[]);
     println!("\n== agent running; maps:\n{}", node.dump());
 
     let probe = |n: &str| {
@@ -87,12 +87,49 @@ pub fn run() -> Result<()> {
         counts(&udp, "sources")
     );
 
+    println!("\n== seeing inside the node: the agent's CLI (its admin API on the node's loopback)");
+    for args in [
+        vec!["status"],
+        vec!["services"],
+        vec!["service", "default/web"],
+        vec![
+            "explain",
+            "--from",
+            &client.ip.to_string(),
+            "--to",
+            "198.19.0.10:80",
+        ],
+    ] {
+        println!("$ proxy-agent {}", args.join(" "));
+        print!("{}", node.cli(&args));
+    }
+    println!("$ proxy-agent monitor -t trace --count 2   (while pod client connects)");
+    let mut mon = tests::Proc::spawn(
+        "monitor",
+        node.host_place().command(
+            tests::sys::bin("proxy-agent"),
+            &["monitor", "-t", "trace", "--count", "2"],
+        ),
+        node.dir.join("logs/monitor.log"),
+    );
+    tests::sys::poll(
+        "the monitor to show two events",
+        Duration::from_secs(30),
+        || {
+            probe("1");
+            (!mon.running()).then_some(())
+        },
+    );
+    for l in mon.stdout_lines() {
+        println!("{l}");
+    }
+
     println!("\n== removing web3 from the EndpointSlice");
     node.write_manifest(
         "web.yaml",
         &k8s::service_with_endpoints("web", "198.19.0.10", 80, "TCP", 8080, &ips[..2]),
     );
-    agent.wait_log_count("datapath synced", 2, Duration::from_secs(10));
+    node.wait_synced(2, Duration::from_secs(10));
     let out = probe("300");
     println!("300 connects after the change: {}", counts(&out, "reads"));
     ensure!(
@@ -110,7 +147,7 @@ pub fn run() -> Result<()> {
     );
     ensure!(out["ok"] == 300, "connects failed without the agent: {out}");
     let agent2 = node.start_agent(&[]);
-    let adopted = agent2.log_text().contains("adopted=true");
+    let adopted = node.status()["datapath"]["adopted"] == true;
     println!("restarted agent adopted the pinned links and maps: {adopted}");
     ensure!(
         adopted,

@@ -1,7 +1,8 @@
 //! `cargo xtask bench l7`: requests/s and latency at 16 connections (wrk) and at a fixed
 //! 1,000 requests/s (hey), directly to a pod, through our node proxy, through HAProxy and through
 //! nginx (both configured with retries and upstream keep-alive), in the same run; plus CPU per
-//! 1,000 requests and RSS of each proxy.
+//! 1,000 requests and RSS of each proxy. Our proxy runs as shipped, without request metrics and
+//! with an access log, so the cost of each shows against the same baseline.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -157,8 +158,16 @@ fn nginx_cfg(dir: &str, backends: &[Ipv4Addr]) -> String {
 struct Target {
     name: &'static str,
     url: String,
+    /// The process whose CPU and RSS are measured (`None`: direct).
     pid: Option<u32>,
+    /// For our proxy: the agent flags of this variant (the agent is restarted with them).
+    agent: Option<&'static [&'static str]>,
 }
+
+/// Agent variants: as shipped, without request metrics (their cost), with an access log.
+const DEFAULT: &[&str] = &[];
+const NO_METRICS: &[&str] = &["--request-metrics", "false"];
+const ACCESS_LOG: &[&str] = &["--access-log", "ACCESS_LOG"];
 
 /// wrk at 16 connections, hey at 1,000 req/s, and (CPU ms per 1,000 requests, RSS KiB).
 type Measured = (Run, Run, Option<(f64, u64)>);
@@ -226,8 +235,24 @@ pub fn run() -> Result<()> {
         "webapp.yaml",
         &k8s::http_service("webapp", "198.19.0.10", 80, 8080, &ips),
     );
-    let mut agent = node.start_agent(&["--node-ip", &NODE_IP.to_string()]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let access_log = node.dir.join("access.log");
+    let access_log = access_log.to_str().context("utf-8")?.to_string();
+    let node_ip = NODE_IP.to_string();
+    let start = |flags: &[&str]| {
+        let mut args = vec!["--node-ip", node_ip.as_str()];
+        args.extend(flags.iter().map(|f| {
+            if *f == "ACCESS_LOG" {
+                access_log.as_str()
+            } else {
+                f
+            }
+        }));
+        let a = node.start_agent(&args);
+        node.wait_l7_routes(1, T);
+        a
+    };
+    let mut agent = start(DEFAULT);
+    let mut running: &[&str] = DEFAULT;
 
     let dir = node.dir.to_str().context("utf-8")?.to_string();
     std::fs::write(node.dir.join("haproxy.cfg"), haproxy_cfg(&ips))?;
@@ -262,21 +287,37 @@ pub fn run() -> Result<()> {
             name: "direct to a pod",
             url: format!("http://{}:8080/", ips[0]),
             pid: None,
+            agent: None,
         },
         Target {
             name: "our node proxy",
             url: "http://198.19.0.10/".into(),
-            pid: Some(agent.pid()),
+            pid: None,
+            agent: Some(DEFAULT),
+        },
+        Target {
+            name: "ours, no metrics",
+            url: "http://198.19.0.10/".into(),
+            pid: None,
+            agent: Some(NO_METRICS),
+        },
+        Target {
+            name: "ours, access log",
+            url: "http://198.19.0.10/".into(),
+            pid: None,
+            agent: Some(ACCESS_LOG),
         },
         Target {
             name: "HAProxy 2.6",
             url: format!("http://{NODE_IP}:8081/"),
             pid: Some(hap.pid()),
+            agent: None,
         },
         Target {
             name: "nginx 1.22",
             url: format!("http://{NODE_IP}:8082/"),
             pid: Some(ngx.pid()),
+            agent: None,
         },
     ];
     // Three interleaved rounds (every target once per round); each cell is the median of three,
@@ -285,7 +326,22 @@ pub fn run() -> Result<()> {
     for round in 1..=ROUNDS {
         for (i, t) in targets.iter().enumerate() {
             eprintln!("bench l7: round {round}/{ROUNDS}: {}", t.name);
-            runs[i].push(measure(&client, t)?);
+            let mut t = Target {
+                name: t.name,
+                url: t.url.clone(),
+                pid: t.pid,
+                agent: t.agent,
+            };
+            if let Some(flags) = t.agent {
+                if flags != running {
+                    // The pinned datapath keeps serving while the agent restarts.
+                    agent.terminate(T);
+                    agent = start(flags);
+                    running = flags;
+                }
+                t.pid = Some(agent.pid());
+            }
+            runs[i].push(measure(&client, &t)?);
         }
     }
     let rows: Vec<(&str, Measured)> = targets
@@ -298,7 +354,7 @@ pub fn run() -> Result<()> {
         "\nL7: webapp with 2 pods; wrk -t2 -c16 -d10s, and hey -c10 -q100 (1,000 req/s) for 10 s, from a pod; medians of {ROUNDS} interleaved rounds (RSS: the largest)"
     );
     println!(
-        "{:<16} {:>10} {:>9} {:>9} {:>12} | {:>9} {:>9} {:>13} | {:>13} {:>8}",
+        "{:<18} {:>10} {:>9} {:>9} {:>12} | {:>9} {:>9} {:>13} | {:>13} {:>8}",
         "path",
         "16c req/s",
         "p50 ms",
@@ -315,7 +371,7 @@ pub fn run() -> Result<()> {
             (format!("{c:.1}"), format!("{}", r / 1024))
         });
         println!(
-            "{:<16} {:>10.0} {:>9.3} {:>9.3} {:>12.3} | {:>9.3} {:>9.3} {:>13.3} | {:>13} {:>8}",
+            "{:<18} {:>10.0} {:>9.3} {:>9.3} {:>12.3} | {:>9.3} {:>9.3} {:>13.3} | {:>13} {:>8}",
             name,
             wrk.rps,
             wrk.p50_ms,
@@ -328,10 +384,25 @@ pub fn run() -> Result<()> {
             rss
         );
     }
+    let cpu = |i: usize| rows[i].1.2.map(|u| u.0);
+    if let (Some(on), Some(off)) = (cpu(1), cpu(2)) {
+        println!(
+            "request metrics: {:+.1}% CPU per request ({on:.1} vs {off:.1} ms per 1k requests without them)",
+            (on / off - 1.0) * 100.0
+        );
+    }
+    if let (Some(log), Some(on)) = (cpu(3), cpu(1)) {
+        println!(
+            "access log (JSON lines to a file): {:+.1}% CPU per request ({log:.1} vs {on:.1} ms per 1k requests), p99 at 1k rps {:+.3} ms",
+            (log / on - 1.0) * 100.0,
+            rows[3].1.1.p99_ms - rows[1].1.1.p99_ms
+        );
+    }
     // nginx's master ends its workers on SIGTERM; a SIGKILL would orphan them.
     let (mut hap, mut ngx) = (hap, ngx);
     ngx.terminate(T);
     hap.terminate(T);
+    agent.terminate(T);
     Ok(())
 }
 

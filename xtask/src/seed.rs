@@ -58,8 +58,8 @@ pub fn ours() -> Result<AbResult> {
     );
     s.node
         .write_manifest("policy.yaml", &scenarios::seed_policy("webapp"));
-    let mut agent = s.node.start_agent(&["--node-ip", "198.18.0.1"]);
-    agent.wait_log_count("l7_routes=1", 1, T);
+    let _agent = s.node.start_agent(&["--node-ip", "198.18.0.1"]);
+    s.node.wait_l7_routes(1, T);
     run_ab(&s, || {})
 }
 

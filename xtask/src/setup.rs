@@ -18,6 +18,8 @@ const TEST_PACKAGES: &[&str] = &[
     "wrk",
     "nghttp2-client",
     "curl",
+    // A real scraper for the metrics tests.
+    "prometheus",
 ];
 /// Debian packages of the eBPF toolchain (when no rustup nightly with rust-src exists).
 const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];

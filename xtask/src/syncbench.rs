@@ -120,7 +120,7 @@ pub fn run() -> Result<()> {
         if let Some(l) = text.lines().rev().find(|l| l.contains("state rebuilt")) {
             eprintln!(
                 "bench sync: {}",
-                l.split_once("kube_source: ").map_or(l, |x| x.1)
+                l.split_once("source::kube: ").map_or(l, |x| x.1)
             );
         }
         lat.sort_by(f64::total_cmp);

@@ -158,6 +158,8 @@ pub struct Hub {
     pub started: SystemTime,
     /// Configuration problems.
     pub reporter: Reporter,
+    /// How far the source got.
+    pub progress: Arc<crate::source::Progress>,
     /// The proxy's request telemetry.
     pub telemetry: Arc<Telemetry>,
     /// Sync histograms.
@@ -170,6 +172,8 @@ pub struct Hub {
     proxy: OnceLock<Arc<Proxy>>,
     counters: Mutex<Option<Counters>>,
     proxy_listening: AtomicBool,
+    /// The eBPF object's hash and whether its links were adopted from an earlier agent.
+    datapath: OnceLock<(String, bool)>,
     /// Milliseconds since `started` of the agent loop's last heartbeat.
     heartbeat_ms: AtomicU64,
 }
@@ -186,6 +190,7 @@ impl Hub {
             info,
             started: SystemTime::now(),
             reporter,
+            progress: Arc::default(),
             monitor: monitor::MonitorHub::new(telemetry.tap.clone()),
             telemetry,
             sync: SyncMetrics::default(),
@@ -194,6 +199,7 @@ impl Hub {
             proxy: OnceLock::new(),
             counters: Mutex::new(None),
             proxy_listening: AtomicBool::new(false),
+            datapath: OnceLock::new(),
             heartbeat_ms: AtomicU64::new(0),
         })
     }
@@ -212,6 +218,16 @@ impl Hub {
     pub fn set_proxy(&self, p: Arc<Proxy>) {
         let _ = self.proxy.set(p);
         self.proxy_listening.store(true, Relaxed);
+    }
+
+    /// Notes the datapath's object hash and whether it was adopted.
+    pub fn set_datapath(&self, object: String, adopted: bool) {
+        let _ = self.datapath.set((object, adopted));
+    }
+
+    /// The datapath's object hash and whether it was adopted.
+    pub fn datapath(&self) -> Option<&(String, bool)> {
+        self.datapath.get()
     }
 
     /// The proxy, when L7 is on.

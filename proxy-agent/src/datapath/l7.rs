@@ -3,7 +3,7 @@
 //! proxy reads after accept.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::Mutex;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as AyaHashMap, MapData, SockMap};
@@ -42,7 +42,7 @@ impl L7Maps {
         self.proxy_sock
             .set(0, listener, 0)
             .context("publishing the proxy listener to the datapath")?;
-        Ok(MapOrigDst(Mutex::new(self.orig_dst)))
+        Ok(MapOrigDst(self.orig_dst))
     }
 
     /// Turns the redirect off: every Service is balanced in the kernel.
@@ -53,22 +53,50 @@ impl L7Maps {
     }
 }
 
-/// The original-destination map of the datapath, read once after each accept.
-pub struct MapOrigDst(Mutex<AyaHashMap<MapData, OrigKey, RevValue>>);
+/// The original-destination map of the datapath, read once after each accept: one
+/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` per connection, no lock (every proxy worker calls it).
+pub struct MapOrigDst(AyaHashMap<MapData, OrigKey, RevValue>);
 
 impl OrigDst for MapOrigDst {
     fn take(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        #[repr(C)]
+        struct Attr {
+            map_fd: u32,
+            _pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
         let key = OrigKey {
             addr_be: u32::from(*client.ip()).to_be(),
             port_be: client.port().to_be(),
             _pad: 0,
         };
-        let mut map = self.0.lock().ok()?;
-        let v = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
-        Some(SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(v.addr_be)),
-            u16::from_be(v.port_be),
-        ))
+        let mut v = RevValue::default();
+        let map: &MapData = aya::maps::IterableMap::map(&self.0);
+        let attr = Attr {
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            _pad: 0,
+            key: &key as *const OrigKey as u64,
+            value: &mut v as *mut RevValue as u64,
+            flags: 0,
+        };
+        // SAFETY: the attribute points at a key and a value of the map's sizes, both alive
+        // for the call; the kernel writes only the value.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+                &attr as *const Attr,
+                std::mem::size_of::<Attr>(),
+            )
+        };
+        (r == 0).then(|| {
+            SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(v.addr_be)),
+                u16::from_be(v.port_be),
+            )
+        })
     }
 }

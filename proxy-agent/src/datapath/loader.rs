@@ -101,14 +101,66 @@ fn fs_magic(path: &Path) -> Result<i64, DatapathError> {
     Ok(st.filesystem_type().0 as i64)
 }
 
-/// A short, stable hash of the embedded object (FNV-1a), naming the link pins.
-pub fn object_hash() -> String {
+/// A short, stable hash of the embedded object and the eBPF log level it is loaded with
+/// (FNV-1a), naming the link pins: another level is another program, attached next to the old
+/// one like a new version.
+pub fn object_hash(bpf_log: BpfLog) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in OBJECT {
+    let level = [bpf_log as u8];
+    let extra: &[u8] = if bpf_log == BpfLog::Off { &[] } else { &level };
+    for b in OBJECT.iter().chain(extra) {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{:08x}", h as u32)
+}
+
+/// Level of the eBPF programs' debug logs (aya-log), forwarded to the agent's log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BpfLog {
+    /// No log statement runs (the default: the datapath pays one load per log site).
+    #[default]
+    Off = 0,
+    /// Errors.
+    Error = 1,
+    /// Warnings.
+    Warn = 2,
+    /// Information.
+    Info = 3,
+    /// Refusals and proxy-down fallbacks.
+    Debug = 4,
+    /// Every translation.
+    Trace = 5,
+}
+
+/// Forwards the eBPF programs' log records to the agent's log until dropped.
+pub struct BpfLogger(aya_log::EbpfLogger<&'static dyn log::Log>);
+
+impl BpfLogger {
+    /// Starts forwarding, on the current tokio runtime.
+    pub fn spawn(self) {
+        // SAFETY: the logger owns its ring buffer fd until dropped, which happens only with
+        // the AsyncFd owning it.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self.0, tokio::io::Interest::READABLE)
+        };
+        let mut fd = match fd {
+            Ok(fd) => fd,
+            Err(e) => {
+                warn!(error = %e, "cannot poll the eBPF log ring buffer");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = fd.readable_mut().await else {
+                    return;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+    }
 }
 
 /// Everything [`Datapath::open`] returns.
@@ -123,6 +175,8 @@ pub struct Opened {
     pub counters: Counters,
     /// The monitor switch and ring buffer.
     pub monitor: Monitor,
+    /// The programs' debug logs, when a level was asked for.
+    pub logger: Option<BpfLogger>,
 }
 
 /// The loaded datapath: maps open, programs attached and pinned.
@@ -133,12 +187,14 @@ pub struct Datapath {
     pub bpffs: PathBuf,
     /// Whether the links were adopted from a previous agent rather than attached now.
     pub adopted: bool,
+    /// Hash of the object (and log level) naming the links.
+    pub object: String,
 }
 
 impl Datapath {
     /// Loads the object with its maps pinned under `bpffs/maps`, and attaches (or adopts) one
     /// link per program on `cgroup`. Returns the datapath and its maps.
-    pub fn open(cgroup: &Path, bpffs: &Path) -> Result<Opened, DatapathError> {
+    pub fn open(cgroup: &Path, bpffs: &Path, bpf_log: BpfLog) -> Result<Opened, DatapathError> {
         if fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
             return Err(DatapathError::NotCgroup2(cgroup.to_path_buf()));
         }
@@ -151,10 +207,12 @@ impl Datapath {
         fs::create_dir_all(&maps_dir).map_err(io("create", &maps_dir))?;
         fs::create_dir_all(&links_dir).map_err(io("create", &links_dir))?;
 
+        let level = bpf_log as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
+            .override_global(aya_log::LEVEL, &level, true)
             .load(OBJECT)?;
-        let hash = object_hash();
+        let hash = object_hash(bpf_log);
         let cgroup_fd = File::open(cgroup).map_err(io("open", cgroup))?;
         let mut adopted_all = true;
         for name in PROGRAMS {
@@ -233,11 +291,33 @@ impl Datapath {
             adopted = adopted_all,
             "datapath attached"
         );
+        // The links in force may be an earlier agent's: read the logs of the program they run.
+        let logger = if bpf_log == BpfLog::Off {
+            None
+        } else {
+            let pin = links_dir.join(format!("pxa_connect4-{hash}"));
+            let prog = PinnedLink::from_pin(&pin)
+                .map(FdLink::from)
+                .map_err(|e| e.to_string())
+                .and_then(|l| l.info().map_err(|e| e.to_string()))
+                .map(|i| i.program_id());
+            match prog
+                .and_then(|id| aya_log::EbpfLogger::init_from_id(id).map_err(|e| e.to_string()))
+            {
+                Ok(l) => Some(BpfLogger(l)),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the eBPF programs' logs");
+                    None
+                }
+            }
+        };
         Ok(Opened {
+            logger,
             datapath: Self {
                 _ebpf: ebpf,
                 bpffs: bpffs.to_path_buf(),
                 adopted: adopted_all,
+                object: hash.clone(),
             },
             maps,
             l7,

@@ -419,6 +419,9 @@ pub async fn handle(
     route: Arc<Route>,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
+    if !ds.telemetry.records() {
+        return serve(req, ds, &route, started, &mut Noted::default()).await;
+    }
     let (parts, body) = req.into_parts();
     let mut pending = Pending::new(started, ds.clone(), route.clone(), &parts);
     let req = Request::from_parts(parts, body);

@@ -580,6 +580,8 @@ pub struct Telemetry {
     access_log: Option<AccessLog>,
     /// Live request events.
     pub tap: Arc<Tap>,
+    /// Whether request and TCP series are kept.
+    metrics: bool,
 }
 
 /// What is known about a finished request.
@@ -617,9 +619,11 @@ pub struct Finished<'a> {
 }
 
 impl Telemetry {
-    /// Telemetry for `workers` proxy workers, with an optional access log.
-    pub fn new(workers: usize, access_log: Option<AccessLog>) -> Arc<Self> {
+    /// Telemetry for `workers` proxy workers, with an optional access log; `metrics` false
+    /// keeps no request series (to measure what they cost).
+    pub fn new(workers: usize, access_log: Option<AccessLog>, metrics: bool) -> Arc<Self> {
         Arc::new(Self {
+            metrics,
             peers: ArcSwap::from_pointee(Peers::default()),
             workers: (0..workers.max(1)).map(|_| Mutex::default()).collect(),
             resilience: Resilience::default(),
@@ -631,6 +635,11 @@ impl Telemetry {
     /// Replaces the pod index (each generation whose Pods changed).
     pub fn set_peers(&self, peers: Peers) {
         self.peers.store(Arc::new(peers));
+    }
+
+    /// Whether finished requests are recorded at all (metrics, access log or monitor).
+    pub fn records(&self) -> bool {
+        self.metrics || self.wants_details()
     }
 
     /// Whether request details (method, authority, path) are wanted: an access log is
@@ -662,7 +671,7 @@ impl Telemetry {
             protocol: f.protocol,
         };
         let ms = f.duration.as_secs_f64() * 1000.0;
-        {
+        if self.metrics {
             let mut t = self.table();
             let s = t.requests.entry(key).or_default();
             s.requests += 1;
@@ -715,12 +724,17 @@ impl Telemetry {
             service,
             flags: if backend.is_none() { flags::UF } else { 0 },
         };
-        self.table().tcp.entry(key).or_default().opened += 1;
+        if self.metrics {
+            self.table().tcp.entry(key).or_default().opened += 1;
+        }
         key
     }
 
     /// Records the end of an opaque connection with its byte counts.
     pub fn tcp_closed(&self, key: TcpKey, sent: u64, received: u64) {
+        if !self.metrics {
+            return;
+        }
         let mut t = self.table();
         let s = t.tcp.entry(key).or_default();
         s.closed += 1;

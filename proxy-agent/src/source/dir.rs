@@ -474,6 +474,7 @@ pub async fn watch(
     cfg: DirConfig,
     tx: tokio::sync::watch::Sender<Option<Arc<State>>>,
     reporter: Reporter,
+    progress: Arc<super::Progress>,
 ) {
     let dir = cfg.dir.clone();
     let mut reader = ManifestDir::with_limit(&dir, cfg.max_file_bytes);
@@ -531,6 +532,7 @@ pub async fn watch(
             "manifests read"
         );
         crate::model::publish(&tx, state);
+        progress.read_done();
         if tx.is_closed() {
             return;
         }

@@ -213,6 +213,7 @@ pub async fn start(
     cfg: KubeConfig,
     tx: watch::Sender<Option<std::sync::Arc<State>>>,
     reporter: Reporter,
+    progress: std::sync::Arc<super::Progress>,
 ) {
     let (msg_tx, msg_rx) = mpsc::channel::<Msg>(1024);
     let wcfg = || watcher::Config::default();
@@ -325,7 +326,7 @@ pub async fn start(
     );
     reporter.send_events_to(problem_tx);
     tokio::spawn(publish_events(recorder, problem_rx));
-    tokio::spawn(aggregate(cfg, msg_rx, tx, reporter));
+    tokio::spawn(aggregate(cfg, msg_rx, tx, reporter, progress));
 }
 
 async fn publish_events(recorder: Recorder, mut rx: mpsc::UnboundedReceiver<Problem>) {
@@ -406,6 +407,7 @@ async fn aggregate(
     mut rx: mpsc::Receiver<Msg>,
     tx: watch::Sender<Option<std::sync::Arc<State>>>,
     reporter: Reporter,
+    progress: std::sync::Arc<super::Progress>,
 ) {
     let mut stores = Stores::default();
     let started = tokio::time::Instant::now();
@@ -473,6 +475,7 @@ async fn aggregate(
                 "state rebuilt from the watched objects"
             );
             crate::model::publish(&tx, state);
+            progress.read_done();
         }
         if tx.is_closed() {
             return;

@@ -9,3 +9,22 @@ pub mod kube;
 pub mod report;
 
 pub use report::{Problem, Reporter};
+
+/// How far a source got: how many times it read its input and published a state.
+#[derive(Debug, Default)]
+pub struct Progress {
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    /// Counts one complete read (every changed file parsed, or a batch of watch events).
+    pub fn read_done(&self) {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Complete reads so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
