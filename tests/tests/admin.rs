@@ -392,6 +392,9 @@ fn explain_follows_a_connection_through_the_kernel_and_the_proxy() {
     assert_eq!(d["eligible"].as_array().unwrap().len(), 1, "{l7}");
     let table = node.cli(&["service", "default/web"]);
     assert!(table.contains("ejected"), "{table}");
+    let table = node.cli(&["explain", "--from", &from, "--to", "198.19.0.10:80"]);
+    assert!(table.contains("not eligible:"), "{table}");
+    eprintln!("$ proxy-agent explain --from {from} --to 198.19.0.10:80\n{table}");
 
     // A proxy that is down: the same question to an agent without the proxy.
     drop((node, client, pods));

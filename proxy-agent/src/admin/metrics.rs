@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use super::Hub;
-use crate::datapath::telemetry::{COUNTER_NAMES, occupancy};
+use crate::datapath::telemetry::COUNTER_NAMES;
 use crate::proxy::telemetry::{
     BYTES_BUCKETS, DURATION_BUCKETS_MS, Hist, Peer, RetryReason, flags, peer_of, service_of,
 };
@@ -461,7 +461,7 @@ impl Collector for HubCollector {
                 c[proxy_common::STAT_EVENTS_LOST as usize],
             )?;
         }
-        if let Ok(maps) = occupancy(&hub.info.bpffs) {
+        if let Ok(maps) = hub.occupancy() {
             let entries: Vec<(Labels, i64)> = maps
                 .iter()
                 .map(|m| (vec![("map", m.name.clone())], m.entries as i64))

@@ -176,7 +176,19 @@ pub struct Hub {
     datapath: OnceLock<(String, bool)>,
     /// Milliseconds since `started` of the agent loop's last heartbeat.
     heartbeat_ms: AtomicU64,
+    /// Map occupancy, walked at most once per [`OCCUPANCY_TTL`] (a walk of a large map costs
+    /// one syscall per entry).
+    occupancy: Mutex<Option<Reading>>,
 }
+
+/// A map occupancy reading and when it was taken.
+type Reading = (
+    std::time::Instant,
+    Vec<crate::datapath::telemetry::MapUsage>,
+);
+
+/// How long a map occupancy reading is reused.
+pub const OCCUPANCY_TTL: Duration = Duration::from_secs(2);
 
 impl Hub {
     /// A hub with nothing published yet.
@@ -201,6 +213,7 @@ impl Hub {
             proxy_listening: AtomicBool::new(false),
             datapath: OnceLock::new(),
             heartbeat_ms: AtomicU64::new(0),
+            occupancy: Mutex::new(None),
         })
     }
 
@@ -264,6 +277,21 @@ impl Hub {
             return Err("the L7 proxy is not listening yet".into());
         }
         Ok(())
+    }
+
+    /// How full each BPF map is (a reading at most [`OCCUPANCY_TTL`] old).
+    pub fn occupancy(
+        &self,
+    ) -> Result<Vec<crate::datapath::telemetry::MapUsage>, crate::datapath::MapError> {
+        let mut cached = self.occupancy.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, v)) = cached.as_ref()
+            && at.elapsed() < OCCUPANCY_TTL
+        {
+            return Ok(v.clone());
+        }
+        let v = crate::datapath::telemetry::occupancy(&self.info.bpffs)?;
+        *cached = Some((std::time::Instant::now(), v.clone()));
+        Ok(v)
     }
 
     /// Notes that the agent loop is alive.

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use super::{Hub, Snapshot};
-use crate::datapath::telemetry::{COUNTER_NAMES, occupancy};
+use crate::datapath::telemetry::COUNTER_NAMES;
 use crate::istio::{LoadBalancer, OutlierDetection, RetryOn};
 use crate::model::{EndpointState, Frontend, ObjectRef, Service};
 use crate::proxy::cluster::{Backend, Cluster};
@@ -30,7 +30,8 @@ fn ms(d: Option<std::time::Duration>) -> Value {
 /// `/status`: generation, sync age, source, proxy, maps, problems.
 pub fn status(hub: &Hub) -> Value {
     let s = hub.snapshot();
-    let maps = occupancy(&hub.info.bpffs)
+    let maps = hub
+        .occupancy()
         .map(|m| json!(m))
         .unwrap_or_else(|e| json!({"error": e.to_string()}));
     let ready = hub.ready();
@@ -340,6 +341,7 @@ pub fn backend_json(b: &Backend, c: &Cluster, pods: &HashMap<Ipv4Addr, String>) 
         "pod": pod,
         "health": if b.ejected() { "ejected" } else { "healthy" },
         "ejected_for_s": ejected_for.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+        "ejected_until_unix": ejected_for.map(|d| unix_secs(SystemTime::now() + d).round()),
         "ejection_multiplier": b.ejections(),
         "ejections_total": b.ejections_total(),
         "active_requests": b.active.load(Relaxed),
