@@ -107,6 +107,13 @@ enum Command {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Time the request recording path (`cargo xtask bench l7`): JSON, nanoseconds per request.
+    #[command(hide = true)]
+    BenchRecord {
+        /// Requests per measurement.
+        #[arg(long, default_value_t = 200_000)]
+        requests: u32,
+    },
     /// Detach the programs and remove everything pinned under the bpffs directory.
     Cleanup {
         /// bpffs directory of the agent.
@@ -549,6 +556,22 @@ fn main() -> anyhow::Result<()> {
             print!(
                 "{}",
                 admin::render::document(&v, output).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::BenchRecord { requests } => {
+            use proxy_agent::proxy::record::bench;
+            let (metrics, base) = bench(requests, true, false)?;
+            let (off, base_off) = bench(requests, false, false)?;
+            let (logged, base_log) = bench(requests, true, true)?;
+            let ns = |d: Duration| d.as_nanos() as u64;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "metrics_ns": ns(metrics).saturating_sub(ns(base)),
+                    "metrics_off_ns": ns(off).saturating_sub(ns(base_off)),
+                    "metrics_and_access_log_ns": ns(logged).saturating_sub(ns(base_log)),
+                })
             );
             Ok(())
         }

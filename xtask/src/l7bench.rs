@@ -385,6 +385,28 @@ pub fn run() -> Result<()> {
         );
     }
     let cpu = |i: usize| rows[i].1.2.map(|u| u.0);
+    // The recording path alone, timed in a loop (stable where whole-proxy CPU is noisy).
+    let bin = tests::sys::bin("proxy-agent");
+    let out = std::process::Command::new(&bin)
+        .arg("bench-record")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "proxy-agent bench-record failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    if let Some(on) = cpu(1) {
+        let per_request_ns = on * 1000.0; // ms per 1k requests = µs per request; in ns
+        let m = rec["metrics_ns"].as_f64().unwrap_or(0.0);
+        let l = rec["metrics_and_access_log_ns"].as_f64().unwrap_or(0.0);
+        println!(
+            "recording one request (timed alone): request metrics {m:.0} ns = {:.2}% of our proxy's {:.1} us of CPU per request; with the access log {l:.0} ns = {:.2}%",
+            100.0 * m / per_request_ns,
+            on,
+            100.0 * l / per_request_ns
+        );
+    }
     if let (Some(on), Some(off)) = (cpu(1), cpu(2)) {
         println!(
             "request metrics: {:+.1}% CPU per request ({on:.1} vs {off:.1} ms per 1k requests without them)",
