@@ -311,7 +311,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
     let telemetry = proxy_agent::proxy::telemetry::Telemetry::new(
         workers,
-        proxy_agent::proxy::telemetry::AccessLog::start(&access_log)?,
+        proxy_agent::proxy::telemetry::AccessLog::start(&access_log, workers)?,
         request_metrics,
     );
     let (source, source_kind, location) = match manifests {

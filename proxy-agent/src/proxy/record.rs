@@ -225,9 +225,10 @@ pub fn bench(n: u32, metrics: bool, access_log: bool) -> anyhow::Result<(Duratio
     use std::time::Duration as D;
 
     let log = if access_log {
-        super::telemetry::AccessLog::start(&super::telemetry::AccessLogTarget::File(
-            "/dev/null".into(),
-        ))?
+        super::telemetry::AccessLog::start(
+            &super::telemetry::AccessLogTarget::File("/dev/null".into()),
+            1,
+        )?
     } else {
         None
     };
