@@ -119,6 +119,9 @@ enum Command {
         /// bpffs directory of the agent.
         #[arg(long, default_value = "/sys/fs/bpf/proxy-agent")]
         bpffs: PathBuf,
+        /// Keep running afterwards (for a cleanup DaemonSet, whose pods must not exit).
+        #[arg(long)]
+        hold: bool,
     },
 }
 
@@ -170,6 +173,12 @@ struct RunArgs {
     /// Prometheus `/metrics`, `/ready` and `/healthz`.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: std::net::SocketAddr,
+    /// kube-proxy's health endpoint (`/healthz`: 200 when synced and current, 503 when stale or
+    /// not synced yet; cloud load balancers probe it). `off` disables it.
+    // Fully qualified: clap's derive would otherwise treat the flag as optional and expect a
+    // plain address from the parser.
+    #[arg(long, default_value = "0.0.0.0:10256", value_parser = optional_addr)]
+    healthz_addr: ::std::option::Option<std::net::SocketAddr>,
     /// Access log of the proxy: `off`, `stderr` or a file path (JSON lines).
     #[arg(long, default_value = "off")]
     access_log: AccessLogTarget,
@@ -235,6 +244,16 @@ impl From<ProxyArgs> for ProxyConfig {
     }
 }
 
+fn optional_addr(s: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    match s {
+        "off" | "" => Ok(None),
+        a => a
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("{a:?}: {e} (or `off`)")),
+    }
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     proxy_agent::istio::duration("", s).map_err(|e| e.message)
 }
@@ -293,6 +312,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         admin_addr,
         admin_addr_unsafe,
         metrics_addr,
+        healthz_addr,
         access_log,
         max_manifest_bytes,
         bpf_log,
@@ -352,6 +372,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
             admin_addr,
             metrics_addr,
             admin_addr_unsafe,
+            healthz_addr,
         },
         admin_rt.handle(),
     )?;
@@ -575,11 +596,38 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Cleanup { bpffs } => {
+        Command::Cleanup { bpffs, hold } => {
             let n = datapath::cleanup(Path::new(&bpffs))
                 .with_context(|| format!("removing the pins under {}", bpffs.display()))?;
             eprintln!("removed {n} pins under {}", bpffs.display());
+            if hold {
+                // A DaemonSet pod must keep running once its work is done.
+                loop {
+                    std::thread::park();
+                }
+            }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag's default goes through its parser and reads back as the field's type.
+    #[test]
+    fn run_flags_parse_with_their_defaults() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+        let cli = Cli::try_parse_from(["proxy-agent", "run", "--manifests", "/tmp/m"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.healthz_addr, Some("0.0.0.0:10256".parse().unwrap()));
+        let cli = Cli::try_parse_from(["proxy-agent", "run", "--healthz-addr", "off"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(args.healthz_addr, None);
     }
 }

@@ -62,6 +62,8 @@ struct Kind {
     versions: &'static [&'static str],
     plural: &'static str,
     kind: &'static str,
+    /// Cluster-scoped kinds (Namespace, CRD, ClusterRole...) are stored under namespace "".
+    namespaced: bool,
 }
 
 const ISTIO_VERSIONS: &[&str] = &["v1", "v1beta1", "v1alpha3"];
@@ -73,40 +75,96 @@ const KINDS: &[Kind] = &[
         versions: &["v1"],
         plural: "services",
         kind: "Service",
+        namespaced: true,
     },
     Kind {
         group: "",
         versions: &["v1"],
         plural: "pods",
         kind: "Pod",
+        namespaced: true,
     },
     Kind {
         group: "discovery.k8s.io",
         versions: &["v1"],
         plural: "endpointslices",
         kind: "EndpointSlice",
+        namespaced: true,
     },
     Kind {
         group: "networking.istio.io",
         versions: ISTIO_VERSIONS,
         plural: "virtualservices",
         kind: "VirtualService",
+        namespaced: true,
     },
     Kind {
         group: "networking.istio.io",
         versions: ISTIO_VERSIONS,
         plural: "destinationrules",
         kind: "DestinationRule",
+        namespaced: true,
     },
     Kind {
         group: "events.k8s.io",
         versions: &["v1"],
         plural: "events",
         kind: "Event",
+        namespaced: true,
+    },
+    Kind {
+        group: "",
+        versions: &["v1"],
+        plural: "namespaces",
+        kind: "Namespace",
+        namespaced: false,
+    },
+    Kind {
+        group: "",
+        versions: &["v1"],
+        plural: "serviceaccounts",
+        kind: "ServiceAccount",
+        namespaced: true,
+    },
+    Kind {
+        group: "",
+        versions: &["v1"],
+        plural: "configmaps",
+        kind: "ConfigMap",
+        namespaced: true,
+    },
+    Kind {
+        group: "apps",
+        versions: &["v1"],
+        plural: "daemonsets",
+        kind: "DaemonSet",
+        namespaced: true,
+    },
+    Kind {
+        group: "rbac.authorization.k8s.io",
+        versions: &["v1"],
+        plural: "clusterroles",
+        kind: "ClusterRole",
+        namespaced: false,
+    },
+    Kind {
+        group: "rbac.authorization.k8s.io",
+        versions: &["v1"],
+        plural: "clusterrolebindings",
+        kind: "ClusterRoleBinding",
+        namespaced: false,
+    },
+    Kind {
+        group: "apiextensions.k8s.io",
+        versions: &["v1"],
+        plural: "customresourcedefinitions",
+        kind: "CustomResourceDefinition",
+        namespaced: false,
     },
 ];
 
 /// Index of `events.k8s.io/v1` Event in [`KINDS`].
+/// (Kinds after it are what `kubectl apply -k deploy/` installs.)
 const EVENTS: usize = 5;
 
 /// `apiVersion` of type `kind` in `version`.
@@ -127,6 +185,16 @@ fn kind_of(api_version: &str, kind: &str) -> Option<usize> {
 
 /// Store key: type, namespace, name (so iteration is sorted by namespace/name per type).
 type Key = (usize, String, String);
+
+/// The store namespace of a request: "" for cluster-scoped kinds, else the path's namespace
+/// (or `default`).
+fn ns_of(kind: usize, namespace: Option<&str>) -> String {
+    if KINDS[kind].namespaced {
+        namespace.unwrap_or("default").to_string()
+    } else {
+        String::new()
+    }
+}
 
 fn kind_range(kind: usize) -> Range<Key> {
     (kind, String::new(), String::new())..(kind + 1, String::new(), String::new())
@@ -213,6 +281,69 @@ struct Shared {
     changes: broadcast::Sender<Arc<Change>>,
     requests: Mutex<Vec<String>>,
     open_watches: Arc<AtomicUsize>,
+    security: Security,
+    /// Every resource request with its authorization verdict.
+    accesses: Mutex<Vec<Access>>,
+}
+
+/// How the double authenticates and authorizes, to stand in for a real cluster's API server
+/// as an in-cluster agent sees it.
+#[derive(Clone, Debug, Default)]
+pub struct Security {
+    /// Serve HTTPS with a certificate for 127.0.0.1 signed by [`ApiServer::ca_pem`]'s CA.
+    pub tls: bool,
+    /// Accept only this bearer token (401 otherwise).
+    pub token: Option<String>,
+    /// Allow only what these ClusterRole rules allow (403 otherwise).
+    pub rules: Option<Vec<Rule>>,
+}
+
+/// One ClusterRole rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    /// `apiGroups` ("" is core; "*" any).
+    pub api_groups: Vec<String>,
+    /// `resources` ("*" any).
+    pub resources: Vec<String>,
+    /// `verbs` ("*" any).
+    pub verbs: Vec<String>,
+}
+
+impl Rule {
+    /// Whether this rule allows `verb` on `group`/`resource`.
+    pub fn allows(&self, verb: &str, group: &str, resource: &str) -> bool {
+        let any = |v: &[String], x: &str| v.iter().any(|e| e == "*" || e == x);
+        any(&self.api_groups, group) && any(&self.resources, resource) && any(&self.verbs, verb)
+    }
+}
+
+/// One authorization decision of a resource request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`.
+    pub verb: String,
+    /// API group ("" for core).
+    pub group: String,
+    /// Resource (plural).
+    pub resource: String,
+    /// Namespace of the request (`None`: all namespaces or cluster-scoped).
+    pub namespace: Option<String>,
+    /// Whether the rules allowed it.
+    pub allowed: bool,
+}
+
+/// The RBAC verb of a request on a route.
+fn verb_of(method: &Method, named: bool, watch: bool) -> &'static str {
+    match (method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) if watch => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => "unknown",
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -249,7 +380,11 @@ impl Shared {
         let Some(meta) = meta.as_object_mut() else {
             return Err(ApiError::bad_request("metadata is not a JSON object"));
         };
-        meta.insert("namespace".into(), namespace.into());
+        if KINDS[kind].namespaced {
+            meta.insert("namespace".into(), namespace.into());
+        } else {
+            meta.remove("namespace");
+        }
         let name = match meta.get("name").and_then(Value::as_str) {
             Some(name) if !name.is_empty() => name.to_string(),
             _ => match meta.get("generateName").and_then(Value::as_str) {
@@ -387,6 +522,7 @@ pub struct ApiServer {
     port: u16,
     control: mpsc::UnboundedSender<(Control, Ack)>,
     thread: Option<JoinHandle<()>>,
+    ca_pem: Option<String>,
 }
 
 impl ApiServer {
@@ -396,12 +532,21 @@ impl ApiServer {
     ///
     /// Panics if the namespace cannot be entered or the socket not bound.
     pub fn start(netns: Option<&Path>) -> ApiServer {
+        Self::start_secure(netns, Security::default())
+    }
+
+    /// Like [`ApiServer::start`], with TLS, a token and RBAC as `security` says.
+    pub fn start_secure(netns: Option<&Path>, security: Security) -> ApiServer {
+        let tls = security.tls.then(tls::Tls::generate);
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
             changes: broadcast::channel(BROADCAST_CAPACITY).0,
             requests: Mutex::new(Vec::new()),
             open_watches: Arc::new(AtomicUsize::new(0)),
+            security,
+            accesses: Mutex::new(Vec::new()),
         });
+        let acceptor = tls.as_ref().map(tls::Tls::acceptor);
         let (control, commands) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<u16, String>>();
         let netns: Option<PathBuf> = netns.map(Path::to_path_buf);
@@ -439,7 +584,7 @@ impl ApiServer {
                         }
                     };
                     let _ = ready_tx.send(Ok(port));
-                    serve(server_shared, port, listener, commands).await;
+                    serve(server_shared, port, listener, commands, acceptor).await;
                 });
             })
             .expect("spawn the API server double thread");
@@ -453,7 +598,18 @@ impl ApiServer {
             port,
             control,
             thread: Some(thread),
+            ca_pem: tls.map(|t| t.ca_pem),
         }
+    }
+
+    /// The CA certificate (PEM) that signed the server's certificate, when serving TLS.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// Every resource request so far with its authorization verdict.
+    pub fn accesses(&self) -> Vec<Access> {
+        lock(&self.shared.accesses).clone()
     }
 
     /// The port on 127.0.0.1 (the same after [`ApiServer::start_again`]).
@@ -461,16 +617,30 @@ impl ApiServer {
         self.port
     }
 
-    /// A kubeconfig (YAML text) pointing at http://127.0.0.1:PORT with no auth, namespace
-    /// `default`.
+    /// A kubeconfig (YAML text) pointing at the double (https with its CA when serving TLS),
+    /// with its token if it has one, namespace `default`.
     pub fn kubeconfig(&self) -> String {
+        let (scheme, ca) = match &self.ca_pem {
+            Some(pem) => (
+                "https",
+                format!(
+                    "\n    certificate-authority-data: {}",
+                    base64(pem.as_bytes())
+                ),
+            ),
+            None => ("http", String::new()),
+        };
+        let user = match &self.shared.security.token {
+            Some(t) => format!("\n    token: {t}"),
+            None => " {}".to_string(),
+        };
         format!(
             "apiVersion: v1\n\
              kind: Config\n\
              clusters:\n\
-             - name: double\n  cluster:\n    server: http://127.0.0.1:{}\n\
+             - name: double\n  cluster:\n    server: {scheme}://127.0.0.1:{}{ca}\n\
              users:\n\
-             - name: double\n  user: {{}}\n\
+             - name: double\n  user:{user}\n\
              contexts:\n\
              - name: double\n  context:\n    cluster: double\n    user: double\n    namespace: default\n\
              current-context: double\n",
@@ -494,10 +664,12 @@ impl ApiServer {
                 served_kinds()
             );
         };
-        let namespace = match obj["metadata"]["namespace"].as_str() {
-            Some(ns) if !ns.is_empty() => ns.to_string(),
-            _ => "default".to_string(),
-        };
+        let namespace = ns_of(
+            kind,
+            obj["metadata"]["namespace"]
+                .as_str()
+                .filter(|n| !n.is_empty()),
+        );
         match self.shared.write(kind, &namespace, obj, Mode::Upsert) {
             Ok(stored) => rv_of(&stored),
             Err(e) => panic!("API server double: apply: {}", e.message),
@@ -662,6 +834,7 @@ async fn serve(
     port: u16,
     listener: TcpListener,
     mut commands: mpsc::UnboundedReceiver<(Control, Ack)>,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let mut listener = Some(listener);
     let mut conns = JoinSet::new();
@@ -697,7 +870,20 @@ async fn serve(
             }
             accepted = accept(listener.as_ref()) => match accepted {
                 Ok((stream, _)) => {
-                    conns.spawn(connection(shared.clone(), stream));
+                    let shared = shared.clone();
+                    match acceptor.clone() {
+                        None => {
+                            conns.spawn(connection(shared, stream));
+                        }
+                        Some(acceptor) => {
+                            conns.spawn(async move {
+                                let _ = stream.set_nodelay(true);
+                                if let Ok(tls) = acceptor.accept(stream).await {
+                                    connection(shared, tls).await;
+                                }
+                            });
+                        }
+                    }
                 }
                 // E.g. out of file descriptors: do not spin.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -708,9 +894,12 @@ async fn serve(
     conns.shutdown().await;
 }
 
-/// Serves one connection (HTTP/1.1, or h2c with prior knowledge). Aborting the task closes it.
-async fn connection(shared: Arc<Shared>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
+/// Serves one connection (HTTP/1.1, or HTTP/2 with prior knowledge). Aborting the task closes
+/// it.
+async fn connection<S>(shared: Arc<Shared>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(&shared, req).await) }
@@ -754,6 +943,8 @@ fn route(path: &str) -> Option<Route> {
         [plural] => (None, *plural, None),
         ["namespaces", ns, plural] => (Some(*ns), *plural, None),
         ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        // A cluster-scoped object (`/api/v1/namespaces/NAME` included).
+        [plural, name] => (None, *plural, Some(*name)),
         _ => return None,
     };
     let kind = KINDS
@@ -876,11 +1067,53 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBod
             }),
         );
     }
+    if let Some(token) = &shared.security.token {
+        let given = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return error_response(&ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "a valid bearer token is required",
+            ));
+        }
+    }
+    if method == Method::GET
+        && let Some(doc) = discovery(&path)
+    {
+        return json_response(StatusCode::OK, &doc);
+    }
     let Some(route) = route(&path) else {
         return error_response(&ApiError::not_found(format!(
             "the server could not find the requested resource ({method} {path})"
         )));
     };
+    if let Some(rules) = &shared.security.rules {
+        let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+        let verb = verb_of(&method, route.name.is_some(), watch);
+        let group = KINDS[route.kind].group;
+        let resource = KINDS[route.kind].plural;
+        let allowed = rules.iter().any(|r| r.allows(verb, group, resource));
+        lock(&shared.accesses).push(Access {
+            verb: verb.to_string(),
+            group: group.to_string(),
+            resource: resource.to_string(),
+            namespace: route.namespace.clone(),
+            allowed,
+        });
+        if !allowed {
+            return error_response(&ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                format!(
+                    "{verb} {resource}.{group} is not allowed by the ClusterRole (the double enforces it like RBAC)"
+                ),
+            ));
+        }
+    }
     let view = View {
         kind: route.kind,
         version: route.version,
@@ -906,23 +1139,25 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBod
         }
         (&Method::GET, Some(name)) => get(shared, &route, name, &view),
         (&Method::POST, None) => parse_body(&body).and_then(|obj| {
-            let ns = route
-                .namespace
-                .clone()
-                .or_else(|| obj["metadata"]["namespace"].as_str().map(String::from))
-                .unwrap_or_else(|| "default".into());
+            let ns = ns_of(
+                route.kind,
+                route
+                    .namespace
+                    .as_deref()
+                    .or_else(|| obj["metadata"]["namespace"].as_str()),
+            );
             let stored = shared.write(route.kind, &ns, obj, Mode::Create)?;
             Ok((StatusCode::CREATED, view.object(&stored)))
         }),
         (&Method::PUT, Some(name)) => parse_body(&body).and_then(|mut obj| {
             obj["metadata"]["name"] = name.as_str().into();
-            let ns = route.namespace.as_deref().unwrap_or("default");
-            let stored = shared.write(route.kind, ns, obj, Mode::Replace)?;
+            let ns = ns_of(route.kind, route.namespace.as_deref());
+            let stored = shared.write(route.kind, &ns, obj, Mode::Replace)?;
             Ok((StatusCode::OK, view.object(&stored)))
         }),
         (&Method::PATCH, Some(name)) => patch(shared, &route, name, &content_type, &body, &view),
         (&Method::DELETE, Some(name)) => {
-            let ns = route.namespace.clone().unwrap_or_else(|| "default".into());
+            let ns = ns_of(route.kind, route.namespace.as_deref());
             match shared.remove((route.kind, ns, name.clone())) {
                 Some(last) => Ok((StatusCode::OK, view.object(&last))),
                 None => Err(ApiError::not_found(format!(
@@ -940,6 +1175,73 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBod
     match result {
         Ok((code, body)) => json_response(code, &body),
         Err(e) => error_response(&e),
+    }
+}
+
+/// Legacy discovery documents (`/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}`), as
+/// kubectl and client-go read them.
+fn discovery(path: &str) -> Option<Value> {
+    let verbs = json!([
+        "create", "delete", "get", "list", "patch", "update", "watch"
+    ]);
+    let resources = |group: &str, version: &str| -> Value {
+        let list: Vec<Value> = KINDS
+            .iter()
+            .filter(|k| k.group == group && k.versions.contains(&version))
+            .map(|k| {
+                json!({
+                    "name": k.plural,
+                    "singularName": k.kind.to_ascii_lowercase(),
+                    "namespaced": k.namespaced,
+                    "kind": k.kind,
+                    "verbs": verbs,
+                })
+            })
+            .collect();
+        json!({
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": if group.is_empty() { version.to_string() } else { format!("{group}/{version}") },
+            "resources": list,
+        })
+    };
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["api"] => Some(
+            json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+        ),
+        ["api", "v1"] => Some(resources("", "v1")),
+        ["apis"] => {
+            let mut groups: Vec<&str> = KINDS
+                .iter()
+                .map(|k| k.group)
+                .filter(|g| !g.is_empty())
+                .collect();
+            groups.dedup();
+            let groups: Vec<Value> = groups
+                .iter()
+                .map(|g| {
+                    let versions: Vec<Value> = KINDS
+                        .iter()
+                        .find(|k| k.group == *g)
+                        .map(|k| k.versions)
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v}))
+                        .collect();
+                    json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
+                })
+                .collect();
+            Some(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+        }
+        ["apis", group, version]
+            if KINDS
+                .iter()
+                .any(|k| k.group == *group && k.versions.contains(version)) =>
+        {
+            Some(resources(group, version))
+        }
+        _ => None,
     }
 }
 
@@ -1021,7 +1323,7 @@ fn get(
     name: &str,
     view: &View,
 ) -> Result<(StatusCode, Value), ApiError> {
-    let ns = route.namespace.clone().unwrap_or_else(|| "default".into());
+    let ns = ns_of(route.kind, route.namespace.as_deref());
     let st = shared.store();
     match st.objects.get(&(route.kind, ns, name.to_string())) {
         Some(obj) => Ok((StatusCode::OK, view.object(obj))),
@@ -1041,23 +1343,40 @@ fn patch(
     view: &View,
 ) -> Result<(StatusCode, Value), ApiError> {
     let media = content_type.split(';').next().unwrap_or("").trim();
-    if !matches!(
-        media,
-        "application/merge-patch+json" | "application/strategic-merge-patch+json"
-    ) {
+    let apply = media == "application/apply-patch+yaml";
+    if !apply
+        && !matches!(
+            media,
+            "application/merge-patch+json" | "application/strategic-merge-patch+json"
+        )
+    {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "UnsupportedMediaType",
-            format!("the double supports merge patches only, not {content_type:?}"),
+            format!(
+                "the double supports merge patches and server-side apply only, not {content_type:?}"
+            ),
         ));
     }
-    let patch = parse_body(body)?;
-    let ns = route.namespace.clone().unwrap_or_else(|| "default".into());
+    let patch = if apply {
+        // Server-side apply: the whole object, as YAML (JSON is YAML too).
+        serde_yaml::from_slice::<Value>(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid apply patch: {e}")))?
+    } else {
+        parse_body(body)?
+    };
+    let ns = ns_of(route.kind, route.namespace.as_deref());
     let current = shared
         .store()
         .objects
         .get(&(route.kind, ns.clone(), name.to_string()))
         .cloned();
+    if apply && current.is_none() {
+        let mut obj = patch;
+        obj["metadata"]["name"] = name.into();
+        let stored = shared.write(route.kind, &ns, obj, Mode::Create)?;
+        return Ok((StatusCode::CREATED, view.object(&stored)));
+    }
     let Some(mut obj) = current else {
         return Err(ApiError::not_found(format!(
             "{} \"{name}\" not found",
@@ -1292,5 +1611,78 @@ impl Body for WatchBody {
             .rx
             .poll_recv(cx)
             .map(|line| line.map(|l| Ok(Frame::data(l))))
+    }
+}
+
+/// Standard base64 (for kubeconfig data fields).
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The double's TLS: a throwaway CA and a server certificate for 127.0.0.1 it signed.
+mod tls {
+    use std::sync::Arc;
+
+    /// Keys and certificates of one double.
+    pub struct Tls {
+        /// The CA certificate, PEM (what a client trusts: the service account's `ca.crt`).
+        pub ca_pem: String,
+        cert_der: rustls::pki_types::CertificateDer<'static>,
+        key_der: Vec<u8>,
+    }
+
+    impl Tls {
+        /// Generates a CA and a server certificate for 127.0.0.1 and localhost.
+        pub fn generate() -> Tls {
+            let ca_key = rcgen::KeyPair::generate().expect("CA key");
+            let mut ca_params =
+                rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+            ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca_params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "apiserver-double-ca");
+            let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+            let issuer = rcgen::Issuer::new(ca_params, ca_key);
+            let key = rcgen::KeyPair::generate().expect("server key");
+            let params = rcgen::CertificateParams::new(vec![
+                "127.0.0.1".to_string(),
+                "localhost".to_string(),
+            ])
+            .expect("server params");
+            let cert = params.signed_by(&key, &issuer).expect("server certificate");
+            Tls {
+                ca_pem: ca_cert.pem(),
+                cert_der: cert.der().clone(),
+                key_der: key.serialize_der(),
+            }
+        }
+
+        /// The server side.
+        pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let key = rustls::pki_types::PrivateKeyDer::Pkcs8(self.key_der.clone().into());
+            let cfg = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("TLS versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![self.cert_der.clone()], key)
+                .expect("TLS certificate");
+            let mut cfg = cfg;
+            cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+        }
     }
 }

@@ -318,3 +318,113 @@ fn scenario_1_retries_with_objects_from_the_api_server() {
     );
     assert_eq!(out["ok"], 50, "{out}");
 }
+
+/// Entries of the datapath's Service map (master + one per backend slot, per frontend).
+fn svc_map_entries(st: &Value) -> u64 {
+    st["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "PXA_SVC_V1"))
+        .and_then(|m| m["entries"].as_u64())
+        .unwrap_or(u64::MAX)
+}
+
+/// What a real cluster has and a manifests directory rarely shows: headless and ExternalName
+/// Services (never programmed), Services another proxy owns (label
+/// `service.kubernetes.io/service-proxy-name`, left alone and removed when the label appears),
+/// and a Service deleted and recreated with a new ClusterIP (the old IP leaves the maps).
+#[test]
+fn headless_external_name_and_other_proxies_services_are_not_programmed_and_recreates_leave_nothing_stale()
+ {
+    let (mut node, api, kubeconfig) = cluster();
+    let webs: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("web{i}"))).collect();
+    let client = node.add_pod("client");
+    let _s = servers(&webs, "tcp-id");
+    let ips: Vec<Ipv4Addr> = webs.iter().map(|p| p.ip).collect();
+    api.apply_yaml(&k8s::service_with_endpoints(
+        "web",
+        "198.19.0.10",
+        80,
+        "TCP",
+        8080,
+        &ips,
+    ));
+    // Headless (with endpoints, as StatefulSets have), ExternalName, another proxy's.
+    api.apply_yaml(
+        &k8s::service_with_endpoints("db", "None", 80, "TCP", 8080, &ips)
+            .replace("clusterIP: None", "clusterIP: None\n  type: ClusterIP"),
+    );
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: alias, namespace: default}\nspec:\n  type: ExternalName\n  externalName: example.org\n",
+    );
+    let other = k8s::service_with_endpoints("other", "198.19.0.20", 80, "TCP", 8080, &ips)
+        .replacen(
+            "  namespace: default\n",
+            "  namespace: default\n  labels:\n    service.kubernetes.io/service-proxy-name: someone-else\n",
+            1,
+        );
+    api.apply_yaml(&other);
+    let _agent = node.start_agent_kube(&kubeconfig, &[]);
+    let st = node.wait_status("web alone programmed", T, |s| {
+        s["services"] == 1 && s["frontends"] == 1 && svc_map_entries(s) == 3
+    });
+    assert_eq!(st["problems"], 0, "none of them is a problem: {st}");
+    assert_eq!(tcp(&client, 20)["ok"], 20);
+    let refused = client.probe(
+        "tcp-probe",
+        &[
+            "--to",
+            "198.19.0.20:80",
+            "--count",
+            "3",
+            "--timeout-ms",
+            "500",
+        ],
+        T,
+    );
+    assert_eq!(refused["ok"], 0, "another proxy's Service: {refused}");
+
+    // The label appears on a Service we serve: it is removed from the datapath; and back.
+    let labelled = k8s::service("web", "198.19.0.10", 80, "TCP", "").replacen(
+        "  namespace: default\n",
+        "  namespace: default\n  labels:\n    service.kubernetes.io/service-proxy-name: someone-else\n",
+        1,
+    );
+    api.apply_yaml(&labelled);
+    node.wait_status("web handed to the other proxy", T, |s| {
+        s["frontends"] == 0 && svc_map_entries(s) == 0
+    });
+    api.apply_yaml(&k8s::service("web", "198.19.0.10", 80, "TCP", ""));
+    node.wait_status("web back", T, |s| s["frontends"] == 1);
+    assert_eq!(tcp(&client, 20)["ok"], 20);
+
+    // Deleted and recreated with a new ClusterIP (its slice stays): nothing stale.
+    assert!(api.delete("v1", "Service", "default", "web"));
+    api.apply_yaml(&k8s::service("web", "198.19.0.11", 80, "TCP", ""));
+    node.wait_status("the new ClusterIP only", T, |s| {
+        s["frontends"] == 1 && svc_map_entries(s) == 3
+    });
+    let new = client.probe(
+        "tcp-probe",
+        &["--to", "198.19.0.11:80", "--count", "20", "--read"],
+        T,
+    );
+    assert_eq!(new["ok"], 20, "{new}");
+    let old = client.probe(
+        "tcp-probe",
+        &[
+            "--to",
+            "198.19.0.10:80",
+            "--count",
+            "3",
+            "--timeout-ms",
+            "500",
+        ],
+        T,
+    );
+    assert_eq!(old["ok"], 0, "the old ClusterIP must be gone: {old}");
+    let services = node.admin_json("/services");
+    assert!(
+        !services.to_string().contains("198.19.0.10"),
+        "stale frontend: {services}"
+    );
+}

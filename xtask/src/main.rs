@@ -3,6 +3,8 @@
 
 mod bench;
 mod demo;
+mod image;
+mod kind;
 mod l7bench;
 mod seed;
 mod setup;
@@ -12,6 +14,10 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
+
+/// The target triple every build uses (`.cargo/config.toml`): binaries live under
+/// `target/<triple>/<profile>/`.
+pub const TARGET: &str = "x86_64-unknown-linux-gnu";
 
 #[derive(Parser)]
 #[command(about = "Developer tasks for the node proxy")]
@@ -31,6 +37,15 @@ enum Cmd {
         /// Which benchmark.
         name: String,
     },
+    /// Build the container image (buildah, FROM scratch, static binary) and its OCI archive.
+    Image {
+        /// Package the debug binary `cargo xtask test` builds instead of a release build.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// The kind suite (machines with Docker and kind): install deploy/ on a cluster without
+    /// kube-proxy and check it from inside.
+    Kind,
     /// Regenerate checked-in files from the Rust types (deploy/crds).
     Codegen {
         /// Fail if the checked-in files differ instead of writing them.
@@ -84,16 +99,16 @@ const CRDS: &str = "deploy/crds/istio-networking.yaml";
 
 /// Writes (or with `check`, verifies) the CRD manifests generated from proxy-agent's Istio types.
 fn codegen(check: bool) -> Result<()> {
-    let out = cargo(&[
-        "run",
-        "--quiet",
-        "-p",
-        "proxy-agent",
-        "--features",
-        "codegen",
-        "--",
-        "crds",
-    ])?;
+    // The binary the tests use (same package selection, so no feature-unification rebuild).
+    build_bins()?;
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(TARGET)
+        .join("debug/proxy-agent");
+    let out = Command::new(&bin)
+        .arg("crds")
+        .output()
+        .with_context(|| format!("running {} crds", bin.display()))?;
     if !out.status.success() {
         bail!(
             "generating CRDs failed:\n{}",
@@ -190,6 +205,8 @@ fn test(filter: Option<String>) -> Result<()> {
     setup::setup()?;
     build_bins()?;
     lint()?;
+    // The image test runs the agent from this image's root file system.
+    image::build(image::Build::Test)?;
     let filter = filter.unwrap_or_default();
     // Unit tests of every crate (no privileges needed).
     let (unit_ok, unit_out) = cargo_streamed(&[
@@ -245,6 +262,19 @@ fn main() -> Result<()> {
             r.and(leaks)
         }
         Cmd::Test { filter } => test(filter),
+        Cmd::Image { debug } => {
+            setup::setup()?;
+            if debug {
+                build_bins()?;
+            }
+            let build = if debug {
+                image::Build::Test
+            } else {
+                image::Build::Release
+            };
+            image::build(build).map(|_| ())
+        }
+        Cmd::Kind => kind::run_suite(),
         Cmd::Codegen { check } => codegen(check),
         Cmd::Bench { name } => {
             setup::setup()?;
@@ -263,7 +293,10 @@ fn main() -> Result<()> {
                     String::from_utf8_lossy(&out.stderr)
                 );
             }
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target")
+                .join(TARGET)
+                .join("release");
             // SAFETY: single-threaded at this point; the harness reads it to find the binaries.
             unsafe { std::env::set_var("PXT_BIN_DIR", dir) };
             let r = bench::run(&name);

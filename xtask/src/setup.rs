@@ -20,6 +20,8 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
     // A real scraper for the metrics tests.
     "prometheus",
+    // Builds and runs the image (`cargo xtask image`, the image test).
+    "buildah",
 ];
 /// Debian packages of the eBPF toolchain (when no rustup nightly with rust-src exists).
 const TOOLCHAIN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "llvm-22-dev"];

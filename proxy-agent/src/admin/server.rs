@@ -44,6 +44,39 @@ pub struct AdminConfig {
     pub metrics_addr: SocketAddr,
     /// Allow a non-loopback admin address.
     pub admin_addr_unsafe: bool,
+    /// kube-proxy's health endpoint (`/healthz`, probed by cloud load balancers).
+    pub healthz_addr: Option<SocketAddr>,
+}
+
+/// kube-proxy's `--healthz-bind-address` semantics: healthy once synced, unless the maps have
+/// not taken a state for this long while applies fail.
+pub const KUBE_PROXY_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `/healthz` as kube-proxy answers it: 200 when the datapath synced and is current (or the
+/// last failure is recent), 503 before the first sync or when stale; a JSON body with
+/// `lastUpdated` and `currentTime`.
+fn kube_proxy_healthz(hub: &Hub) -> Response<Body> {
+    let s = hub.snapshot();
+    let now = std::time::SystemTime::now();
+    let fmt = |t: std::time::SystemTime| {
+        jiff::Timestamp::try_from(t).map_or_else(|_| String::new(), |t| t.to_string())
+    };
+    let fresh = s.synced_at.is_some_and(|t| {
+        s.apply.ok || now.duration_since(t).unwrap_or_default() < KUBE_PROXY_HEALTH_TIMEOUT
+    }) && hub.since_heartbeat() < HEALTHZ_STALE;
+    let body = json!({
+        "lastUpdated": s.synced_at.map(fmt).unwrap_or_default(),
+        "currentTime": fmt(now),
+        "nodeEligible": true,
+    });
+    json_response(
+        if fresh {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &body,
+    )
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -357,8 +390,14 @@ pub fn start(hub: &Arc<Hub>, cfg: &AdminConfig, rt: &tokio::runtime::Handle) -> 
     check_admin_addr(cfg.admin_addr, cfg.admin_addr_unsafe)?;
     let admin_l = bind(cfg.admin_addr, "admin API (--admin-addr)")?;
     let metrics_l = bind(cfg.metrics_addr, "metrics endpoint (--metrics-addr)")?;
+    let healthz_l = cfg
+        .healthz_addr
+        .map(|a| bind(a, "kube-proxy health endpoint (--healthz-addr)"))
+        .transpose()?;
     let registry = Arc::new(super::metrics::registry(hub));
-    for (l, is_admin) in [(admin_l, true), (metrics_l, false)] {
+    let mut listeners = vec![(admin_l, Plane::Admin), (metrics_l, Plane::Metrics)];
+    listeners.extend(healthz_l.map(|l| (l, Plane::Healthz)));
+    for (l, plane) in listeners {
         let hub = hub.clone();
         let registry = registry.clone();
         let _g = rt.enter();
@@ -380,10 +419,16 @@ pub fn start(hub: &Arc<Hub>, cfg: &AdminConfig, rt: &tokio::runtime::Handle) -> 
                         let hub = hub.clone();
                         let registry = registry.clone();
                         async move {
-                            Ok::<_, Infallible>(if is_admin {
-                                admin(req, hub, registry).await
-                            } else {
-                                metrics_only(req, hub, registry).await
+                            Ok::<_, Infallible>(match plane {
+                                Plane::Admin => admin(req, hub, registry).await,
+                                Plane::Metrics => metrics_only(req, hub, registry).await,
+                                Plane::Healthz => match req.uri().path() {
+                                    "/healthz" | "/livez" => kube_proxy_healthz(&hub),
+                                    p => error(
+                                        StatusCode::NOT_FOUND,
+                                        format!("no endpoint {p}: /healthz"),
+                                    ),
+                                },
                             })
                         }
                     });
@@ -397,8 +442,16 @@ pub fn start(hub: &Arc<Hub>, cfg: &AdminConfig, rt: &tokio::runtime::Handle) -> 
             }
         });
     }
-    info!(admin = %cfg.admin_addr, metrics = %cfg.metrics_addr, "admin API and metrics listening");
+    info!(admin = %cfg.admin_addr, metrics = %cfg.metrics_addr, healthz = ?cfg.healthz_addr, "admin API and metrics listening");
     Ok(())
+}
+
+/// Which endpoint set a listener serves.
+#[derive(Clone, Copy)]
+enum Plane {
+    Admin,
+    Metrics,
+    Healthz,
 }
 
 #[cfg(test)]

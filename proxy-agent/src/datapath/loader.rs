@@ -88,6 +88,44 @@ pub enum DatapathError {
     /// A map is missing from the object or has an unexpected type.
     #[error("map {0}: {1}")]
     Map(&'static str, String),
+    /// The process lacks capabilities the datapath needs.
+    #[error(
+        "missing capabilities {0}: the agent loads eBPF programs and maps (CAP_BPF), attaches them to the cgroup and publishes the proxy's socket (CAP_NET_ADMIN) and its programs use tracing helpers (CAP_PERFMON); CAP_SYS_ADMIN covers the first and the last. Add them to the container's securityContext.capabilities (deploy/daemonset.yaml does) or run as root"
+    )]
+    MissingCapabilities(String),
+}
+
+/// Checks that this process holds the capabilities the datapath needs (from
+/// `/proc/self/status`), naming the missing ones.
+pub fn check_capabilities() -> Result<(), DatapathError> {
+    const NET_ADMIN: u32 = 12;
+    const SYS_ADMIN: u32 = 21;
+    const PERFMON: u32 = 38;
+    const BPF: u32 = 39;
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return Ok(()); // not Linux-like: let the kernel say
+    };
+    let has = |c: u32| eff & (1u64 << c) != 0;
+    let mut missing = Vec::new();
+    if !has(BPF) && !has(SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if !has(PERFMON) && !has(SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DatapathError::MissingCapabilities(missing.join(", ")))
+    }
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DatapathError {
@@ -195,6 +233,10 @@ impl Datapath {
     /// Loads the object with its maps pinned under `bpffs/maps`, and attaches (or adopts) one
     /// link per program on `cgroup`. Returns the datapath and its maps.
     pub fn open(cgroup: &Path, bpffs: &Path, bpf_log: BpfLog) -> Result<Opened, DatapathError> {
+        check_capabilities()?;
+        if !cgroup.exists() {
+            return Err(DatapathError::NotCgroup2(cgroup.to_path_buf()));
+        }
         if fs_magic(cgroup)? != CGROUP2_SUPER_MAGIC {
             return Err(DatapathError::NotCgroup2(cgroup.to_path_buf()));
         }

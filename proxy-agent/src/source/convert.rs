@@ -29,6 +29,20 @@ pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-t
 /// Label naming the Service an EndpointSlice belongs to.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// Label handing a Service to another proxy (KEP-2447): kube-proxy and we leave it alone.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
+/// Why a valid Service is not programmed by this node's proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotOurs {
+    /// `clusterIP: None`: DNS serves its endpoints, nothing to translate.
+    Headless,
+    /// `type: ExternalName`: a DNS alias.
+    ExternalName,
+    /// `service.kubernetes.io/service-proxy-name` names another proxy.
+    OtherProxy,
+}
+
 /// A validation failure: the field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("field `{field}`: {message}")]
@@ -210,10 +224,24 @@ fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
         .map(String::as_str)
 }
 
-/// Validates a v1 Service into the model.
-pub fn service(s: &core::Service) -> FieldResult<Service> {
+/// Validates a v1 Service into the model; `Ok(Err(_))` for a valid Service this proxy does not
+/// serve (headless, ExternalName, another proxy's), as kube-proxy leaves those alone.
+pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
     let id = meta_ref(&s.metadata, NameRule::Dns1035Label)?;
     let spec = s.spec.as_ref().ok_or(FieldError::new("spec", "missing"))?;
+    if s.metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL))
+    {
+        return Ok(Err(NotOurs::OtherProxy));
+    }
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Ok(Err(NotOurs::ExternalName));
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Ok(Err(NotOurs::Headless));
+    }
     let ip = spec.cluster_ip.as_deref().ok_or(FieldError::new(
         "spec.clusterIP",
         "required in manifests mode (no API server allocates one); set an address from the service CIDR",
@@ -224,12 +252,6 @@ pub fn service(s: &core::Service) -> FieldResult<Service> {
             return Err(FieldError::new(
                 "spec.clusterIP",
                 format!("{ip}: IPv6 ClusterIPs are not supported yet"),
-            ));
-        }
-        Err(_) if ip == "None" => {
-            return Err(FieldError::new(
-                "spec.clusterIP",
-                "headless Services (None) have no ClusterIP to serve; remove the object or set an address",
             ));
         }
         Err(e) => {
@@ -328,7 +350,7 @@ pub fn service(s: &core::Service) -> FieldResult<Service> {
         }
     };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    Ok(Service {
+    Ok(Ok(Service {
         id,
         cluster_ip,
         ports,
@@ -339,7 +361,7 @@ pub fn service(s: &core::Service) -> FieldResult<Service> {
             detect_timeout,
         },
         internal_local,
-    })
+    }))
 }
 
 /// Validates a discovery.k8s.io/v1 EndpointSlice into the model.
@@ -452,6 +474,23 @@ mod tests {
         assert!(check_name("web.v1", Dns1123Subdomain).is_ok());
         assert!(check_name("web..v1", Dns1123Subdomain).is_err());
         assert!(check_name("web_1", Dns1123Subdomain).is_err());
+    }
+
+    #[test]
+    fn headless_external_name_and_other_proxies_services_are_left_alone() {
+        let svc = |extra: &str| -> core::Service {
+            serde_yaml::from_str(&format!("metadata:\n  name: web\n{extra}spec:\n  clusterIP: 198.19.0.10\n  ports: [{{port: 80}}]\n")).unwrap()
+        };
+        assert!(service(&svc("")).unwrap().is_ok());
+        let mut headless = svc("");
+        headless.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        assert_eq!(service(&headless).unwrap().unwrap_err(), NotOurs::Headless);
+        let mut alias = svc("");
+        alias.spec.as_mut().unwrap().type_ = Some("ExternalName".into());
+        alias.spec.as_mut().unwrap().cluster_ip = None;
+        assert_eq!(service(&alias).unwrap().unwrap_err(), NotOurs::ExternalName);
+        let other = svc("  labels: {service.kubernetes.io/service-proxy-name: foo}\n");
+        assert_eq!(service(&other).unwrap().unwrap_err(), NotOurs::OtherProxy);
     }
 
     #[test]

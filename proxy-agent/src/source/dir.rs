@@ -401,8 +401,21 @@ fn parse_file(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestError>) {
             convert::meta_ref(&meta, NameRule::Dns1123Subdomain)
         };
         let res = match (head.api_version.as_str(), head.kind.as_str()) {
-            ("v1", "Service") => convert::typed::<core::Service>(value)
-                .and_then(|s| convert::service(&s).map(Object::Service)),
+            ("v1", "Service") => {
+                match convert::typed::<core::Service>(value).and_then(|s| convert::service(&s)) {
+                    Ok(Ok(s)) => Ok(Object::Service(s)),
+                    Ok(Err(why)) => {
+                        debug!(
+                            file,
+                            object,
+                            ?why,
+                            "not programmed: kube-proxy leaves such Services alone"
+                        );
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 convert::typed::<discovery::EndpointSlice>(value)
                     .and_then(|s| convert::slice(&s).map(Object::Slice))

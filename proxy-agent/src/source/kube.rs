@@ -79,6 +79,8 @@ enum Obj {
     Pod(BTreeMap<String, String>),
     VirtualService(istio::VirtualService),
     DestinationRule(istio::DestinationRule),
+    /// A valid object this proxy does not serve (a headless Service): removed if it was there.
+    NotOurs,
 }
 
 /// What a watcher reports to the aggregator.
@@ -122,7 +124,10 @@ fn reference_of(kind: &str, api_version: &str, meta: &kube::api::ObjectMeta) -> 
         name: meta.name.clone(),
         namespace: Some(meta.namespace.clone().unwrap_or_else(|| "default".into())),
         uid: meta.uid.clone(),
-        resource_version: meta.resource_version.clone(),
+        // No resourceVersion: the recorder keys its Event series on the reference, so the same
+        // problem on a later version of the object is counted on one Event (`x3 over 5m` in
+        // `kubectl describe`) instead of a new Event per edit.
+        resource_version: None,
         field_path: None,
     }
 }
@@ -228,7 +233,11 @@ pub async fn start(
             (
                 object_ref(o),
                 r,
-                convert::service(o).map(|s| Obj::Service(std::sync::Arc::new(s))),
+                convert::service(o).map(|s| match s {
+                    Ok(s) => Obj::Service(std::sync::Arc::new(s)),
+                    // Headless, ExternalName, another proxy's: as if it did not exist.
+                    Err(_) => Obj::NotOurs,
+                }),
             )
         },
         t,
@@ -379,6 +388,7 @@ impl Stores {
                 (_, Obj::DestinationRule(d)) => {
                     st.destination_rules.insert(id.clone(), d.clone());
                 }
+                (_, Obj::NotOurs) => {}
             }
         }
         // Metadata-only Pods carry no address: join them with the endpoints that point at them.
