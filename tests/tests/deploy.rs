@@ -442,3 +442,66 @@ fn kubectl_applies_deploy_server_side_to_the_api_server_double() {
         "{again}"
     );
 }
+
+/// Without a capability, cgroup2 or bpffs the agent exits non-zero at once, naming the piece.
+#[test]
+fn the_agent_names_a_missing_capability_cgroup2_or_bpffs_and_exits() {
+    let node = SimNode::new();
+    std::fs::create_dir_all(node.manifests()).unwrap();
+    std::fs::create_dir_all(&node.bpffs).unwrap();
+    let plain = node.dir.join("plain-dir");
+    std::fs::create_dir_all(&plain).unwrap();
+    let agent = tests::sys::bin("proxy-agent");
+    let (cgroup, bpffs, manifests) = (
+        node.cgroup.display().to_string(),
+        node.bpffs.display().to_string(),
+        node.manifests().display().to_string(),
+    );
+    let plain = plain.display().to_string();
+    let agent = agent.to_str().unwrap();
+    let run = |name: &str, prefix: &[&str], cgroup: &str, bpffs: &str| -> String {
+        let mut args: Vec<&str> = prefix.to_vec();
+        args.extend_from_slice(&[
+            agent,
+            "run",
+            "--cgroup",
+            cgroup,
+            "--bpffs",
+            bpffs,
+            "--manifests",
+            &manifests,
+        ]);
+        let mut p = Proc::spawn(
+            name,
+            node.host_place().command(args[0], &args[1..]),
+            node.dir.join(format!("logs/{name}.log")),
+        );
+        let st = p.wait_exit(T);
+        let log = p.log_text();
+        assert!(!st.success(), "{name}: the agent must fail: {log}");
+        log
+    };
+    // Only NET_ADMIN (a securityContext that forgot BPF and PERFMON).
+    let log = run(
+        "no-bpf-caps",
+        &["setpriv", "--bounding-set", "-all,+net_admin", "--"],
+        &cgroup,
+        &bpffs,
+    );
+    assert!(
+        log.contains("missing capabilities CAP_BPF, CAP_PERFMON")
+            && log.contains("securityContext"),
+        "{log}"
+    );
+    let log = run("no-cgroup2", &[], &plain, &bpffs);
+    assert!(
+        log.contains(&format!("{plain} is not a cgroup v2 directory")),
+        "{log}"
+    );
+    let log = run("no-bpffs", &[], &cgroup, &plain);
+    assert!(
+        log.contains("bpf filesystem") || log.contains("bpffs"),
+        "{log}"
+    );
+    assert!(log.contains(&plain), "{log}");
+}

@@ -44,12 +44,16 @@ fn kubectl(args: &[&str]) -> Result<String> {
 
 /// Fails at once, naming what is missing, unless Docker (with a running engine) and kind exist.
 fn preflight() -> Result<()> {
-    let have = |p: &str, a: &str| {
+    preflight_with(|p: &str, a: &str| {
         Command::new(p)
             .arg(a)
             .output()
             .is_ok_and(|o| o.status.success())
-    };
+    })
+}
+
+/// [`preflight`] with `have(program, arg)` saying whether `program arg` succeeds.
+fn preflight_with(have: impl Fn(&str, &str) -> bool) -> Result<()> {
     if !have("kind", "version") {
         bail!(
             "cargo xtask kind needs kind (https://kind.sigs.k8s.io) and Docker; `kind` was not found. \
@@ -115,6 +119,7 @@ pub fn run_suite() -> Result<()> {
         ],
     )?;
     let result = checks(&root);
+    let _ = std::fs::remove_dir_all(overlay_dir());
     if std::env::var_os("PXT_KEEP_KIND").is_none() {
         let _ = run("kind", &["delete", "cluster", "--name", CLUSTER]);
     }
@@ -157,7 +162,8 @@ fn checks(root: &std::path::Path) -> Result<()> {
             "proxy-agent-control-plane",
         ],
     )?;
-    let overlay = tempdir()?;
+    let overlay = overlay_dir();
+    std::fs::create_dir_all(&overlay)?;
     std::fs::write(
         overlay.join("kustomization.yaml"),
         format!(
@@ -452,8 +458,21 @@ fn checks(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn tempdir() -> Result<std::path::PathBuf> {
-    let d = std::env::temp_dir().join(format!("proxy-agent-kind-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
+/// The kustomize overlay (deploy/ with the API server's address) and the test objects.
+fn overlay_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("proxy-agent-kind-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn without_kind_or_docker_the_suite_fails_at_once_naming_what_is_missing() {
+        let e = preflight_with(|_, _| false).unwrap_err().to_string();
+        assert!(e.contains("`kind` was not found"), "{e}");
+        let e = preflight_with(|p, _| p == "kind").unwrap_err().to_string();
+        assert!(e.contains("running Docker engine"), "{e}");
+        assert!(preflight_with(|_, _| true).is_ok());
+    }
 }

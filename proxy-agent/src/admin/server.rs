@@ -52,6 +52,19 @@ pub struct AdminConfig {
 /// not taken a state for this long while applies fail.
 pub const KUBE_PROXY_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// kube-proxy's verdict: synced at least once, the last apply good or the last good sync
+/// recent, and the agent loop alive.
+fn kube_proxy_healthy(
+    synced_at: Option<std::time::SystemTime>,
+    last_apply_ok: bool,
+    since_heartbeat: Duration,
+    now: std::time::SystemTime,
+) -> bool {
+    synced_at.is_some_and(|t| {
+        last_apply_ok || now.duration_since(t).unwrap_or_default() < KUBE_PROXY_HEALTH_TIMEOUT
+    }) && since_heartbeat < HEALTHZ_STALE
+}
+
 /// `/healthz` as kube-proxy answers it: 200 when the datapath synced and is current (or the
 /// last failure is recent), 503 before the first sync or when stale; a JSON body with
 /// `lastUpdated` and `currentTime`.
@@ -61,9 +74,7 @@ fn kube_proxy_healthz(hub: &Hub) -> Response<Body> {
     let fmt = |t: std::time::SystemTime| {
         jiff::Timestamp::try_from(t).map_or_else(|_| String::new(), |t| t.to_string())
     };
-    let fresh = s.synced_at.is_some_and(|t| {
-        s.apply.ok || now.duration_since(t).unwrap_or_default() < KUBE_PROXY_HEALTH_TIMEOUT
-    }) && hub.since_heartbeat() < HEALTHZ_STALE;
+    let fresh = kube_proxy_healthy(s.synced_at, s.apply.ok, hub.since_heartbeat(), now);
     let body = json!({
         "lastUpdated": s.synced_at.map(fmt).unwrap_or_default(),
         "currentTime": fmt(now),
@@ -470,6 +481,26 @@ mod tests {
         assert_eq!(p[3], ("header".into(), "X:1".into()));
         assert_eq!(decode("%zz"), "%zz");
         assert_eq!(decode("a%2"), "a%2");
+    }
+
+    #[test]
+    fn kube_proxy_healthz_is_healthy_only_when_synced_and_current() {
+        let now = std::time::SystemTime::now();
+        let beat = Duration::from_secs(1);
+        assert!(!kube_proxy_healthy(None, false, beat, now), "never synced");
+        assert!(kube_proxy_healthy(Some(now), true, beat, now));
+        // Applies failing since a recent sync: still serving the last good state.
+        let recent = now - Duration::from_secs(10);
+        assert!(kube_proxy_healthy(Some(recent), false, beat, now));
+        let old = now - KUBE_PROXY_HEALTH_TIMEOUT - Duration::from_secs(1);
+        assert!(!kube_proxy_healthy(Some(old), false, beat, now), "stale");
+        // An old sync with every apply since good (nothing changed): healthy.
+        assert!(kube_proxy_healthy(Some(old), true, beat, now));
+        let stuck = HEALTHZ_STALE + Duration::from_secs(1);
+        assert!(
+            !kube_proxy_healthy(Some(now), true, stuck, now),
+            "loop stuck"
+        );
     }
 
     #[test]

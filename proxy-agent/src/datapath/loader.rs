@@ -48,11 +48,13 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub enum DatapathError {
     /// `--cgroup` is not a cgroup v2 directory.
     #[error(
-        "{0} is not a cgroup v2 directory: pass a directory under the cgroup2 mount (see /proc/mounts)"
+        "{0} is not a cgroup v2 directory: pass a directory under the cgroup2 mount (see /proc/mounts); in a pod, mount the node's cgroup2 there as a hostPath (deploy/daemonset.yaml does)"
     )]
     NotCgroup2(PathBuf),
     /// `--bpffs` is not on a bpf filesystem.
-    #[error("{0} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    #[error(
+        "{0} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf`; in a pod, mount the node's /sys/fs/bpf as a hostPath (deploy/daemonset.yaml does)"
+    )]
     NotBpffs(PathBuf),
     /// A file-system operation failed.
     #[error("{what} {path}: {source}")]
