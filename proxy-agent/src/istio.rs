@@ -39,8 +39,22 @@ struct VsSpec {
 struct HttpRouteWire {
     #[serde(default)]
     name: Option<String>,
+    #[serde(default, rename = "match")]
+    match_: Vec<MatchWire>,
     #[serde(default)]
     route: Vec<RouteDestWire>,
+    #[serde(default)]
+    fault: Option<FaultWire>,
+    #[serde(default)]
+    rewrite: Option<RewriteWire>,
+    #[serde(default)]
+    redirect: Option<RedirectWire>,
+    #[serde(default)]
+    direct_response: Option<DirectResponseWire>,
+    #[serde(default)]
+    headers: Option<HeadersWire>,
+    #[serde(default)]
+    cors_policy: Option<CorsWire>,
     #[serde(default)]
     timeout: Option<String>,
     #[serde(default)]
@@ -60,6 +74,187 @@ struct RouteDestWire {
     destination: DestinationWire,
     #[serde(default)]
     weight: Option<u32>,
+    #[serde(default)]
+    headers: Option<HeadersWire>,
+}
+
+/// Istio's `StringMatch`: one of `exact`, `prefix`, `regex` (none: the value is present).
+#[derive(Deserialize, Debug, Default)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct StringMatchWire {
+    #[serde(default)]
+    exact: Option<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    regex: Option<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct MatchWire {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    uri: Option<StringMatchWire>,
+    #[serde(default)]
+    scheme: Option<StringMatchWire>,
+    #[serde(default)]
+    method: Option<StringMatchWire>,
+    #[serde(default)]
+    authority: Option<StringMatchWire>,
+    #[serde(default)]
+    headers: BTreeMap<String, StringMatchWire>,
+    #[serde(default)]
+    query_params: BTreeMap<String, StringMatchWire>,
+    #[serde(default)]
+    without_headers: BTreeMap<String, StringMatchWire>,
+    #[serde(default)]
+    ignore_uri_case: bool,
+    #[serde(default)]
+    port: Option<u32>,
+    #[serde(default)]
+    source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    source_namespace: Option<String>,
+    #[serde(default)]
+    gateways: Vec<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct FaultWire {
+    #[serde(default)]
+    delay: Option<DelayWire>,
+    #[serde(default)]
+    abort: Option<AbortWire>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DelayWire {
+    #[serde(default)]
+    fixed_delay: Option<String>,
+    #[serde(default)]
+    percentage: Option<PercentWire>,
+    #[serde(default)]
+    percent: Option<i64>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AbortWire {
+    #[serde(default)]
+    http_status: Option<i64>,
+    #[serde(default)]
+    grpc_status: Option<String>,
+    #[serde(default)]
+    percentage: Option<PercentWire>,
+    #[serde(default)]
+    percent: Option<i64>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RewriteWire {
+    #[serde(default)]
+    uri: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    uri_regex_rewrite: Option<RegexRewriteWire>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct RegexRewriteWire {
+    #[serde(rename = "match")]
+    match_: String,
+    rewrite: String,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RedirectWire {
+    #[serde(default)]
+    uri: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    port: Option<u32>,
+    #[serde(default)]
+    scheme: Option<String>,
+    #[serde(default)]
+    redirect_code: Option<u32>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct DirectResponseWire {
+    status: u32,
+    #[serde(default)]
+    body: Option<BodyWire>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct BodyWire {
+    #[serde(default)]
+    string: Option<String>,
+    #[serde(default)]
+    bytes: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct HeadersWire {
+    #[serde(default)]
+    request: Option<HeaderOpsWire>,
+    #[serde(default)]
+    response: Option<HeaderOpsWire>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+struct HeaderOpsWire {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    add: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CorsWire {
+    #[serde(default)]
+    allow_origins: Vec<StringMatchWire>,
+    #[serde(default)]
+    allow_origin: Vec<String>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    #[serde(default)]
+    max_age: Option<String>,
+    #[serde(default)]
+    allow_credentials: Option<bool>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -318,15 +513,232 @@ pub fn crd_yaml() -> String {
 pub struct VirtualService {
     /// Hosts it applies to, as written.
     pub hosts: Vec<String>,
-    /// HTTP routes in order; the first one applies (we support no `match`).
+    /// HTTP routes in order; the first whose `match` accepts a request serves it.
     pub http: Vec<HttpRoute>,
+}
+
+/// A compiled regular expression (RE2 syntax, the `regex` crate), matching whole values.
+#[derive(Clone, Debug)]
+pub struct Regex(pub regex::Regex);
+
+impl PartialEq for Regex {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Regex {
+    /// Compiles `pattern` to match a whole value (Envoy's `safe_regex` semantics).
+    fn whole(field: &str, pattern: &str) -> Result<Self, Fe> {
+        regex::Regex::new(&format!("^(?:{pattern})$"))
+            .map(Regex)
+            .map_err(|e| {
+                (
+                    field.to_string(),
+                    format!("{pattern:?} is not a valid RE2 regex: {e}"),
+                )
+            })
+    }
+}
+
+/// Istio's `StringMatch`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StringMatch {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// The whole value matches.
+    Regex(Regex),
+    /// Any value (`{}`: the header or parameter is present).
+    Present,
+}
+
+impl StringMatch {
+    /// Whether `v` matches.
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            StringMatch::Exact(e) => v == e,
+            StringMatch::Prefix(p) => v.starts_with(p.as_str()),
+            StringMatch::Regex(r) => r.0.is_match(v),
+            StringMatch::Present => true,
+        }
+    }
+
+    /// Whether `v` matches, ASCII case ignored for `exact` and `prefix` (`ignoreUriCase`).
+    pub fn matches_ignore_case(&self, v: &str) -> bool {
+        match self {
+            StringMatch::Exact(e) => v.eq_ignore_ascii_case(e),
+            StringMatch::Prefix(p) => {
+                v.len() >= p.len() && v.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            other => other.matches(v),
+        }
+    }
+}
+
+/// One `match[]` block: every condition must hold.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct HttpMatch {
+    /// `name` (shown by explain and the access log).
+    pub name: Option<String>,
+    /// The path (without the query).
+    pub uri: Option<StringMatch>,
+    /// `http` or `https`.
+    pub scheme: Option<StringMatch>,
+    /// The method.
+    pub method: Option<StringMatch>,
+    /// `Host` / `:authority`.
+    pub authority: Option<StringMatch>,
+    /// Request headers (lower-case names).
+    pub headers: Vec<(String, StringMatch)>,
+    /// Query parameters.
+    pub query_params: Vec<(String, StringMatch)>,
+    /// Headers that must not match.
+    pub without_headers: Vec<(String, StringMatch)>,
+    /// Case-insensitive `uri` exact and prefix matches.
+    pub ignore_uri_case: bool,
+    /// The Service port the request was sent to.
+    pub port: Option<u16>,
+    /// Labels of the client pod.
+    pub source_labels: BTreeMap<String, String>,
+    /// Namespace of the client pod.
+    pub source_namespace: Option<String>,
+}
+
+/// What `fault.abort` answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// An HTTP status.
+    Http(u16),
+    /// A gRPC status code (answered as HTTP 200 with `grpc-status`).
+    Grpc(u32),
+}
+
+/// `fault`: delays and aborts, each on a share of requests (percent).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Fault {
+    /// Fixed delay and the share delayed.
+    pub delay: Option<(Duration, f64)>,
+    /// Abort and the share aborted.
+    pub abort: Option<(Abort, f64)>,
+}
+
+/// `rewrite`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Rewrite {
+    /// New path (or, after a prefix match, the replacement of the matched prefix).
+    pub uri: Option<String>,
+    /// New `Host`.
+    pub authority: Option<String>,
+    /// Regex rewrite of the path: pattern and replacement (`$1` groups).
+    pub uri_regex: Option<(Regex, String)>,
+}
+
+/// `redirect`: answered by the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// New path.
+    pub uri: Option<String>,
+    /// New authority.
+    pub authority: Option<String>,
+    /// New port.
+    pub port: Option<u16>,
+    /// New scheme.
+    pub scheme: Option<String>,
+    /// Status (301 unless set).
+    pub code: u16,
+}
+
+/// `directResponse`: answered by the proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectResponse {
+    /// Status.
+    pub status: u16,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// Header edits of one direction.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct HeaderOps {
+    /// Replace (or add) these.
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Append these.
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Remove these.
+    pub remove: Vec<http::HeaderName>,
+}
+
+impl HeaderOps {
+    /// Whether nothing is edited.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Applies the edits: remove, then set, then add (Envoy's order).
+    pub fn apply(&self, h: &mut http::HeaderMap) {
+        for n in &self.remove {
+            h.remove(n);
+        }
+        for (n, v) in &self.set {
+            h.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            h.append(n.clone(), v.clone());
+        }
+    }
+}
+
+/// `headers`: request and response edits.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Headers {
+    /// Sent upstream.
+    pub request: HeaderOps,
+    /// Returned to the client.
+    pub response: HeaderOps,
+}
+
+/// `corsPolicy`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct Cors {
+    /// Origins allowed.
+    pub allow_origins: Vec<StringMatch>,
+    /// `Access-Control-Allow-Methods`.
+    pub allow_methods: String,
+    /// `Access-Control-Allow-Headers`.
+    pub allow_headers: String,
+    /// `Access-Control-Expose-Headers`.
+    pub expose_headers: String,
+    /// `Access-Control-Max-Age`.
+    pub max_age: Option<Duration>,
+    /// `Access-Control-Allow-Credentials: true`.
+    pub allow_credentials: bool,
 }
 
 /// One `http[]` entry.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpRoute {
-    /// Weighted destinations.
+    /// `name`.
+    pub name: Option<String>,
+    /// `match[]`: any block may match (empty: every request).
+    pub matches: Vec<HttpMatch>,
+    /// Weighted destinations (empty with a redirect or direct response).
     pub route: Vec<(Destination, u32)>,
+    /// Per-destination header edits, by the index in `route`.
+    pub route_headers: Vec<Headers>,
+    /// Fault injection.
+    pub fault: Option<Fault>,
+    /// Path and authority rewrite.
+    pub rewrite: Option<Rewrite>,
+    /// Answered with a redirect.
+    pub redirect: Option<Redirect>,
+    /// Answered directly.
+    pub direct_response: Option<DirectResponse>,
+    /// Header edits.
+    pub headers: Headers,
+    /// CORS.
+    pub cors: Option<Cors>,
     /// Overall timeout (`None`: disabled, as in Istio).
     pub timeout: Option<Duration>,
     /// Retry policy, if written.
@@ -606,6 +1018,350 @@ fn destination(field: &str, d: DestinationWire) -> Result<Destination, Fe> {
     })
 }
 
+fn string_match(field: &str, w: StringMatchWire) -> Result<StringMatch, Fe> {
+    match (w.exact, w.prefix, w.regex) {
+        (None, None, None) => Ok(StringMatch::Present),
+        (Some(e), None, None) => Ok(StringMatch::Exact(e)),
+        (None, Some(p), None) => Ok(StringMatch::Prefix(p)),
+        (None, None, Some(r)) => Ok(StringMatch::Regex(Regex::whole(
+            &format!("{field}.regex"),
+            &r,
+        )?)),
+        _ => Err((
+            field.to_string(),
+            "set one of exact, prefix and regex".into(),
+        )),
+    }
+}
+
+fn header_name(field: &str, n: &str) -> Result<http::HeaderName, Fe> {
+    http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(|_| {
+        (
+            field.to_string(),
+            format!("{n:?} is not a valid header name"),
+        )
+    })
+}
+
+fn header_value(field: &str, v: &str) -> Result<http::HeaderValue, Fe> {
+    http::HeaderValue::from_str(v).map_err(|_| {
+        (
+            field.to_string(),
+            format!("{v:?} is not a valid header value"),
+        )
+    })
+}
+
+fn port_number(field: &str, p: u32) -> Result<u16, Fe> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or((field.to_string(), format!("{p} is out of range 1-65535")))
+}
+
+fn header_matches(
+    field: &str,
+    m: BTreeMap<String, StringMatchWire>,
+) -> Result<Vec<(String, StringMatch)>, Fe> {
+    let mut out = Vec::new();
+    for (k, v) in m {
+        let f = format!("{field}.{k}");
+        let n = header_name(&f, &k)?;
+        out.push((n.as_str().to_string(), string_match(&f, v)?));
+    }
+    Ok(out)
+}
+
+fn http_match(f: &str, m: MatchWire) -> Result<HttpMatch, Fe> {
+    if m.gateways.iter().any(|g| g != "mesh") {
+        return Err((
+            format!("{f}.gateways"),
+            "only the implicit `mesh` gateway is supported".into(),
+        ));
+    }
+    let sm = |name: &str, w: Option<StringMatchWire>| {
+        w.map(|w| string_match(&format!("{f}.{name}"), w))
+            .transpose()
+    };
+    let mut query_params = Vec::new();
+    for (k, v) in m.query_params {
+        let field = format!("{f}.queryParams.{k}");
+        if v.prefix.is_some() {
+            return Err((
+                format!("{field}.prefix"),
+                "prefix is not supported for query parameters (as in Istio): use exact or regex"
+                    .into(),
+            ));
+        }
+        query_params.push((k, string_match(&field, v)?));
+    }
+    Ok(HttpMatch {
+        name: m.name,
+        uri: sm("uri", m.uri)?,
+        scheme: sm("scheme", m.scheme)?,
+        method: sm("method", m.method)?,
+        authority: sm("authority", m.authority)?,
+        headers: header_matches(&format!("{f}.headers"), m.headers)?,
+        query_params,
+        without_headers: header_matches(&format!("{f}.withoutHeaders"), m.without_headers)?,
+        ignore_uri_case: m.ignore_uri_case,
+        port: m
+            .port
+            .map(|p| port_number(&format!("{f}.port"), p))
+            .transpose()?,
+        source_labels: m.source_labels,
+        source_namespace: m.source_namespace,
+    })
+}
+
+/// A share of requests: `percentage.value` (float), else the deprecated `percent` (integer),
+/// else all of them (Istio: "if left unspecified, all requests").
+fn share(field: &str, percentage: Option<PercentWire>, pct: Option<i64>) -> Result<f64, Fe> {
+    match (percentage, pct) {
+        (Some(p), _) if !(0.0..=100.0).contains(&p.value) => Err((
+            format!("{field}.percentage.value"),
+            format!("{} is not a percentage", p.value),
+        )),
+        (Some(p), _) => Ok(p.value),
+        (None, Some(p)) => percent(&format!("{field}.percent"), p).map(f64::from),
+        (None, None) => Ok(100.0),
+    }
+}
+
+/// gRPC status codes by name (or number).
+fn grpc_code(field: &str, s: &str) -> Result<u32, Fe> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    if let Some(i) = NAMES.iter().position(|n| n.eq_ignore_ascii_case(s)) {
+        return Ok(i as u32);
+    }
+    s.parse::<u32>().ok().filter(|c| *c <= 16).ok_or((
+        field.to_string(),
+        format!("{s:?} is not a gRPC status (UNAVAILABLE, INTERNAL, ... or 0-16)"),
+    ))
+}
+
+fn fault(f: &str, w: FaultWire) -> Result<Fault, Fe> {
+    if w.delay.is_none() && w.abort.is_none() {
+        return Err((f.to_string(), "set delay, abort or both".into()));
+    }
+    let delay = match w.delay {
+        None => None,
+        Some(d) => {
+            let field = format!("{f}.delay");
+            let fixed = d.fixed_delay.ok_or((
+                format!("{field}.fixedDelay"),
+                "is required (exponentialDelay is not supported)".to_string(),
+            ))?;
+            let t = duration_fe(&format!("{field}.fixedDelay"), &fixed)?;
+            Some((t, share(&field, d.percentage, d.percent)?))
+        }
+    };
+    let abort = match w.abort {
+        None => None,
+        Some(a) => {
+            let field = format!("{f}.abort");
+            let what = match (a.http_status, a.grpc_status) {
+                (Some(code), None) => Abort::Http(
+                    u16::try_from(code)
+                        .ok()
+                        .filter(|c| (200..=599).contains(c))
+                        .ok_or((
+                            format!("{field}.httpStatus"),
+                            format!("{code} is not an HTTP status (200-599)"),
+                        ))?,
+                ),
+                (None, Some(g)) => Abort::Grpc(grpc_code(&format!("{field}.grpcStatus"), &g)?),
+                _ => {
+                    return Err((
+                        field,
+                        "set one of httpStatus and grpcStatus (http2Error is not supported)".into(),
+                    ));
+                }
+            };
+            Some((what, share(&field, a.percentage, a.percent)?))
+        }
+    };
+    Ok(Fault { delay, abort })
+}
+
+fn header_ops(f: &str, w: Option<HeaderOpsWire>) -> Result<HeaderOps, Fe> {
+    let w = w.unwrap_or_default();
+    let mut ops = HeaderOps::default();
+    for (k, v) in w.set {
+        let field = format!("{f}.set.{k}");
+        ops.set
+            .push((header_name(&field, &k)?, header_value(&field, &v)?));
+    }
+    for (k, v) in w.add {
+        let field = format!("{f}.add.{k}");
+        ops.add
+            .push((header_name(&field, &k)?, header_value(&field, &v)?));
+    }
+    for (i, k) in w.remove.iter().enumerate() {
+        ops.remove
+            .push(header_name(&format!("{f}.remove[{i}]"), k)?);
+    }
+    Ok(ops)
+}
+
+fn headers(f: &str, w: Option<HeadersWire>) -> Result<Headers, Fe> {
+    let w = w.unwrap_or_default();
+    Ok(Headers {
+        request: header_ops(&format!("{f}.request"), w.request)?,
+        response: header_ops(&format!("{f}.response"), w.response)?,
+    })
+}
+
+fn rewrite(f: &str, w: RewriteWire) -> Result<Rewrite, Fe> {
+    if w.uri.is_some() && w.uri_regex_rewrite.is_some() {
+        return Err((f.to_string(), "set uri or uriRegexRewrite, not both".into()));
+    }
+    if let Some(a) = &w.authority {
+        header_value(&format!("{f}.authority"), a)?;
+    }
+    let uri_regex = match w.uri_regex_rewrite {
+        None => None,
+        Some(r) => {
+            let field = format!("{f}.uriRegexRewrite.match");
+            let re = regex::Regex::new(&r.match_).map_err(|e| {
+                (
+                    field.clone(),
+                    format!("{:?} is not a valid RE2 regex: {e}", r.match_),
+                )
+            })?;
+            // RE2 / Envoy write groups as \1; the regex crate as ${1}.
+            let mut rewrite = String::new();
+            let mut chars = r.rewrite.chars().peekable();
+            while let Some(c) = chars.next() {
+                match (c, chars.peek()) {
+                    ('\\', Some(d)) if d.is_ascii_digit() => {
+                        rewrite.push_str(&format!("${{{d}}}"));
+                        chars.next();
+                    }
+                    ('$', _) => rewrite.push_str("$$"),
+                    _ => rewrite.push(c),
+                }
+            }
+            Some((Regex(re), rewrite))
+        }
+    };
+    Ok(Rewrite {
+        uri: w.uri,
+        authority: w.authority,
+        uri_regex,
+    })
+}
+
+fn redirect(f: &str, w: RedirectWire) -> Result<Redirect, Fe> {
+    let code = match w.redirect_code {
+        None => 301,
+        Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u16,
+        Some(c) => {
+            return Err((
+                format!("{f}.redirectCode"),
+                format!("{c} is not a redirect status (301, 302, 303, 307, 308)"),
+            ));
+        }
+    };
+    if let Some(s) = &w.scheme
+        && s != "http"
+        && s != "https"
+    {
+        return Err((
+            format!("{f}.scheme"),
+            format!("{s:?}: expected http or https"),
+        ));
+    }
+    Ok(Redirect {
+        uri: w.uri,
+        authority: w.authority,
+        port: w
+            .port
+            .map(|p| port_number(&format!("{f}.port"), p))
+            .transpose()?,
+        scheme: w.scheme,
+        code,
+    })
+}
+
+fn direct_response(f: &str, w: DirectResponseWire) -> Result<DirectResponse, Fe> {
+    let status = u16::try_from(w.status)
+        .ok()
+        .filter(|s| (200..=599).contains(s))
+        .ok_or((
+            format!("{f}.status"),
+            format!("{} is not an HTTP status (200-599)", w.status),
+        ))?;
+    let body = match w.body {
+        None => Vec::new(),
+        Some(BodyWire {
+            string: Some(s),
+            bytes: None,
+        }) => s.into_bytes(),
+        Some(BodyWire {
+            string: None,
+            bytes: Some(b),
+        }) => {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .map_err(|e| (format!("{f}.body.bytes"), format!("not base64: {e}")))?
+        }
+        Some(_) => {
+            return Err((format!("{f}.body"), "set one of string and bytes".into()));
+        }
+    };
+    Ok(DirectResponse { status, body })
+}
+
+fn cors(f: &str, w: CorsWire) -> Result<Cors, Fe> {
+    let mut allow_origins = Vec::new();
+    for (i, o) in w.allow_origins.into_iter().enumerate() {
+        allow_origins.push(string_match(&format!("{f}.allowOrigins[{i}]"), o)?);
+    }
+    for o in w.allow_origin {
+        allow_origins.push(if o == "*" {
+            StringMatch::Present
+        } else {
+            StringMatch::Exact(o)
+        });
+    }
+    let list = |field: &str, v: Vec<String>| -> Result<String, Fe> {
+        let s = v.join(",");
+        header_value(&format!("{f}.{field}"), &s)?;
+        Ok(s)
+    };
+    Ok(Cors {
+        allow_origins,
+        allow_methods: list("allowMethods", w.allow_methods)?,
+        allow_headers: list("allowHeaders", w.allow_headers)?,
+        expose_headers: list("exposeHeaders", w.expose_headers)?,
+        max_age: w
+            .max_age
+            .map(|m| duration_fe(&format!("{f}.maxAge"), &m))
+            .transpose()?,
+        allow_credentials: w.allow_credentials.unwrap_or(false),
+    })
+}
+
 /// Validates a VirtualService `spec`.
 fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
     let w: VsSpec = strict(spec)?;
@@ -622,20 +1378,46 @@ fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
     let mut http = Vec::new();
     for (i, r) in w.http.into_iter().enumerate() {
         let f = format!("spec.http[{i}]");
-        let _ = r.name;
-        if r.route.is_empty() {
+        let redirect = r
+            .redirect
+            .map(|w| redirect(&format!("{f}.redirect"), w))
+            .transpose()?;
+        let direct_response = r
+            .direct_response
+            .map(|w| direct_response(&format!("{f}.directResponse"), w))
+            .transpose()?;
+        let answered_here = redirect.is_some() || direct_response.is_some();
+        if redirect.is_some() && direct_response.is_some() {
             return Err((
-                format!("{f}.route"),
-                "at least one destination is required".into(),
+                format!("{f}.directResponse"),
+                "set one of route, redirect and directResponse".into(),
             ));
         }
+        if answered_here && !r.route.is_empty() {
+            return Err((
+                format!("{f}.route"),
+                "set one of route, redirect and directResponse".into(),
+            ));
+        }
+        if !answered_here && r.route.is_empty() {
+            return Err((
+                format!("{f}.route"),
+                "at least one destination is required (or a redirect or directResponse)".into(),
+            ));
+        }
+        let mut matches = Vec::new();
+        for (k, m) in r.match_.into_iter().enumerate() {
+            matches.push(http_match(&format!("{f}.match[{k}]"), m)?);
+        }
         let mut route = Vec::new();
+        let mut route_headers = Vec::new();
         for (j, d) in r.route.into_iter().enumerate() {
             let weight = d.weight.unwrap_or(0);
             route.push((
                 destination(&format!("{f}.route[{j}].destination"), d.destination)?,
                 weight,
             ));
+            route_headers.push(headers(&format!("{f}.route[{j}].headers"), d.headers)?);
         }
         let total: u32 = route.iter().map(|(_, w)| *w).sum();
         if route.len() > 1 && total == 0 {
@@ -645,7 +1427,7 @@ fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
             }
         } else if route.len() == 1 && total == 0 {
             route[0].1 = 100;
-        } else if total != 100 {
+        } else if !route.is_empty() && total != 100 {
             return Err((
                 format!("{f}.route"),
                 format!("weights add up to {total}, not 100"),
@@ -703,7 +1485,25 @@ fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
             .transpose()?
             .map(|d| (d, pct));
         http.push(HttpRoute {
+            name: r.name,
+            matches,
             route,
+            route_headers,
+            fault: r
+                .fault
+                .map(|w| fault(&format!("{f}.fault"), w))
+                .transpose()?,
+            rewrite: r
+                .rewrite
+                .map(|w| rewrite(&format!("{f}.rewrite"), w))
+                .transpose()?,
+            redirect,
+            direct_response,
+            headers: headers(&format!("{f}.headers"), r.headers)?,
+            cors: r
+                .cors_policy
+                .map(|w| cors(&format!("{f}.corsPolicy"), w))
+                .transpose()?,
             timeout,
             retries,
             mirror,
@@ -1000,12 +1800,14 @@ mod tests {
 
     #[test]
     fn unsupported_fields_and_bad_values_name_the_field() {
-        let e = virtual_service_fe(y("hosts: [a]\nhttp:\n- match: [{uri: {prefix: /}}]\n  route: [{destination: {host: a}}]\n")).unwrap_err();
-        assert_eq!(e.0, "spec.http[0].match");
+        let e = virtual_service_fe(y("hosts: [a]\nhttp:\n- route: [{destination: {host: a}}]\n  retries: {attempts: 2, retryRemoteLocalities: true}\n")).unwrap_err();
+        assert_eq!(e.0, "spec.http[0].retries.retryRemoteLocalities");
         assert!(
-            e.1.contains("unknown field `match`") && e.1.contains("not supported"),
+            e.1.contains("unknown field `retryRemoteLocalities`") && e.1.contains("not supported"),
             "{e:?}"
         );
+        let e = virtual_service_fe(y("hosts: [a]\nhttp:\n- delegate: {name: b}\n")).unwrap_err();
+        assert_eq!(e.0, "spec.http[0].delegate");
         let e = destination_rule_fe(y(
             "host: a\ntrafficPolicy: {outlierDetection: {interval: -1s}}\n",
         ))
@@ -1041,5 +1843,220 @@ mod tests {
         );
         assert_eq!(od.interval, Duration::from_secs(2));
         assert_eq!(od.base_ejection, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn matches_parse_with_every_condition() {
+        let vs = virtual_service_fe(y(r#"
+hosts: [reviews]
+http:
+- name: canary
+  match:
+  - name: jason
+    uri: {prefix: /api}
+    ignoreUriCase: true
+    method: {exact: GET}
+    authority: {regex: "reviews(:80)?"}
+    scheme: {exact: http}
+    headers:
+      End-User: {exact: jason}
+      x-trace: {}
+    withoutHeaders:
+      x-debug: {exact: "1"}
+    queryParams:
+      v: {regex: "[0-9]+"}
+    port: 9080
+    sourceLabels: {app: productpage}
+    sourceNamespace: default
+  - uri: {exact: /health}
+  route: [{destination: {host: reviews, subset: v2}}]
+- route: [{destination: {host: reviews, subset: v1}}]
+"#))
+        .unwrap();
+        let r = &vs.http[0];
+        assert_eq!(r.name.as_deref(), Some("canary"));
+        assert_eq!(r.matches.len(), 2);
+        let m = &r.matches[0];
+        assert_eq!(m.name.as_deref(), Some("jason"));
+        assert_eq!(m.uri, Some(StringMatch::Prefix("/api".into())));
+        assert!(m.ignore_uri_case);
+        assert!(m.uri.as_ref().unwrap().matches_ignore_case("/API/v1"));
+        assert_eq!(m.headers[0].0, "end-user", "header names are lower-cased");
+        assert_eq!(m.headers[1], ("x-trace".into(), StringMatch::Present));
+        let StringMatch::Regex(re) = &m.query_params[0].1 else {
+            panic!("regex")
+        };
+        assert!(
+            re.0.is_match("42") && !re.0.is_match("4a2"),
+            "whole-value match"
+        );
+        assert!(m.authority.as_ref().unwrap().matches("reviews:80"));
+        assert!(!m.authority.as_ref().unwrap().matches("xreviews"));
+        assert_eq!(m.port, Some(9080));
+        assert_eq!(m.source_labels["app"], "productpage");
+        assert_eq!(m.source_namespace.as_deref(), Some("default"));
+        assert!(vs.http[1].matches.is_empty());
+    }
+
+    #[test]
+    fn bad_matches_name_the_field() {
+        let bad = |m: &str| {
+            virtual_service_fe(y(&format!(
+                "hosts: [a]\nhttp:\n- match: [{m}]\n  route: [{{destination: {{host: a}}}}]\n"
+            )))
+            .unwrap_err()
+        };
+        let e = bad("{uri: {regex: '(unclosed'}}");
+        assert_eq!(e.0, "spec.http[0].match[0].uri.regex");
+        assert!(e.1.contains("RE2"), "{e:?}");
+        let e = bad("{uri: {exact: /a, prefix: /b}}");
+        assert_eq!(e.0, "spec.http[0].match[0].uri");
+        let e = bad("{queryParams: {a: {prefix: x}}}");
+        assert_eq!(e.0, "spec.http[0].match[0].queryParams.a.prefix");
+        let e = bad("{port: 70000}");
+        assert_eq!(e.0, "spec.http[0].match[0].port");
+        let e = bad("{gateways: [my-gateway]}");
+        assert_eq!(e.0, "spec.http[0].match[0].gateways");
+        let e = bad("{headers: {'bad header': {exact: x}}}");
+        assert_eq!(e.0, "spec.http[0].match[0].headers.bad header");
+        let e = bad("{uri: {suffix: x}}");
+        assert_eq!(e.0, "spec.http[0].match[0].uri.suffix");
+    }
+
+    #[test]
+    fn faults_parse_both_percentage_spellings_and_default_to_all_requests() {
+        let vs = virtual_service_fe(y(r#"
+hosts: [ratings]
+http:
+- fault:
+    delay: {percentage: {value: 50.5}, fixedDelay: 7s}
+    abort: {percent: 10, httpStatus: 500}
+  route: [{destination: {host: ratings}}]
+- fault:
+    abort: {grpcStatus: UNAVAILABLE}
+  route: [{destination: {host: ratings}}]
+"#))
+        .unwrap();
+        let f = vs.http[0].fault.as_ref().unwrap();
+        assert_eq!(f.delay, Some((Duration::from_secs(7), 50.5)));
+        assert_eq!(f.abort, Some((Abort::Http(500), 10.0)));
+        let f = vs.http[1].fault.as_ref().unwrap();
+        assert_eq!(f.abort, Some((Abort::Grpc(14), 100.0)));
+        let bad = |fault: &str| {
+            virtual_service_fe(y(&format!(
+                "hosts: [a]\nhttp:\n- fault: {fault}\n  route: [{{destination: {{host: a}}}}]\n"
+            )))
+            .unwrap_err()
+        };
+        assert_eq!(
+            bad("{abort: {httpStatus: 99}}").0,
+            "spec.http[0].fault.abort.httpStatus"
+        );
+        assert_eq!(
+            bad("{abort: {grpcStatus: NOPE}}").0,
+            "spec.http[0].fault.abort.grpcStatus"
+        );
+        assert_eq!(
+            bad("{abort: {http2Error: x}}").0,
+            "spec.http[0].fault.abort.http2Error"
+        );
+        assert_eq!(
+            bad("{delay: {fixedDelay: 1s, percentage: {value: 101}}}").0,
+            "spec.http[0].fault.delay.percentage.value"
+        );
+        assert_eq!(
+            bad("{delay: {exponentialDelay: 1s}}").0,
+            "spec.http[0].fault.delay.exponentialDelay"
+        );
+        assert_eq!(bad("{}").0, "spec.http[0].fault");
+    }
+
+    #[test]
+    fn rewrites_redirects_direct_responses_headers_and_cors_parse() {
+        let vs = virtual_service_fe(y(r#"
+hosts: [web]
+http:
+- match: [{uri: {prefix: /old}}]
+  redirect: {uri: /new, authority: other, port: 8080, scheme: https, redirectCode: 302}
+- match: [{uri: {prefix: /gone}}]
+  directResponse: {status: 410, body: {string: gone}}
+- match: [{uri: {prefix: /bin}}]
+  directResponse: {status: 200, body: {bytes: aGVsbG8=}}
+- rewrite: {uriRegexRewrite: {match: "^/v1/(.*)$", rewrite: '/v2/\1'}, authority: web.internal}
+  headers:
+    request: {set: {x-a: "1"}, add: {x-b: "2"}, remove: [x-c]}
+    response: {set: {x-served-by: proxy}}
+  corsPolicy:
+    allowOrigins: [{exact: "https://example.com"}, {regex: "https://.*\\.example\\.org"}]
+    allowMethods: [GET, POST]
+    allowHeaders: [x-a]
+    exposeHeaders: [x-served-by]
+    maxAge: 24h
+    allowCredentials: true
+  route:
+  - destination: {host: web}
+    headers: {response: {add: {x-destination: web}}}
+"#))
+        .unwrap();
+        let r = vs.http[0].redirect.as_ref().unwrap();
+        assert_eq!(
+            (r.code, r.port, r.scheme.as_deref()),
+            (302, Some(8080), Some("https"))
+        );
+        assert!(vs.http[0].route.is_empty());
+        assert_eq!(vs.http[1].direct_response.as_ref().unwrap().body, b"gone");
+        assert_eq!(vs.http[2].direct_response.as_ref().unwrap().body, b"hello");
+        let rw = vs.http[3].rewrite.as_ref().unwrap();
+        let (re, rep) = rw.uri_regex.as_ref().unwrap();
+        assert_eq!(re.0.replace_all("/v1/a/b", rep.as_str()), "/v2/a/b");
+        assert_eq!(rw.authority.as_deref(), Some("web.internal"));
+        let h = &vs.http[3].headers;
+        assert_eq!(h.request.set[0].0, "x-a");
+        assert_eq!(h.request.remove[0], "x-c");
+        let mut map = http::HeaderMap::new();
+        map.insert("x-c", http::HeaderValue::from_static("drop"));
+        map.insert("x-a", http::HeaderValue::from_static("old"));
+        h.request.apply(&mut map);
+        assert_eq!(
+            (map["x-a"].to_str().unwrap(), map["x-b"].to_str().unwrap()),
+            ("1", "2")
+        );
+        assert!(!map.contains_key("x-c"));
+        assert_eq!(
+            vs.http[3].route_headers[0].response.add[0].0,
+            "x-destination"
+        );
+        let c = vs.http[3].cors.as_ref().unwrap();
+        assert!(c.allow_origins[1].matches("https://a.example.org"));
+        assert_eq!(c.allow_methods, "GET,POST");
+        assert_eq!(c.max_age, Some(Duration::from_secs(86400)));
+        let bad = |rule: &str| {
+            virtual_service_fe(y(&format!("hosts: [a]\nhttp:\n- {rule}\n"))).unwrap_err()
+        };
+        assert_eq!(
+            bad("{redirect: {uri: /x}, route: [{destination: {host: a}}]}").0,
+            "spec.http[0].route"
+        );
+        assert_eq!(
+            bad("{redirect: {redirectCode: 200}}").0,
+            "spec.http[0].redirect.redirectCode"
+        );
+        assert_eq!(
+            bad("{redirect: {derivePort: FROM_REQUEST_PORT}}").0,
+            "spec.http[0].redirect.derivePort"
+        );
+        assert_eq!(
+            bad("{directResponse: {status: 99}}").0,
+            "spec.http[0].directResponse.status"
+        );
+        assert_eq!(
+            bad("{rewrite: {uri: /a, uriRegexRewrite: {match: a, rewrite: b}}, route: [{destination: {host: a}}]}").0,
+            "spec.http[0].rewrite"
+        );
+        assert_eq!(
+            bad("{headers: {request: {set: {'a b': x}}}, route: [{destination: {host: a}}]}").0,
+            "spec.http[0].headers.request.set.a b"
+        );
+        assert_eq!(bad("{}").0, "spec.http[0].route");
     }
 }

@@ -59,6 +59,21 @@ pub fn slice(
     s
 }
 
+/// Adds `targetRef`s naming each endpoint's Pod (as the EndpointSlice controller writes them)
+/// to a slice made by [`slice`]: `pods[i]` is the Pod of the endpoint with address `ips[i]`.
+pub fn with_target_refs(slice_yaml: &str, pods: &[(Ipv4Addr, &str)]) -> String {
+    let mut s = slice_yaml.to_string();
+    for (ip, pod) in pods {
+        s = s.replace(
+            &format!("- addresses: [\"{ip}\"]\n"),
+            &format!(
+                "- addresses: [\"{ip}\"]\n  targetRef: {{kind: Pod, name: {pod}, namespace: default}}\n"
+            ),
+        );
+    }
+    s
+}
+
 /// A Service plus its slice with all endpoints ready, as one multi-document file.
 pub fn service_with_endpoints(
     name: &str,

@@ -126,52 +126,152 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
                     )
                 },
             ));
-            steps.push(step(
-                "route",
-                route
-                    .virtual_service
-                    .as_ref()
-                    .map_or("default".to_string(), |v| format!("VirtualService {v} http[0]")),
-                match &route.virtual_service {
-                    Some(v) => format!(
-                        "VirtualService {v} routes {}; its first http route applies to every request{}",
-                        fe.service,
-                        q.path.as_ref().map_or(String::new(), |p| format!(" (path {p})"))
-                    ),
-                    None => format!("no VirtualService for {}: the Service's default route", fe.service),
-                },
-            ));
             let headers: HashMap<String, String> = q
                 .headers
                 .iter()
                 .filter_map(|h| h.split_once(':'))
                 .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
                 .collect();
-            let total: u32 = route.destinations.iter().map(|(_, w)| *w).sum();
+            let mut header_map = http::HeaderMap::new();
+            for (k, v) in &headers {
+                if let (Ok(n), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_str(v),
+                ) {
+                    header_map.append(n, v);
+                }
+            }
+            let target = q.path.clone().unwrap_or_else(|| "/".into());
+            let (path, query) = match target.split_once('?') {
+                Some((p, q)) => (p.to_string(), Some(q.to_string())),
+                None => (target.clone(), None),
+            };
+            let authority = headers
+                .get("host")
+                .cloned()
+                .unwrap_or_else(|| format!("{}:{}", fe.service.name, fe.port));
+            let method = http::Method::GET;
+            let view = crate::proxy::config::RequestView {
+                method: &method,
+                path: &path,
+                query: query.as_deref(),
+                authority: &authority,
+                headers: &header_map,
+                client: std::net::IpAddr::V4(q.from),
+            };
+            let Some((rule, block)) = route.select(&view) else {
+                steps.push(step(
+                    "route",
+                    "no rule matches",
+                    format!(
+                        "no http[] rule of VirtualService {} matches {method} {target}: the proxy answers 404 (route-not-found)",
+                        route.virtual_service.as_ref().map_or("-".into(), |v| v.to_string())
+                    ),
+                ));
+                return json!({"from": from, "to": q.to.to_string(), "protocol": proto.to_string(), "service": fe.service.to_string(), "steps": steps, "summary": "L7 through the node proxy: no route matches (404)"});
+            };
+            let rule_name = |v: &crate::model::ObjectRef| {
+                format!(
+                    "VirtualService {v} http[{}]{}",
+                    rule.index,
+                    rule.name
+                        .as_ref()
+                        .map_or(String::new(), |n| format!(" ({n})"))
+                )
+            };
+            steps.push(step(
+                "route",
+                route
+                    .virtual_service
+                    .as_ref()
+                    .map_or("default".to_string(), rule_name),
+                match &route.virtual_service {
+                    Some(v) => format!(
+                        "{} matches {method} {target}{}",
+                        rule_name(v),
+                        match block {
+                            None => " (a rule without match: every request)".to_string(),
+                            Some(k) => format!(
+                                " by its match[{k}]{}",
+                                rule.matches[k]
+                                    .m
+                                    .name
+                                    .as_ref()
+                                    .map_or(String::new(), |n| format!(" ({n})"))
+                            ),
+                        }
+                    ),
+                    None => format!(
+                        "no VirtualService for {}: the Service's default route",
+                        fe.service
+                    ),
+                },
+            ));
+            if let Some(f) = &rule.fault {
+                let mut parts = Vec::new();
+                if let Some((d, pct)) = f.delay {
+                    parts.push(format!("{pct}% delayed {} ms", d.as_millis()));
+                }
+                if let Some((a, pct)) = &f.abort {
+                    parts.push(format!("{pct}% aborted with {a:?}"));
+                }
+                steps.push(step(
+                    "fault",
+                    parts.join(", "),
+                    "fault injection before the request is forwarded",
+                ));
+            }
+            if let Some(r) = &rule.redirect {
+                steps.push(step(
+                    "redirect",
+                    r.code.to_string(),
+                    format!(
+                        "answered by the proxy: {} {}",
+                        r.code,
+                        crate::proxy::handler::redirect_location(
+                            r,
+                            &authority,
+                            &path,
+                            query.as_deref()
+                        )
+                    ),
+                ));
+            }
+            if let Some(d) = &rule.direct_response {
+                steps.push(step(
+                    "direct response",
+                    d.status.to_string(),
+                    format!(
+                        "answered by the proxy with {} ({} bytes)",
+                        d.status,
+                        d.body.len()
+                    ),
+                ));
+            }
+            let total: u32 = rule.destinations.iter().map(|(_, w)| *w).sum();
             let mut dests = Vec::new();
-            for (c, w) in &route.destinations {
+            for (c, w) in &rule.destinations {
                 dests.push(destination(c, *w, total, fe, &s, &pods, &headers, q));
             }
             steps.push(json!({
                 "step": "destinations",
-                "verdict": route.destinations.iter().map(|(c, _)| c.name.clone()).collect::<Vec<_>>().join(", "),
+                "verdict": rule.destinations.iter().map(|(c, _)| c.name.clone()).collect::<Vec<_>>().join(", "),
                 "detail": "each request picks a destination by weight, then a backend of it",
                 "destinations": dests,
             }));
-            let primary = route.destinations.first().map(|(c, _)| c);
-            let (in_use, limit) = primary.map_or((0, 0), |c| c.retry_budget(route.retry.budgeted));
+            let primary = rule.destinations.first().map(|(c, _)| c);
+            let (in_use, limit) = primary.map_or((0, 0), |c| c.retry_budget(rule.retry.budgeted));
             steps.push(step(
                 "retries",
-                format!("{} retries", route.retry.attempts),
+                format!("{} retries", rule.retry.attempts),
                 format!(
                     "up to {} retries on {}{}; {} now ({in_use} in flight of {})",
-                    route.retry.attempts,
-                    retry_on_text(&route.retry.on),
-                    route
-                        .retry
+                    rule.retry.attempts,
+                    retry_on_text(&rule.retry.on),
+                    rule.retry
                         .per_try_timeout
                         .map_or(String::new(), |t| format!(", {} ms per try", t.as_millis())),
-                    if route.retry.budgeted {
+                    if rule.retry.budgeted {
                         "budget: 20% of active requests, at least 3"
                     } else {
                         "limit: the DestinationRule's maxRetries"
@@ -183,7 +283,7 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
                     }
                 ),
             ));
-            if let Some(m) = &route.mirror {
+            if let Some(m) = &rule.mirror {
                 steps.push(step(
                     "mirror",
                     m.cluster.name.clone(),
@@ -203,7 +303,7 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
                 route
                     .virtual_service
                     .as_ref()
-                    .map_or("default".into(), |v| v.to_string()),
+                    .map_or("default".into(), rule_name),
                 primary.map_or("-".to_string(), |c| c.name.clone())
             )
         }

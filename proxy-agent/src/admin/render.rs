@@ -290,23 +290,26 @@ pub fn service(v: &Value) -> String {
         } else {
             let _ = writeln!(out, "  kernel: no entry ({})", text(&k["error"]));
         }
-        let r = &p["route"];
-        if !r.is_null() {
-            let _ = writeln!(
-                out,
-                "  route: {} timeout {} ms, retries {} on {}{}",
-                r["virtual_service"]
-                    .as_str()
-                    .map_or("default route".to_string(), |v| format!(
-                        "VirtualService {v},"
-                    )),
-                text(&r["timeout_ms"]),
-                text(&r["retries"]["attempts"]),
-                text(&r["retries"]["retry_on"]),
-                r["mirror"]["cluster"]
-                    .as_str()
-                    .map_or(String::new(), |m| format!(", mirror to {m}"))
-            );
+        let route = &p["route"];
+        if !route.is_null() {
+            for r in route["rules"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "  route: {} match {}: {}timeout {} ms, retries {} on {}{}",
+                    route["virtual_service"].as_str().map_or(
+                        "default route".to_string(),
+                        |v| format!("VirtualService {v} {}", rule_label(r))
+                    ),
+                    match_label(r),
+                    action_label(r),
+                    text(&r["timeout_ms"]),
+                    text(&r["retries"]["attempts"]),
+                    text(&r["retries"]["retry_on"]),
+                    r["mirror"]["cluster"]
+                        .as_str()
+                        .map_or(String::new(), |m| format!(", mirror to {m}"))
+                );
+            }
             for c in p["clusters"].as_array().into_iter().flatten() {
                 let _ = writeln!(
                     out,
@@ -346,31 +349,95 @@ pub fn service(v: &Value) -> String {
     out
 }
 
+/// `http[2] (name)` of a rule.
+fn rule_label(r: &Value) -> String {
+    format!(
+        "http[{}]{}",
+        text(&r["index"]),
+        r["name"]
+            .as_str()
+            .map_or(String::new(), |n| format!(" ({n})"))
+    )
+}
+
+/// The rule's match blocks, `any` without any, `|` between blocks.
+fn match_label(r: &Value) -> String {
+    let blocks: Vec<String> = r["match"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(text)
+        .collect();
+    if blocks.is_empty() {
+        "any".into()
+    } else {
+        blocks.join(" | ")
+    }
+}
+
+/// What the proxy itself does before or instead of forwarding: `fault ..., `, `redirect 301 `.
+fn action_label(r: &Value) -> String {
+    let mut s = String::new();
+    if let Some(d) = r["redirect"].as_object() {
+        let _ = write!(s, "redirect {} ", text(&d["code"]));
+    }
+    if let Some(d) = r["direct_response"].as_object() {
+        let _ = write!(s, "direct response {} ", text(&d["status"]));
+    }
+    if let Some(f) = r["fault"].as_object() {
+        if !f["delay_ms"].is_null() {
+            let _ = write!(
+                s,
+                "delay {} ms ({}%), ",
+                text(&f["delay_ms"]),
+                text(&f["delay_percent"])
+            );
+        }
+        if !f["abort"].is_null() {
+            let _ = write!(
+                s,
+                "abort {} ({}%), ",
+                text(&f["abort"]),
+                text(&f["abort_percent"])
+            );
+        }
+    }
+    s
+}
+
 /// `proxy-agent routes`.
 pub fn routes(v: &Value) -> String {
     let rows: Vec<Vec<String>> = v
         .as_array()
         .into_iter()
         .flatten()
-        .map(|r| {
-            let dests: Vec<String> = r["destinations"]
+        .flat_map(|route| {
+            route["rules"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|d| format!("{} ({})", text(&d["cluster"]), text(&d["weight"])))
-                .collect();
-            vec![
-                text(&r["vip"]),
-                text(&r["service"]),
-                text(&r["virtual_service"]),
-                dests.join(", "),
-                format!(
-                    "{} on {}",
-                    text(&r["retries"]["attempts"]),
-                    text(&r["retries"]["retry_on"])
-                ),
-                text(&r["timeout_ms"]),
-            ]
+                .map(move |r| {
+                    let dests: Vec<String> = r["destinations"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|d| format!("{} ({})", text(&d["cluster"]), text(&d["weight"])))
+                        .collect();
+                    vec![
+                        text(&route["vip"]),
+                        text(&route["service"]),
+                        text(&route["virtual_service"]),
+                        rule_label(r),
+                        match_label(r),
+                        format!("{}{}", action_label(r), dests.join(", ")),
+                        format!(
+                            "{} on {}",
+                            text(&r["retries"]["attempts"]),
+                            text(&r["retries"]["retry_on"])
+                        ),
+                        text(&r["timeout_ms"]),
+                    ]
+                })
         })
         .collect();
     table(
@@ -378,6 +445,8 @@ pub fn routes(v: &Value) -> String {
             "VIP",
             "SERVICE",
             "VIRTUALSERVICE",
+            "RULE",
+            "MATCH",
             "DESTINATIONS",
             "RETRIES",
             "TIMEOUT-MS",

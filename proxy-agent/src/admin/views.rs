@@ -14,7 +14,7 @@ use crate::datapath::telemetry::COUNTER_NAMES;
 use crate::istio::{LoadBalancer, OutlierDetection, RetryOn};
 use crate::model::{EndpointState, Frontend, ObjectRef, Service};
 use crate::proxy::cluster::{Backend, Cluster};
-use crate::proxy::config::Route;
+use crate::proxy::config::{Route, Rule};
 use crate::proxy::telemetry::unix_secs;
 
 fn age_s(t: SystemTime) -> f64 {
@@ -197,7 +197,7 @@ pub fn service(hub: &Hub, id: &ObjectRef) -> Option<Value> {
             })).collect::<Vec<_>>(),
             "kernel": kernel_slots(hub, f),
             "route": route.map(|r| route_json(r, &pods)),
-            "clusters": route.map(|r| r.destinations.iter().map(|(c, w)| {
+            "clusters": route.map(|r| route_clusters(r).iter().map(|(c, w)| {
                 let mut j = cluster_json(c, &pods);
                 j["weight"] = json!(w);
                 j
@@ -285,11 +285,77 @@ fn outlier_json(od: &OutlierDetection) -> Value {
     })
 }
 
-/// One route.
-pub fn route_json(r: &Route, _pods: &HashMap<Ipv4Addr, String>) -> Value {
+fn string_match_text(m: &crate::istio::StringMatch) -> String {
+    use crate::istio::StringMatch;
+    match m {
+        StringMatch::Exact(e) => format!("={e}"),
+        StringMatch::Prefix(p) => format!("^={p}"),
+        StringMatch::Regex(r) => {
+            let s = r.0.as_str();
+            format!(
+                "~={}",
+                s.strip_prefix("^(?:")
+                    .and_then(|s| s.strip_suffix(")$"))
+                    .unwrap_or(s)
+            )
+        }
+        StringMatch::Present => " present".into(),
+    }
+}
+
+/// A match block in one line: `uri^=/api method=GET headers end-user=jason`.
+pub fn match_text(m: &crate::proxy::config::CompiledMatch) -> String {
+    let m = &m.m;
+    let mut parts = Vec::new();
+    for (name, v) in [
+        ("uri", &m.uri),
+        ("scheme", &m.scheme),
+        ("method", &m.method),
+        ("authority", &m.authority),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{name}{}", string_match_text(v)));
+        }
+    }
+    for (n, v) in &m.headers {
+        parts.push(format!("header {n}{}", string_match_text(v)));
+    }
+    for (n, v) in &m.without_headers {
+        parts.push(format!("without header {n}{}", string_match_text(v)));
+    }
+    for (n, v) in &m.query_params {
+        parts.push(format!("query {n}{}", string_match_text(v)));
+    }
+    if let Some(p) = m.port {
+        parts.push(format!("port={p}"));
+    }
+    if !m.source_labels.is_empty() {
+        let l: Vec<String> = m
+            .source_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        parts.push(format!("source labels {}", l.join(",")));
+    }
+    if let Some(ns) = &m.source_namespace {
+        parts.push(format!("source namespace {ns}"));
+    }
+    if m.ignore_uri_case {
+        parts.push("(uri case ignored)".into());
+    }
+    if parts.is_empty() {
+        "any".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// One rule of a route.
+pub fn rule_json(r: &Rule) -> Value {
     json!({
-        "service": r.service.to_string(),
-        "virtual_service": r.virtual_service.as_ref().map(|v| v.to_string()),
+        "index": r.index,
+        "name": r.name,
+        "match": r.matches.iter().map(match_text).collect::<Vec<_>>(),
         "destinations": r.destinations.iter().map(|(c, w)| json!({
             "cluster": c.name,
             "subset": c.subset(),
@@ -303,11 +369,49 @@ pub fn route_json(r: &Route, _pods: &HashMap<Ipv4Addr, String>) -> Value {
             "budgeted": r.retry.budgeted,
         },
         "mirror": r.mirror.as_ref().map(|m| json!({"cluster": m.cluster.name, "percent": m.percent})),
+        "fault": r.fault.as_ref().map(|f| json!({
+            "delay_ms": f.delay.map(|(d, _)| d.as_millis() as u64),
+            "delay_percent": f.delay.map(|(_, p)| p),
+            "abort": f.abort.as_ref().map(|(a, _)| format!("{a:?}")),
+            "abort_percent": f.abort.as_ref().map(|(_, p)| *p),
+        })),
+        "rewrite": r.rewrite.as_ref().map(|w| json!({
+            "uri": w.uri,
+            "authority": w.authority,
+            "uri_regex": w.uri_regex.as_ref().map(|(re, rep)| json!({"match": re.0.as_str(), "rewrite": rep})),
+        })),
+        "redirect": r.redirect.as_ref().map(|d| json!({
+            "uri": d.uri, "authority": d.authority, "port": d.port, "scheme": d.scheme, "code": d.code,
+        })),
+        "direct_response": r.direct_response.as_ref().map(|d| json!({"status": d.status, "body_bytes": d.body.len()})),
+        "cors": r.cors.is_some(),
+    })
+}
+
+/// One route.
+pub fn route_json(r: &Route, _pods: &HashMap<Ipv4Addr, String>) -> Value {
+    json!({
+        "service": r.service.to_string(),
+        "virtual_service": r.virtual_service.as_ref().map(|v| v.to_string()),
+        "rules": r.rules.iter().map(rule_json).collect::<Vec<_>>(),
+        "opaque": r.opaque.iter().map(|(c, _)| c.name.clone()).collect::<Vec<_>>(),
         "detection": {
             "opaque": r.detection.opaque,
             "detect_timeout_ms": ms(r.detection.detect_timeout),
         },
     })
+}
+
+/// The clusters of a route, once each, with the weight of their first appearance.
+fn route_clusters(r: &Route) -> Vec<(Arc<Cluster>, u32)> {
+    let mut seen = HashSet::new();
+    r.rules
+        .iter()
+        .flat_map(|rule| rule.destinations.iter())
+        .chain(r.opaque.iter())
+        .filter(|(c, _)| seen.insert(Arc::as_ptr(c)))
+        .cloned()
+        .collect()
 }
 
 /// `/routes`.
@@ -359,8 +463,7 @@ pub fn all_clusters(s: &Snapshot) -> Vec<Arc<Cluster>> {
     let mut routes: Vec<_> = s.routes.routes.iter().collect();
     routes.sort_by_key(|(k, _)| **k);
     for (_, r) in routes {
-        let mirror = r.mirror.as_ref().map(|m| &m.cluster);
-        for c in r.destinations.iter().map(|(c, _)| c).chain(mirror) {
+        for c in r.clusters() {
             if seen.insert(Arc::as_ptr(c)) {
                 out.push(c.clone());
             }

@@ -7,8 +7,14 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashSet;
+use std::net::IpAddr;
+
 use super::cluster::{Cluster, ClusterPolicy, PoolSettings};
-use crate::istio::{Destination, DestinationRule, LoadBalancer, RetryOn, VirtualService};
+use crate::istio::{
+    Cors, Destination, DestinationRule, DirectResponse, Fault, Headers, HttpMatch, LoadBalancer,
+    Redirect, RetryOn, Rewrite, VirtualService,
+};
 use crate::model::{Frontend, ObjectRef, ProtocolHint, State};
 
 /// Retries of a route.
@@ -52,6 +58,195 @@ pub struct Mirror {
     pub percent: f64,
 }
 
+/// One `match[]` block of a rule, with the client addresses its source conditions allow.
+pub struct CompiledMatch {
+    /// The block as validated.
+    pub m: HttpMatch,
+    /// Pod IPs allowed by `sourceLabels` / `sourceNamespace` (`None`: any client).
+    pub sources: Option<HashSet<IpAddr>>,
+}
+
+/// What a request is matched on.
+pub struct RequestView<'a> {
+    /// Method.
+    pub method: &'a http::Method,
+    /// Path, without the query.
+    pub path: &'a str,
+    /// Query string.
+    pub query: Option<&'a str>,
+    /// `Host` or `:authority`.
+    pub authority: &'a str,
+    /// Headers.
+    pub headers: &'a http::HeaderMap,
+    /// The client's address.
+    pub client: IpAddr,
+}
+
+/// The value of header `name` (several values joined with `,`), if present and visible ASCII.
+fn header_value<'a>(h: &'a http::HeaderMap, name: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let mut all = h.get_all(name).iter();
+    let first = all.next()?.to_str().ok()?;
+    let rest: Vec<&str> = all.filter_map(|v| v.to_str().ok()).collect();
+    if rest.is_empty() {
+        Some(std::borrow::Cow::Borrowed(first))
+    } else {
+        let mut v = first.to_string();
+        for r in rest {
+            v.push(',');
+            v.push_str(r);
+        }
+        Some(std::borrow::Cow::Owned(v))
+    }
+}
+
+/// Percent-decodes a query component (`+` is a space).
+fn decode_query(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(['%', '+']) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = || {
+            b.get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        };
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if hex().is_some() => {
+                out.extend(hex());
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The first value of query parameter `key`.
+fn query_value<'a>(query: Option<&'a str>, key: &str) -> Option<std::borrow::Cow<'a, str>> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (decode_query(k) == key).then(|| decode_query(v))
+    })
+}
+
+impl CompiledMatch {
+    /// Whether every condition of the block holds for `r`.
+    pub fn accepts(&self, r: &RequestView<'_>) -> bool {
+        let m = &self.m;
+        if let Some(s) = &self.sources
+            && !s.contains(&r.client)
+        {
+            return false;
+        }
+        if let Some(u) = &m.uri {
+            let ok = if m.ignore_uri_case {
+                u.matches_ignore_case(r.path)
+            } else {
+                u.matches(r.path)
+            };
+            if !ok {
+                return false;
+            }
+        }
+        // Traffic inside the mesh reaches the node proxy in plain text.
+        if m.scheme.as_ref().is_some_and(|x| !x.matches("http"))
+            || m.method
+                .as_ref()
+                .is_some_and(|x| !x.matches(r.method.as_str()))
+            || m.authority
+                .as_ref()
+                .is_some_and(|x| !x.matches(r.authority))
+        {
+            return false;
+        }
+        for (n, x) in &m.headers {
+            match header_value(r.headers, n) {
+                Some(v) if x.matches(&v) => {}
+                _ => return false,
+            }
+        }
+        for (n, x) in &m.without_headers {
+            if header_value(r.headers, n).is_some_and(|v| x.matches(&v)) {
+                return false;
+            }
+        }
+        for (k, x) in &m.query_params {
+            match query_value(r.query, k) {
+                Some(v) if x.matches(&v) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// One rule of a route: a VirtualService `http[]` entry (or the Service's own default).
+pub struct Rule {
+    /// Index in the VirtualService's `http[]` (0 for the default).
+    pub index: usize,
+    /// The rule's `name`.
+    pub name: Option<String>,
+    /// Match blocks for this port (empty: every request).
+    pub matches: Vec<CompiledMatch>,
+    /// Weighted destinations (empty when the proxy answers: redirect, direct response).
+    pub destinations: Vec<(Arc<Cluster>, u32)>,
+    /// Header edits of each destination, by index.
+    pub destination_headers: Vec<Headers>,
+    /// Overall timeout.
+    pub timeout: Option<Duration>,
+    /// Retries.
+    pub retry: RetryPolicy,
+    /// Mirror.
+    pub mirror: Option<Mirror>,
+    /// Fault injection.
+    pub fault: Option<Fault>,
+    /// Path and authority rewrite.
+    pub rewrite: Option<Rewrite>,
+    /// Answer with a redirect.
+    pub redirect: Option<Redirect>,
+    /// Answer directly.
+    pub direct_response: Option<DirectResponse>,
+    /// Header edits.
+    pub headers: Headers,
+    /// CORS.
+    pub cors: Option<Cors>,
+}
+
+impl Rule {
+    /// A rule sending every request to `cluster` with the safe defaults.
+    fn default_to(cluster: Arc<Cluster>) -> Self {
+        Self {
+            index: 0,
+            name: None,
+            matches: Vec::new(),
+            destinations: vec![(cluster, 100)],
+            destination_headers: Vec::new(),
+            timeout: None,
+            retry: RetryPolicy::safe_default(),
+            mirror: None,
+            fault: None,
+            rewrite: None,
+            redirect: None,
+            direct_response: None,
+            headers: Headers::default(),
+            cors: None,
+        }
+    }
+
+    /// Every cluster the rule can send to.
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.destinations
+            .iter()
+            .map(|(c, _)| c)
+            .chain(self.mirror.as_ref().map(|m| &m.cluster))
+    }
+}
+
 /// How requests to one ClusterIP port are handled.
 pub struct Route {
     /// The Service.
@@ -60,16 +255,37 @@ pub struct Route {
     pub metrics_id: u32,
     /// The VirtualService that routes it (`None`: the Service's default route).
     pub virtual_service: Option<ObjectRef>,
-    /// Weighted destinations.
-    pub destinations: Vec<(Arc<Cluster>, u32)>,
-    /// Overall timeout.
-    pub timeout: Option<Duration>,
-    /// Retries.
-    pub retry: RetryPolicy,
-    /// Mirror.
-    pub mirror: Option<Mirror>,
+    /// HTTP rules in order: the first that matches serves the request (none: 404).
+    pub rules: Vec<Rule>,
+    /// Where opaque (non-HTTP) connections go: the Service's own backends (HTTP rules do not
+    /// apply to TCP, as in Istio).
+    pub opaque: Vec<(Arc<Cluster>, u32)>,
     /// Protocol detection of the Service port.
     pub detection: ProtocolHint,
+}
+
+impl Route {
+    /// The first rule accepting `r`, with the index of the block that matched (`None`: the
+    /// rule has no match blocks).
+    pub fn select(&self, r: &RequestView<'_>) -> Option<(&Rule, Option<usize>)> {
+        self.rules.iter().find_map(|rule| {
+            if rule.matches.is_empty() {
+                return Some((rule, None));
+            }
+            rule.matches
+                .iter()
+                .position(|m| m.accepts(r))
+                .map(|k| (rule, Some(k)))
+        })
+    }
+
+    /// Every cluster the route can send to.
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
+        self.rules
+            .iter()
+            .flat_map(Rule::clusters)
+            .chain(self.opaque.iter().map(|(c, _)| c))
+    }
 }
 
 /// Routes by original destination.
@@ -157,6 +373,31 @@ pub fn resolve_host(host: &str, namespace: &str) -> ObjectRef {
         Some(ns) if !ns.is_empty() => ObjectRef::new(ns, name),
         _ => ObjectRef::new(namespace, name),
     }
+}
+
+/// The pod IPs a block's `sourceLabels` and `sourceNamespace` allow (`None`: no such
+/// condition, any client).
+fn sources(state: &State, m: &HttpMatch) -> Option<HashSet<IpAddr>> {
+    if m.source_labels.is_empty() && m.source_namespace.is_none() {
+        return None;
+    }
+    Some(
+        state
+            .pods
+            .iter()
+            .filter(|(id, _)| {
+                m.source_namespace
+                    .as_ref()
+                    .is_none_or(|ns| &id.namespace == ns)
+            })
+            .filter(|(_, p)| {
+                m.source_labels
+                    .iter()
+                    .all(|(k, v)| p.labels.get(k) == Some(v))
+            })
+            .map(|(_, p)| IpAddr::V4(p.ip))
+            .collect(),
+    )
 }
 
 struct Ctx<'a> {
@@ -287,78 +528,113 @@ impl Registry {
                 subset: None,
                 port: Some(fe.port),
             };
+            let own_cluster = |reg: &Self, errors: &mut Vec<ConfigProblem>, used: &mut Used| {
+                reg.cluster(
+                    &ctx,
+                    &own,
+                    &fe.service.namespace,
+                    Some(fe),
+                    None,
+                    "",
+                    errors,
+                    used,
+                )
+            };
             let route = match services.get(&fe.service) {
                 Some((vs_id, vs)) if !vs.http.is_empty() => {
-                    let r = &vs.http[0];
-                    let mut destinations = Vec::new();
-                    for (j, (d, w)) in r.route.iter().enumerate() {
-                        let field = format!("spec.http[0].route[{j}].destination");
-                        destinations.push((
-                            self.cluster(
+                    let mut rules = Vec::new();
+                    for (i, r) in vs.http.iter().enumerate() {
+                        let f = format!("spec.http[{i}]");
+                        // Blocks for another port of the Service never match here.
+                        let blocks: Vec<&HttpMatch> = r
+                            .matches
+                            .iter()
+                            .filter(|m| m.port.is_none_or(|p| p == fe.port))
+                            .collect();
+                        if !r.matches.is_empty() && blocks.is_empty() {
+                            continue;
+                        }
+                        let matches = blocks
+                            .into_iter()
+                            .map(|m| CompiledMatch {
+                                sources: sources(state, m),
+                                m: m.clone(),
+                            })
+                            .collect();
+                        let mut destinations = Vec::new();
+                        for (j, (d, w)) in r.route.iter().enumerate() {
+                            let field = format!("{f}.route[{j}].destination");
+                            destinations.push((
+                                self.cluster(
+                                    &ctx,
+                                    d,
+                                    &vs_id.namespace,
+                                    Some(fe),
+                                    Some(("VirtualService", vs_id)),
+                                    &field,
+                                    &mut errors,
+                                    &mut used,
+                                ),
+                                *w,
+                            ));
+                        }
+                        let mirror = r.mirror.as_ref().map(|(d, pct)| Mirror {
+                            cluster: self.cluster(
                                 &ctx,
                                 d,
                                 &vs_id.namespace,
-                                Some(fe),
+                                None,
                                 Some(("VirtualService", vs_id)),
-                                &field,
+                                &format!("{f}.mirror"),
                                 &mut errors,
                                 &mut used,
                             ),
-                            *w,
-                        ));
+                            percent: *pct,
+                        });
+                        let retry = match &r.retries {
+                            None => RetryPolicy::safe_default(),
+                            Some(rt) => RetryPolicy {
+                                attempts: rt.attempts,
+                                per_try_timeout: rt.per_try_timeout,
+                                on: rt.retry_on.clone(),
+                                budgeted: false,
+                            },
+                        };
+                        rules.push(Rule {
+                            index: i,
+                            name: r.name.clone(),
+                            matches,
+                            destinations,
+                            destination_headers: r.route_headers.clone(),
+                            timeout: r.timeout,
+                            retry,
+                            mirror,
+                            fault: r.fault.clone(),
+                            rewrite: r.rewrite.clone(),
+                            redirect: r.redirect.clone(),
+                            direct_response: r.direct_response.clone(),
+                            headers: r.headers.clone(),
+                            cors: r.cors.clone(),
+                        });
                     }
-                    let mirror = r.mirror.as_ref().map(|(d, pct)| Mirror {
-                        cluster: self.cluster(
-                            &ctx,
-                            d,
-                            &vs_id.namespace,
-                            None,
-                            Some(("VirtualService", vs_id)),
-                            "spec.http[0].mirror",
-                            &mut errors,
-                            &mut used,
-                        ),
-                        percent: *pct,
-                    });
-                    let retry = match &r.retries {
-                        None => RetryPolicy::safe_default(),
-                        Some(rt) => RetryPolicy {
-                            attempts: rt.attempts,
-                            per_try_timeout: rt.per_try_timeout,
-                            on: rt.retry_on.clone(),
-                            budgeted: false,
-                        },
-                    };
+                    let own = own_cluster(self, &mut errors, &mut used);
                     Route {
                         service: fe.service.clone(),
                         metrics_id: super::telemetry::service_id(&fe.service),
                         virtual_service: Some((*vs_id).clone()),
-                        destinations,
-                        timeout: r.timeout,
-                        retry,
-                        mirror,
+                        rules,
+                        opaque: vec![(own, 100)],
                         detection: fe.detection,
                     }
                 }
                 _ => {
-                    let c = self.cluster(
-                        &ctx,
-                        &own,
-                        &fe.service.namespace,
-                        Some(fe),
-                        None,
-                        "",
-                        &mut errors,
-                        &mut used,
-                    );
+                    let c = own_cluster(self, &mut errors, &mut used);
                     Route {
                         service: fe.service.clone(),
                         metrics_id: super::telemetry::service_id(&fe.service),
                         virtual_service: None,
-                        destinations: vec![(c, 100)],
-                        timeout: None,
-                        retry: RetryPolicy::safe_default(),
-                        mirror: None,
+                        rules: vec![Rule::default_to(c.clone())],
+                        opaque: vec![(c, 100)],
                         detection: fe.detection,
                     }
                 }
@@ -617,8 +893,121 @@ mod tests {
         Arc::make_mut(&mut b_slice).endpoints[0].addr = std::net::Ipv4Addr::new(198, 18, 7, 7);
         st.slices.insert(b_slice.id.clone(), b_slice);
         let (t3, _) = reg.build(&st, &cache.frontends(&st, None), &t2);
-        let mirror = t3.routes[&a].mirror.as_ref().unwrap();
+        let mirror = t3.routes[&a].rules[0].mirror.as_ref().unwrap();
         let addrs: Vec<_> = mirror.cluster.backends().iter().map(|b| b.addr).collect();
         assert_eq!(addrs, [SocketAddr::from(([198, 18, 7, 7], 8080))]);
+    }
+
+    fn view<'a>(
+        method: &'a http::Method,
+        target: &'a str,
+        headers: &'a http::HeaderMap,
+        client: [u8; 4],
+    ) -> RequestView<'a> {
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (target, None),
+        };
+        RequestView {
+            method,
+            path,
+            query,
+            authority: "a",
+            headers,
+            client: IpAddr::from(client),
+        }
+    }
+
+    #[test]
+    fn the_first_matching_rule_serves_and_blocks_for_other_ports_or_clients_never_match() {
+        let mut st = state(&[("a", 1)]);
+        let vs = crate::istio::virtual_service(
+            serde_yaml::from_str(
+                r#"
+hosts: [a]
+http:
+- name: other-port
+  match: [{port: 8443}]
+  route: [{destination: {host: a}}]
+- name: jason
+  match:
+  - headers: {end-user: {exact: jason}}
+  - queryParams: {user: {exact: jason smith}}
+  route: [{destination: {host: a}}]
+- name: from-frontend
+  match: [{sourceLabels: {app: frontend}, uri: {prefix: /api}, withoutHeaders: {x-debug: {}}}]
+  route: [{destination: {host: a}}]
+- name: gets
+  match: [{method: {exact: GET}, uri: {regex: "/items/[0-9]+"}}]
+  route: [{destination: {host: a}}]
+"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        st.virtual_services
+            .insert(ObjectRef::new("default", "a"), vs);
+        st.pods.insert(
+            ObjectRef::new("default", "frontend-1"),
+            crate::model::PodInfo {
+                ip: std::net::Ipv4Addr::new(198, 18, 5, 5),
+                labels: [("app".to_string(), "frontend".to_string())].into(),
+            },
+        );
+        let mut reg = Registry::default();
+        let mut cache = FrontendCache::default();
+        let (t, p) = reg.build(&st, &cache.frontends(&st, None), &RouteTable::default());
+        assert!(p.is_empty(), "{p:?}");
+        let route = &t.routes[&SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, 1), 80)];
+        assert_eq!(route.rules.len(), 3, "the port-8443 rule is not on port 80");
+        let name = |method: &http::Method, target: &str, h: &[(&str, &str)], client: [u8; 4]| {
+            let mut map = http::HeaderMap::new();
+            for (k, v) in h {
+                map.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    http::HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            route
+                .select(&view(method, target, &map, client))
+                .map(|(r, b)| (r.name.clone().unwrap(), b))
+        };
+        let get = http::Method::GET;
+        let other = [198, 18, 9, 9];
+        assert_eq!(
+            name(&get, "/", &[("end-user", "jason")], other),
+            Some(("jason".into(), Some(0)))
+        );
+        assert_eq!(
+            name(&get, "/?a=1&user=jason+smith", &[], other),
+            Some(("jason".into(), Some(1)))
+        );
+        assert_eq!(
+            name(&get, "/?user=jason%20smith", &[], other).unwrap().0,
+            "jason"
+        );
+        assert_eq!(
+            name(&get, "/", &[("end-user", "jasonx")], other),
+            None,
+            "no rule: 404"
+        );
+        let frontend = [198, 18, 5, 5];
+        assert_eq!(
+            name(&get, "/api/x", &[], frontend).unwrap().0,
+            "from-frontend"
+        );
+        assert_eq!(name(&get, "/api/x", &[], other), None, "sourceLabels");
+        assert_eq!(
+            name(&get, "/api/x", &[("x-debug", "")], frontend),
+            None,
+            "withoutHeaders"
+        );
+        assert_eq!(name(&get, "/items/12", &[], other).unwrap().0, "gets");
+        assert_eq!(
+            name(&get, "/items/12x", &[], other),
+            None,
+            "regexes match whole paths"
+        );
+        assert_eq!(name(&http::Method::POST, "/items/12", &[], other), None);
     }
 }

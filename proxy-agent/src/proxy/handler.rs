@@ -20,13 +20,15 @@ use tokio::time::Instant;
 
 use super::body::{Holding, ProxyBody, Replay, empty, text, with_trailers};
 use super::cluster::{Backend, Cluster, Outcome, Overflow, hash_key};
-use super::config::{Mirror, Route};
+use super::config::{Mirror, RequestView, Route, Rule};
 use super::io::ConnState;
 use super::limits::ProxyConfig;
 use super::pool::UpstreamError;
 use super::record::{Noted, Pending};
 use super::telemetry::{RetryReason, Telemetry, flags};
-use crate::istio::{LoadBalancer, RetryOn};
+use crate::istio::{
+    Abort, Cors, DirectResponse, LoadBalancer, Redirect, RetryOn, Rewrite, StringMatch,
+};
 
 /// Response header naming why the proxy itself answered.
 pub const ERROR_HEADER: &str = "x-proxy-error";
@@ -317,20 +319,257 @@ impl BackendActive {
     }
 }
 
-/// Picks one of the route's weighted destinations.
-pub fn pick_destination(route: &Route) -> Option<Arc<Cluster>> {
-    let total: u32 = route.destinations.iter().map(|(_, w)| *w).sum();
+/// Picks one of the weighted destinations; returns its index too.
+pub fn pick_destination(d: &[(Arc<Cluster>, u32)]) -> Option<(usize, Arc<Cluster>)> {
+    let total: u32 = d.iter().map(|(_, w)| *w).sum();
     if total == 0 {
-        return route.destinations.first().map(|(c, _)| c.clone());
+        return d.first().map(|(c, _)| (0, c.clone()));
     }
     let mut r = rand::random_range(0..total);
-    for (c, w) in &route.destinations {
+    for (i, (c, w)) in d.iter().enumerate() {
         if r < *w {
-            return Some(c.clone());
+            return Some((i, c.clone()));
         }
         r -= w;
     }
     None
+}
+
+/// True on `pct` percent of calls.
+fn chance(pct: f64) -> bool {
+    pct >= 100.0 || (pct > 0.0 && rand::random::<f64>() * 100.0 < pct)
+}
+
+/// The request's authority as rules match it: the target's (HTTP/2 `:authority`, absolute
+/// form), else `Host`.
+fn request_authority(req: &Request<Incoming>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
+/// Splits `host:port` (`[v6]:port` too); the port is `None` when absent.
+fn split_authority(a: &str) -> (&str, Option<&str>) {
+    let colon = if a.starts_with('[') {
+        a.find("]:").map(|i| i + 1)
+    } else {
+        a.rfind(':')
+    };
+    match colon {
+        Some(i) if a[i + 1..].chars().all(|c| c.is_ascii_digit()) && i + 1 < a.len() => {
+            (&a[..i], Some(&a[i + 1..]))
+        }
+        _ => (a, None),
+    }
+}
+
+/// The `Location` of a redirect: each part replaced where the rule says, the rest from the
+/// request (a changed scheme drops the request's port; default ports are left out).
+pub fn redirect_location(r: &Redirect, authority: &str, path: &str, query: Option<&str>) -> String {
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let (orig_host, orig_port) = split_authority(authority);
+    let (host, auth_port) = match &r.authority {
+        Some(a) => split_authority(a),
+        None => (orig_host, None),
+    };
+    let port: Option<String> = r
+        .port
+        .map(|p| p.to_string())
+        .or(auth_port.map(String::from))
+        .or_else(|| {
+            r.scheme
+                .is_none()
+                .then(|| orig_port.map(String::from))
+                .flatten()
+        })
+        .filter(|p| !matches!((scheme, p.as_str()), ("http", "80") | ("https", "443")));
+    let (new_path, keep_query) = match &r.uri {
+        Some(u) => (u.as_str(), !u.contains('?')),
+        None => (path, true),
+    };
+    let mut loc = format!("{scheme}://{host}");
+    if let Some(p) = port {
+        loc.push(':');
+        loc.push_str(&p);
+    }
+    loc.push_str(new_path);
+    if keep_query && let Some(q) = query {
+        loc.push('?');
+        loc.push_str(q);
+    }
+    loc
+}
+
+fn redirect_reply(r: &Redirect, location: &str) -> Response<ProxyBody> {
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn direct_reply(d: &DirectResponse) -> Response<ProxyBody> {
+    let mut resp = Response::new(if d.body.is_empty() {
+        empty()
+    } else {
+        super::body::full(bytes::Bytes::from(d.body.clone()))
+    });
+    *resp.status_mut() = StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK);
+    if !d.body.is_empty() {
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp
+}
+
+/// Envoy's fault abort: the status with `fault filter abort`, or for gRPC a trailers-only
+/// response with the status code.
+fn abort_reply(a: &Abort) -> Response<ProxyBody> {
+    match a {
+        Abort::Http(code) => {
+            let mut r = Response::new(text("fault filter abort".to_string()));
+            *r.status_mut() =
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            r.headers_mut()
+                .insert(ERROR_HEADER, HeaderValue::from_static("fault-abort"));
+            r
+        }
+        Abort::Grpc(code) => {
+            let mut r = Response::new(empty());
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from(*code));
+            h.insert(
+                "grpc-message",
+                HeaderValue::from_static("fault filter abort"),
+            );
+            h.insert(ERROR_HEADER, HeaderValue::from_static("fault-abort"));
+            r
+        }
+    }
+}
+
+/// The `Origin` of a request the rule's CORS policy allows.
+fn cors_origin(c: &Cors, headers: &HeaderMap) -> Option<HeaderValue> {
+    let o = headers.get(header::ORIGIN)?;
+    let s = o.to_str().ok()?;
+    c.allow_origins
+        .iter()
+        .any(|m| m.matches(s))
+        .then(|| o.clone())
+}
+
+/// The answer to a CORS preflight from an allowed origin (Envoy's CORS filter).
+fn preflight_reply(c: &Cors, origin: HeaderValue) -> Response<ProxyBody> {
+    let mut r = Response::new(empty());
+    let h = r.headers_mut();
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    let mut put = |name: header::HeaderName, v: &str| {
+        if !v.is_empty()
+            && let Ok(v) = HeaderValue::from_str(v)
+        {
+            h.insert(name, v);
+        }
+    };
+    put(header::ACCESS_CONTROL_ALLOW_METHODS, &c.allow_methods);
+    put(header::ACCESS_CONTROL_ALLOW_HEADERS, &c.allow_headers);
+    if let Some(m) = c.max_age {
+        put(header::ACCESS_CONTROL_MAX_AGE, &m.as_secs().to_string());
+    }
+    if c.allow_credentials {
+        put(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true");
+    }
+    r
+}
+
+/// Applies a rewrite to the upstream head; `prefix` is the matched `uri` prefix, if any.
+fn rewrite_head(head: &mut Head, rw: &Rewrite, prefix: Option<&str>) {
+    let path = head.target.path();
+    let new_path = if let Some(u) = &rw.uri {
+        match prefix {
+            Some(p) if path.len() >= p.len() => format!("{u}{}", &path[p.len()..]),
+            _ => u.clone(),
+        }
+    } else if let Some((re, rep)) = &rw.uri_regex {
+        re.0.replace_all(path, rep.as_str()).into_owned()
+    } else {
+        path.to_string()
+    };
+    if rw.uri.is_some() || rw.uri_regex.is_some() {
+        let target = match head.target.query() {
+            Some(q) => format!("{new_path}?{q}"),
+            None => new_path,
+        };
+        if let Ok(u) = target.parse() {
+            head.target = u;
+        }
+    }
+    if let Some(a) = &rw.authority
+        && let Ok(v) = HeaderValue::from_str(a)
+    {
+        head.headers.insert(header::HOST, v);
+    }
+}
+
+/// Prepares the upstream head for `rule`: rewrite, then the rule's request header edits.
+pub(super) fn prepare(head: &mut Head, rule: &Rule, block: Option<usize>) {
+    if let Some(rw) = &rule.rewrite {
+        let prefix = block
+            .and_then(|k| rule.matches.get(k))
+            .and_then(|m| match &m.m.uri {
+                Some(StringMatch::Prefix(p)) => Some(p.as_str()),
+                _ => None,
+            });
+        rewrite_head(head, rw, prefix);
+    }
+}
+
+/// Header edits for the destination picked (`picked`), then the rule's (the rule wins, as
+/// Envoy's default order has it).
+pub(super) fn request_edits(head: &mut Head, rule: &Rule, picked: usize) {
+    if let Some(h) = rule.destination_headers.get(picked) {
+        h.request.apply(&mut head.headers);
+    }
+    rule.headers.request.apply(&mut head.headers);
+}
+
+fn response_edits(
+    mut resp: Response<ProxyBody>,
+    rule: &Rule,
+    picked: Option<usize>,
+    cors: Option<(&Cors, HeaderValue)>,
+) -> Response<ProxyBody> {
+    let h = resp.headers_mut();
+    if let Some(d) = picked.and_then(|i| rule.destination_headers.get(i)) {
+        d.response.apply(h);
+    }
+    rule.headers.response.apply(h);
+    if let Some((c, origin)) = cors {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        if c.allow_credentials {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
+        if !c.expose_headers.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&c.expose_headers)
+        {
+            h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+        }
+    }
+    resp
 }
 
 fn mirror(m: &Mirror, head: &Head, body: ProxyBody, client: SocketAddr) {
@@ -429,7 +668,8 @@ pub async fn handle(
     pending.wrap(resp)
 }
 
-/// Serves one request, noting in `noted` what happened.
+/// Serves one request, noting in `noted` what happened: picks the rule, applies its CORS,
+/// fault, direct answers and header edits around [`forward`].
 async fn serve(
     req: Request<Incoming>,
     ds: &Downstream,
@@ -441,11 +681,75 @@ async fn serve(
         noted.flags |= flags::DPE;
         return reject(StatusCode::BAD_REQUEST, why);
     }
-    if super::upgrade::wants_upgrade(&req) {
-        return super::upgrade::handle(req, ds, route, noted).await;
+    let authority = request_authority(&req);
+    let view = RequestView {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        authority: &authority,
+        headers: req.headers(),
+        client: ds.client.ip(),
+    };
+    let Some((rule, block)) = route.select(&view) else {
+        noted.flags |= flags::NR;
+        return local_reply(StatusCode::NOT_FOUND, "route-not-found", 0);
+    };
+    let cors = rule
+        .cors
+        .as_ref()
+        .and_then(|c| cors_origin(c, req.headers()).map(|o| (c, o)));
+    if let Some((c, origin)) = &cors
+        && req.method() == Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return preflight_reply(c, origin.clone());
     }
+    if let Some(f) = &rule.fault {
+        if let Some((d, pct)) = f.delay
+            && chance(pct)
+        {
+            noted.flags |= flags::DI;
+            tokio::time::sleep(d).await;
+        }
+        if let Some((a, pct)) = &f.abort
+            && chance(*pct)
+        {
+            noted.flags |= flags::FI;
+            return response_edits(abort_reply(a), rule, None, cors);
+        }
+    }
+    if let Some(d) = &rule.direct_response {
+        return response_edits(direct_reply(d), rule, None, cors);
+    }
+    if let Some(r) = &rule.redirect {
+        let loc = redirect_location(r, &authority, req.uri().path(), req.uri().query());
+        return response_edits(redirect_reply(r, &loc), rule, None, cors);
+    }
+    let mut picked = None;
+    let resp = if super::upgrade::wants_upgrade(&req) {
+        super::upgrade::handle(req, ds, rule, block, &mut picked, noted).await
+    } else {
+        forward(req, ds, rule, block, started, &mut picked, noted).await
+    };
+    response_edits(resp, rule, picked, cors)
+}
+
+/// Forwards a request by `rule`: destination, backend, retries, timeouts, mirror.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    req: Request<Incoming>,
+    ds: &Downstream,
+    rule: &Rule,
+    block: Option<usize>,
+    started: Instant,
+    picked: &mut Option<usize>,
+    noted: &mut Noted,
+) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
-    let head = Head::new(parts.uri, parts.method, parts.headers, ds);
+    let mut head = Head::new(parts.uri, parts.method, parts.headers, ds);
+    prepare(&mut head, rule, block);
     let body = (!body.is_end_stream()).then(|| Replay::new(body));
     noted.body = body.clone();
     // The end of the request body starts the route's timeout.
@@ -454,17 +758,20 @@ async fn serve(
             None => Some(started),
             Some(r) => r.ended_at(),
         };
-        end.zip(route.timeout).map(|(e, t)| e + t)
+        end.zip(rule.timeout).map(|(e, t)| e + t)
     };
-    let Some(cluster) = pick_destination(route) else {
+    let Some((index, cluster)) = pick_destination(&rule.destinations) else {
         noted.flags |= flags::NR;
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no-route", 0);
     };
+    *picked = Some(index);
+    request_edits(&mut head, rule, index);
+    let head = head;
     noted.cluster = Some(cluster.clone());
-    let mut mirrored = route.mirror.is_none();
+    let mut mirrored = rule.mirror.is_none();
     if !mirrored && body.is_none() {
         mirrored = true;
-        if let Some(m) = &route.mirror {
+        if let Some(m) = &rule.mirror {
             mirror(m, &head, empty(), ds.client);
         }
     }
@@ -472,7 +779,7 @@ async fn serve(
     let policy = cluster.policy();
     let key = hash_of(&policy.lb, &head.headers, ds.client);
     let opts = cluster.conn_opts();
-    let retry = &route.retry;
+    let retry = &rule.retry;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut attempt: u32 = 0;
     let mut _retry_slot = None;
@@ -541,13 +848,13 @@ async fn serve(
         let send = backend.conns.send(&head, b, &opts);
         let result = tokio::select! {
             r = send => Ok(r),
-            e = expiry(body.as_ref(), attempt_started, retry.per_try_timeout, route.timeout) => Err(e),
+            e = expiry(body.as_ref(), attempt_started, retry.per_try_timeout, rule.timeout) => Err(e),
         };
         if let (false, Some(r)) = (mirrored, &body)
             && let Some((bytes, trailers)) = r.complete()
         {
             mirrored = true;
-            if let Some(m) = &route.mirror {
+            if let Some(m) = &rule.mirror {
                 mirror(m, &head, with_trailers(bytes, trailers), ds.client);
             }
         }
@@ -689,5 +996,53 @@ mod tests {
         names.sort();
         assert_eq!(names, ["te", "trailer", "x-kept"]);
         assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn redirect_locations_replace_only_what_the_rule_names() {
+        let r = |uri: Option<&str>,
+                 authority: Option<&str>,
+                 port: Option<u16>,
+                 scheme: Option<&str>| Redirect {
+            uri: uri.map(String::from),
+            authority: authority.map(String::from),
+            port,
+            scheme: scheme.map(String::from),
+            code: 301,
+        };
+        let loc = |rd: &Redirect| redirect_location(rd, "web:8080", "/a/b", Some("x=1"));
+        assert_eq!(
+            loc(&r(Some("/c"), None, None, None)),
+            "http://web:8080/c?x=1"
+        );
+        assert_eq!(
+            loc(&r(None, Some("other"), None, None)),
+            "http://other:8080/a/b?x=1"
+        );
+        assert_eq!(
+            loc(&r(None, None, Some(9090), None)),
+            "http://web:9090/a/b?x=1"
+        );
+        assert_eq!(
+            loc(&r(None, None, None, Some("https"))),
+            "https://web/a/b?x=1"
+        );
+        assert_eq!(
+            loc(&r(None, None, Some(443), Some("https"))),
+            "https://web/a/b?x=1"
+        );
+        assert_eq!(
+            loc(&r(Some("/c?y=2"), None, None, None)),
+            "http://web:8080/c?y=2"
+        );
+        assert_eq!(
+            redirect_location(
+                &r(None, None, Some(80), None),
+                "[2001:2::1]:8080",
+                "/",
+                None
+            ),
+            "http://[2001:2::1]/"
+        );
     }
 }

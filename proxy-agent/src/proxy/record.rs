@@ -151,6 +151,7 @@ impl Pending {
             grpc_status: self.grpc_status,
             protocol: self.protocol,
             request: (method, authority, path),
+            detailed: self.line.is_some(),
             bytes: (received, self.sent),
             duration: self.started.elapsed(),
         });
@@ -265,10 +266,8 @@ pub fn bench(n: u32, metrics: bool, access_log: bool) -> anyhow::Result<(Duratio
         metrics_id: super::telemetry::service_id(&svc),
         service: svc,
         virtual_service: None,
-        destinations: Vec::new(),
-        timeout: None,
-        retry: super::config::RetryPolicy::safe_default(),
-        mirror: None,
+        rules: Vec::new(),
+        opaque: Vec::new(),
         detection: Default::default(),
     });
     let (parts, ()) = http::Request::get("http://web/a")

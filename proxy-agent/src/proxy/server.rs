@@ -355,8 +355,7 @@ async fn sweep(proxy: Weak<Proxy>) {
         p.stats.shed_idle.fetch_add(shed as u64, Relaxed);
         let table = p.table.load();
         for route in table.routes.values() {
-            let mirror = route.mirror.as_ref().map(|m| &m.cluster);
-            for c in route.destinations.iter().map(|(c, _)| c).chain(mirror) {
+            for c in route.clusters() {
                 c.sweep();
                 if n.is_multiple_of(10) {
                     c.reap_idle();

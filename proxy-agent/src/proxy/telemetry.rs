@@ -47,8 +47,12 @@ pub mod flags {
     pub const UC: u16 = 1 << 7;
     /// Downstream protocol error (a request the proxy refused to forward).
     pub const DPE: u16 = 1 << 8;
+    /// The request was aborted by fault injection.
+    pub const FI: u16 = 1 << 9;
+    /// The request was delayed by fault injection.
+    pub const DI: u16 = 1 << 10;
 
-    const NAMES: [(u16, &str); 9] = [
+    const NAMES: [(u16, &str); 11] = [
         (UF, "UF"),
         (UO, "UO"),
         (UH, "UH"),
@@ -58,6 +62,8 @@ pub mod flags {
         (UT, "UT"),
         (UC, "UC"),
         (DPE, "DPE"),
+        (FI, "FI"),
+        (DI, "DI"),
     ];
 
     /// Envoy's spelling: `-` for none, else the codes joined by commas.
@@ -703,6 +709,9 @@ pub struct Finished<'a> {
     pub protocol: RequestProtocol,
     /// Method, authority, path (for the access log and the monitor).
     pub request: (&'a http::Method, &'a str, &'a str),
+    /// Whether `request` was captured (not for requests that began before a monitor attached:
+    /// those are not shown).
+    pub detailed: bool,
     /// Body bytes in and out.
     pub bytes: (u64, u64),
     /// From the request head to the end of the response.
@@ -778,7 +787,7 @@ impl Telemetry {
         if let Some(log) = &self.access_log {
             log.write(&f, &source, ms);
         }
-        if !tap {
+        if !tap || !f.detailed {
             return;
         }
         let ev = RequestEvent {
@@ -945,6 +954,7 @@ mod tests {
             grpc_status: None,
             protocol: RequestProtocol::Http,
             request: (&method, "web\"x", "/a\\b\u{1}"),
+            detailed: true,
             bytes: (3, 4),
             duration: Duration::from_micros(1500),
         };

@@ -17,7 +17,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
 use super::body::{ProxyBody, empty};
-use super::config::Route;
+use super::config::Rule;
 use super::handler::{Downstream, Head, hash_of, local_reply, pick_destination, strip_hop_by_hop};
 use super::io::{ConnKind, splice};
 use super::limits::OPAQUE_CONNECT_ATTEMPTS;
@@ -70,11 +70,14 @@ fn websocket_key() -> String {
     out
 }
 
-/// Handles an upgrade or CONNECT request for `route`.
+/// Handles an upgrade or CONNECT request by `rule` (`block`: its match block that matched;
+/// `picked`: set to the destination chosen).
 pub async fn handle(
     mut req: Request<Incoming>,
     ds: &Downstream,
-    route: &Route,
+    rule: &Rule,
+    block: Option<usize>,
+    picked: &mut Option<usize>,
     noted: &mut super::record::Noted,
 ) -> Response<ProxyBody> {
     use super::telemetry::flags;
@@ -121,10 +124,15 @@ pub async fn handle(
             false
         }
     };
-    let Some(cluster) = pick_destination(route) else {
+    if !connect || translated {
+        super::handler::prepare(&mut head, rule, block);
+    }
+    let Some((index, cluster)) = pick_destination(&rule.destinations) else {
         noted.flags |= flags::NR;
         return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no-route", 0);
     };
+    *picked = Some(index);
+    super::handler::request_edits(&mut head, rule, index);
     noted.cluster = Some(cluster.clone());
     let key = hash_of(&cluster.policy().lb, &head.headers, ds.client);
     let opts = cluster.conn_opts();
