@@ -31,6 +31,32 @@ struct VsSpec {
     export_to: Vec<String>,
     #[serde(default)]
     http: Vec<HttpRouteWire>,
+    #[serde(default)]
+    tcp: Vec<TcpRouteWire>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TcpRouteWire {
+    #[serde(default, rename = "match")]
+    match_: Vec<TcpMatchWire>,
+    #[serde(default)]
+    route: Vec<RouteDestWire>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TcpMatchWire {
+    #[serde(default)]
+    port: Option<u32>,
+    #[serde(default)]
+    source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    source_namespace: Option<String>,
+    #[serde(default)]
+    gateways: Vec<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -328,6 +354,21 @@ struct TrafficPolicyWire {
     connection_pool: Option<ConnectionPoolWire>,
     #[serde(default)]
     outlier_detection: Option<OutlierWire>,
+    #[serde(default)]
+    port_level_settings: Vec<PortPolicyWire>,
+}
+
+#[derive(Deserialize, Debug)]
+#[cfg_attr(feature = "codegen", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PortPolicyWire {
+    port: PortWire,
+    #[serde(default)]
+    load_balancer: Option<LoadBalancerWire>,
+    #[serde(default)]
+    connection_pool: Option<ConnectionPoolWire>,
+    #[serde(default)]
+    outlier_detection: Option<OutlierWire>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -515,6 +556,30 @@ pub struct VirtualService {
     pub hosts: Vec<String>,
     /// HTTP routes in order; the first whose `match` accepts a request serves it.
     pub http: Vec<HttpRoute>,
+    /// TCP routes for opaque connections, in order.
+    pub tcp: Vec<TcpRoute>,
+    /// `exportTo`: namespaces whose clients it applies to (`None`: every namespace).
+    pub export_to: Option<Vec<String>>,
+}
+
+/// One `tcp[]` match block.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct TcpMatch {
+    /// The Service port.
+    pub port: Option<u16>,
+    /// Labels of the client pod.
+    pub source_labels: BTreeMap<String, String>,
+    /// Namespace of the client pod.
+    pub source_namespace: Option<String>,
+}
+
+/// One `tcp[]` entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TcpRoute {
+    /// Match blocks (empty: every connection).
+    pub matches: Vec<TcpMatch>,
+    /// Weighted destinations.
+    pub route: Vec<(Destination, u32)>,
 }
 
 /// A compiled regular expression (RE2 syntax, the `regex` crate), matching whole values.
@@ -889,6 +954,18 @@ pub struct TrafficPolicy {
     pub connection_pool: Option<ConnectionPool>,
     /// Outlier detection.
     pub outlier: Option<OutlierDetection>,
+    /// `portLevelSettings`: overrides for one Service port.
+    pub port_level: Vec<(u16, TrafficPolicy)>,
+}
+
+impl TrafficPolicy {
+    /// The policy for Service port `port`: its `portLevelSettings` entry over the rest.
+    pub fn for_port(&self, port: u16) -> TrafficPolicy {
+        match self.port_level.iter().find(|(p, _)| *p == port) {
+            Some((_, over)) => merge(self, over.clone()),
+            None => self.clone(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------- parsing
@@ -907,7 +984,9 @@ fn strict<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, 
             format!("spec.{path}")
         };
         let msg = e.into_inner().to_string();
-        let msg = if msg.starts_with("unknown field") {
+        let msg = if msg.starts_with("unknown field `tls`") {
+            format!("{msg}; proxy-agent has no mTLS yet: remove it (traffic stays plain text)")
+        } else if msg.starts_with("unknown field") {
             format!("{msg}; this field is not supported by proxy-agent, remove it")
         } else {
             msg
@@ -1362,6 +1441,25 @@ fn cors(f: &str, w: CorsWire) -> Result<Cors, Fe> {
     })
 }
 
+/// Istio's weight rules: unset weights share 100 evenly; set ones must add up to 100.
+fn weights(f: &str, route: &mut [(Destination, u32)]) -> Result<(), Fe> {
+    let total: u32 = route.iter().map(|(_, w)| *w).sum();
+    if route.len() > 1 && total == 0 {
+        let n = route.len() as u32;
+        for (k, (_, w)) in route.iter_mut().enumerate() {
+            *w = 100 / n + u32::from((k as u32) < 100 % n);
+        }
+    } else if route.len() == 1 && total == 0 {
+        route[0].1 = 100;
+    } else if !route.is_empty() && total != 100 {
+        return Err((
+            format!("{f}.route"),
+            format!("weights add up to {total}, not 100"),
+        ));
+    }
+    Ok(())
+}
+
 /// Validates a VirtualService `spec`.
 fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
     let w: VsSpec = strict(spec)?;
@@ -1374,7 +1472,54 @@ fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
             "only the implicit `mesh` gateway is supported".into(),
         ));
     }
-    let _ = w.export_to;
+    let export_to = if w.export_to.is_empty() || w.export_to.iter().any(|e| e == "*") {
+        None
+    } else {
+        Some(w.export_to.clone())
+    };
+    let mut tcp = Vec::new();
+    for (i, t) in w.tcp.into_iter().enumerate() {
+        let f = format!("spec.tcp[{i}]");
+        let mut matches = Vec::new();
+        for (k, m) in t.match_.into_iter().enumerate() {
+            let mf = format!("{f}.match[{k}]");
+            if m.gateways.iter().any(|g| g != "mesh") {
+                return Err((
+                    format!("{mf}.gateways"),
+                    "only the implicit `mesh` gateway is supported".into(),
+                ));
+            }
+            matches.push(TcpMatch {
+                port: m
+                    .port
+                    .map(|p| port_number(&format!("{mf}.port"), p))
+                    .transpose()?,
+                source_labels: m.source_labels,
+                source_namespace: m.source_namespace,
+            });
+        }
+        if t.route.is_empty() {
+            return Err((
+                format!("{f}.route"),
+                "at least one destination is required".into(),
+            ));
+        }
+        let mut route = Vec::new();
+        for (j, d) in t.route.into_iter().enumerate() {
+            if d.headers.is_some() {
+                return Err((
+                    format!("{f}.route[{j}].headers"),
+                    "TCP routes cannot edit headers".into(),
+                ));
+            }
+            route.push((
+                destination(&format!("{f}.route[{j}].destination"), d.destination)?,
+                d.weight.unwrap_or(0),
+            ));
+        }
+        weights(&f, &mut route)?;
+        tcp.push(TcpRoute { matches, route });
+    }
     let mut http = Vec::new();
     for (i, r) in w.http.into_iter().enumerate() {
         let f = format!("spec.http[{i}]");
@@ -1419,20 +1564,7 @@ fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
             ));
             route_headers.push(headers(&format!("{f}.route[{j}].headers"), d.headers)?);
         }
-        let total: u32 = route.iter().map(|(_, w)| *w).sum();
-        if route.len() > 1 && total == 0 {
-            let n = route.len() as u32;
-            for (k, (_, w)) in route.iter_mut().enumerate() {
-                *w = 100 / n + u32::from((k as u32) < 100 % n);
-            }
-        } else if route.len() == 1 && total == 0 {
-            route[0].1 = 100;
-        } else if !route.is_empty() && total != 100 {
-            return Err((
-                format!("{f}.route"),
-                format!("weights add up to {total}, not 100"),
-            ));
-        }
+        weights(&f, &mut route)?;
         let timeout = r
             .timeout
             .map(|t| duration_fe(&format!("{f}.timeout"), &t))
@@ -1512,6 +1644,8 @@ fn virtual_service_fe(spec: serde_yaml::Value) -> Result<VirtualService, Fe> {
     Ok(VirtualService {
         hosts: w.hosts,
         http,
+        tcp,
+        export_to,
     })
 }
 
@@ -1666,10 +1800,32 @@ fn policy(field: &str, w: TrafficPolicyWire) -> Result<TrafficPolicy, Fe> {
             Some(od)
         }
     };
+    let mut port_level = Vec::new();
+    for (i, pw) in w.port_level_settings.into_iter().enumerate() {
+        let f = format!("{field}.portLevelSettings[{i}]");
+        let port = port_number(&format!("{f}.port.number"), pw.port.number)?;
+        if port_level.iter().any(|(p, _)| *p == port) {
+            return Err((
+                format!("{f}.port.number"),
+                format!("port {port} already has settings"),
+            ));
+        }
+        let p = policy(
+            &f,
+            TrafficPolicyWire {
+                load_balancer: pw.load_balancer,
+                connection_pool: pw.connection_pool,
+                outlier_detection: pw.outlier_detection,
+                port_level_settings: Vec::new(),
+            },
+        )?;
+        port_level.push((port, p));
+    }
     Ok(TrafficPolicy {
         load_balancer,
         connection_pool,
         outlier,
+        port_level,
     })
 }
 
@@ -1680,6 +1836,11 @@ fn merge(base: &TrafficPolicy, over: TrafficPolicy) -> TrafficPolicy {
             .connection_pool
             .or_else(|| base.connection_pool.clone()),
         outlier: over.outlier.or_else(|| base.outlier.clone()),
+        port_level: if over.port_level.is_empty() {
+            base.port_level.clone()
+        } else {
+            over.port_level
+        },
     }
 }
 
@@ -2058,5 +2219,41 @@ http:
             "spec.http[0].headers.request.set.a b"
         );
         assert_eq!(bad("{}").0, "spec.http[0].route");
+    }
+
+    #[test]
+    fn port_level_settings_override_per_port_and_tls_is_refused_by_name() {
+        let dr = destination_rule_fe(y(
+            "host: a\ntrafficPolicy:\n  loadBalancer: {simple: RANDOM}\n  portLevelSettings:\n  - port: {number: 8080}\n    loadBalancer: {simple: ROUND_ROBIN}\n    connectionPool: {tcp: {maxConnections: 7}}\nsubsets:\n- {name: v1, labels: {version: v1}}\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            dr.policy.for_port(80).load_balancer,
+            Some(LoadBalancer::Random)
+        );
+        let p = dr.policy.for_port(8080);
+        assert_eq!(p.load_balancer, Some(LoadBalancer::RoundRobin));
+        assert_eq!(p.connection_pool.unwrap().max_connections, Some(7));
+        assert_eq!(
+            dr.subsets[0].policy.for_port(8080).load_balancer,
+            Some(LoadBalancer::RoundRobin),
+            "subsets inherit the port settings"
+        );
+        let e = destination_rule_fe(y("host: a\ntrafficPolicy: {tls: {mode: ISTIO_MUTUAL}}\n"))
+            .unwrap_err();
+        assert_eq!(e.0, "spec.trafficPolicy.tls");
+        assert!(e.1.contains("no mTLS"), "{e:?}");
+        let e = destination_rule_fe(y(
+            "host: a\ntrafficPolicy: {loadBalancer: {simple: RANDOM, warmupDurationSecs: 10s}}\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.0, "spec.trafficPolicy.loadBalancer.warmupDurationSecs");
+        let e = destination_rule_fe(y(
+            "host: a\ntrafficPolicy: {loadBalancer: {localityLbSetting: {enabled: true}}}\n",
+        ))
+        .unwrap_err();
+        assert_eq!(e.0, "spec.trafficPolicy.loadBalancer.localityLbSetting");
+        let e = virtual_service_fe(y("hosts: [a]\ntcp:\n- match: [{destinationSubnets: [10.0.0.0/8]}]\n  route: [{destination: {host: a}}]\n")).unwrap_err();
+        assert_eq!(e.0, "spec.tcp[0].match[0].destinationSubnets");
     }
 }

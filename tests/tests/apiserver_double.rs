@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Service};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret, Service};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::{
     Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, WatchEvent, WatchParams,
@@ -537,10 +537,10 @@ async fn list_and_watch_protocol_details() {
     );
 
     // An unserved resource is a 404 Status.
-    let err = Api::<ConfigMap>::all(client.clone())
+    let err = Api::<Secret>::all(client.clone())
         .list(&ListParams::default())
         .await
-        .expect_err("config maps are not served");
+        .expect_err("secrets are not served");
     assert!(
         matches!(&err, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound"),
         "{err:?}"

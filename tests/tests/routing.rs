@@ -314,3 +314,165 @@ fn bookinfo_request_routing_fault_injection_and_traffic_shifting_behave_as_istio
     );
     assert!(e.contains("aborted with Http(500)"), "{e}");
 }
+
+/// The sniffer's records (one JSON object per request it received).
+fn sniffed(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `curl -si` from the client: status, headers (lower-case names) and body.
+fn curl(client: &Pod, args: &[&str]) -> (u16, BTreeMap<String, String>, String) {
+    let mut all = vec!["-sS", "-i", "--max-time", "10"];
+    all.extend_from_slice(args);
+    let out = client.run("curl", &all, T);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {out}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+#[test]
+fn rewrites_redirects_direct_responses_header_edits_and_cors_work_for_curl() {
+    let mut node = SimNode::new();
+    let web = node.add_pod("web1");
+    let client = node.add_pod("client");
+    let record = node.dir.join("sniffed.jsonl");
+    let _sniffer = web.fixture_server(
+        "sniffer",
+        &[
+            "--listen",
+            "0.0.0.0:8080",
+            "--record",
+            record.to_str().unwrap(),
+        ],
+    );
+    node.write_manifest(
+        "svc.yaml",
+        &k8s::http_service("web", "198.19.0.10", 80, 8080, &[web.ip]),
+    );
+    node.write_manifest(
+        "vs.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web}
+spec:
+  hosts: [web.default.svc.cluster.local]
+  http:
+  - name: moved
+    match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, redirectCode: 302}
+  - name: gone
+    match: [{uri: {exact: /gone}}]
+    directResponse: {status: 410, body: {string: "gone for good"}}
+  - name: api
+    match: [{uri: {prefix: /api/}, ignoreUriCase: true}]
+    rewrite: {uri: /v2/, authority: web.internal}
+    headers:
+      request: {set: {x-route: api}, remove: [x-secret]}
+      response: {set: {x-served-by: proxy-agent}}
+    corsPolicy:
+      allowOrigins: [{exact: "https://app.example"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-custom]
+      maxAge: 1h
+    route: [{destination: {host: web}}]
+  - name: items
+    match: [{uri: {regex: "/items/[0-9]+"}, method: {exact: GET}}]
+    rewrite: {uriRegexRewrite: {match: "^/items/([0-9]+)$", rewrite: '/item/\1/detail'}}
+    route: [{destination: {host: web}}]
+"#,
+    );
+    let _agent = node.start_agent(&["--node-ip", "198.18.0.1"]);
+    node.wait_l7_routes(1, T);
+    assert_eq!(
+        node.status()["problems"],
+        0,
+        "{}",
+        node.admin_json("/problems")
+    );
+    let url = |p: &str| format!("http://198.19.0.10{p}");
+
+    // redirect: the path replaced, the query kept, the proxy answers.
+    let (s, h, _) = curl(&client, &[&url("/old/x?q=1")]);
+    assert_eq!(s, 302);
+    assert_eq!(h["location"], "http://198.19.0.10/new?q=1");
+    // directResponse.
+    let (s, _, body) = curl(&client, &[&url("/gone")]);
+    assert_eq!((s, body.as_str()), (410, "gone for good"));
+    // No rule matches: 404 from the proxy, naming why.
+    let (s, h, _) = curl(&client, &[&url("/elsewhere")]);
+    assert_eq!((s, h["x-proxy-error"].as_str()), (404, "route-not-found"));
+    let (s, _, _) = curl(&client, &["-X", "POST", &url("/items/7")]);
+    assert_eq!(s, 404, "the items rule is for GET only");
+    assert!(sniffed(&record).is_empty(), "nothing reached the pod yet");
+
+    // rewrite + header edits, case-insensitive prefix.
+    let (s, h, _) = curl(
+        &client,
+        &[
+            "-H",
+            "x-secret: s3",
+            "-H",
+            "x-route: client",
+            &url("/API/users?id=1"),
+        ],
+    );
+    assert_eq!(s, 200);
+    assert_eq!(h["x-served-by"], "proxy-agent");
+    let (s, _, _) = curl(&client, &[&url("/items/42")]);
+    assert_eq!(s, 200);
+    let rec = sniffed(&record);
+    assert_eq!(rec.len(), 2, "{rec:?}");
+    assert_eq!(rec[0]["path"], "/v2/users?id=1", "{rec:?}");
+    assert_eq!(rec[0]["headers"]["host"], "web.internal", "{rec:?}");
+    assert_eq!(rec[0]["headers"]["x-route"], "api", "{rec:?}");
+    assert!(rec[0]["headers"].get("x-secret").is_none(), "{rec:?}");
+    assert_eq!(rec[1]["path"], "/item/42/detail", "{rec:?}");
+
+    // CORS: a preflight from an allowed origin is answered by the proxy; a request from it gets
+    // Access-Control-Allow-Origin; another origin gets nothing.
+    let (s, h, _) = curl(
+        &client,
+        &[
+            "-X",
+            "OPTIONS",
+            "-H",
+            "Origin: https://app.example",
+            "-H",
+            "Access-Control-Request-Method: POST",
+            &url("/api/x"),
+        ],
+    );
+    assert_eq!(s, 200);
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert_eq!(h["access-control-allow-methods"], "GET,POST");
+    assert_eq!(h["access-control-allow-headers"], "x-custom");
+    assert_eq!(h["access-control-max-age"], "3600");
+    assert_eq!(
+        sniffed(&record).len(),
+        2,
+        "the preflight never reached the pod"
+    );
+    let (_, h, _) = curl(
+        &client,
+        &["-H", "Origin: https://app.example", &url("/api/x")],
+    );
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    let (_, h, _) = curl(
+        &client,
+        &["-H", "Origin: https://evil.example", &url("/api/x")],
+    );
+    assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
+}

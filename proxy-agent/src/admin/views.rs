@@ -394,7 +394,10 @@ pub fn route_json(r: &Route, _pods: &HashMap<Ipv4Addr, String>) -> Value {
         "service": r.service.to_string(),
         "virtual_service": r.virtual_service.as_ref().map(|v| v.to_string()),
         "rules": r.rules.iter().map(rule_json).collect::<Vec<_>>(),
-        "opaque": r.opaque.iter().map(|(c, _)| c.name.clone()).collect::<Vec<_>>(),
+        "tcp": r.tcp.iter().map(|t| json!({
+            "match_blocks": t.matches.len(),
+            "destinations": t.destinations.iter().map(|(c, w)| json!({"cluster": c.name, "weight": w})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
         "detection": {
             "opaque": r.detection.opaque,
             "detect_timeout_ms": ms(r.detection.detect_timeout),
@@ -408,7 +411,7 @@ fn route_clusters(r: &Route) -> Vec<(Arc<Cluster>, u32)> {
     r.rules
         .iter()
         .flat_map(|rule| rule.destinations.iter())
-        .chain(r.opaque.iter())
+        .chain(r.tcp.iter().flat_map(|t| t.destinations.iter()))
         .filter(|(c, _)| seen.insert(Arc::as_ptr(c)))
         .cloned()
         .collect()

@@ -257,14 +257,40 @@ pub struct Route {
     pub virtual_service: Option<ObjectRef>,
     /// HTTP rules in order: the first that matches serves the request (none: 404).
     pub rules: Vec<Rule>,
-    /// Where opaque (non-HTTP) connections go: the Service's own backends (HTTP rules do not
-    /// apply to TCP, as in Istio).
-    pub opaque: Vec<(Arc<Cluster>, u32)>,
+    /// Rules for opaque (non-HTTP) connections, in order: the VirtualService's `tcp[]` (HTTP
+    /// rules do not apply to TCP, as in Istio), then the Service's own backends.
+    pub tcp: Vec<TcpRule>,
     /// Protocol detection of the Service port.
     pub detection: ProtocolHint,
 }
 
+/// One rule for opaque connections.
+pub struct TcpRule {
+    /// The clients each match block allows (`None`: any); no blocks: every connection.
+    pub matches: Vec<Option<HashSet<IpAddr>>>,
+    /// Weighted destinations.
+    pub destinations: Vec<(Arc<Cluster>, u32)>,
+}
+
+impl TcpRule {
+    fn accepts(&self, client: IpAddr) -> bool {
+        self.matches.is_empty()
+            || self
+                .matches
+                .iter()
+                .any(|m| m.as_ref().is_none_or(|s| s.contains(&client)))
+    }
+}
+
 impl Route {
+    /// Where an opaque connection from `client` goes.
+    pub fn tcp_destinations(&self, client: IpAddr) -> &[(Arc<Cluster>, u32)] {
+        self.tcp
+            .iter()
+            .find(|r| r.accepts(client))
+            .map_or(&[], |r| r.destinations.as_slice())
+    }
+
     /// The first rule accepting `r`, with the index of the block that matched (`None`: the
     /// rule has no match blocks).
     pub fn select(&self, r: &RequestView<'_>) -> Option<(&Rule, Option<usize>)> {
@@ -281,10 +307,11 @@ impl Route {
 
     /// Every cluster the route can send to.
     pub fn clusters(&self) -> impl Iterator<Item = &Arc<Cluster>> {
-        self.rules
-            .iter()
-            .flat_map(Rule::clusters)
-            .chain(self.opaque.iter().map(|(c, _)| c))
+        self.rules.iter().flat_map(Rule::clusters).chain(
+            self.tcp
+                .iter()
+                .flat_map(|t| t.destinations.iter().map(|(c, _)| c)),
+        )
     }
 }
 
@@ -365,6 +392,14 @@ struct CachedRoute {
     clusters: Vec<(ClusterKey, Arc<Cluster>)>,
 }
 
+/// The namespace a wildcard host covers: `*.ns.svc.cluster.local` or `*.ns` → `ns`; `*` and
+/// `*.svc.cluster.local`, `*.cluster.local` → every namespace (`None`).
+fn wildcard_namespace(host: &str) -> Option<&str> {
+    let rest = host.strip_prefix("*.")?;
+    let ns = rest.split('.').next().unwrap_or_default();
+    (!ns.is_empty() && ns != "svc" && ns != "cluster").then_some(ns)
+}
+
 /// Resolves an Istio host (`name`, `name.ns`, `name.ns.svc.cluster.local`) in `namespace`.
 pub fn resolve_host(host: &str, namespace: &str) -> ObjectRef {
     let mut parts = host.split('.');
@@ -377,27 +412,40 @@ pub fn resolve_host(host: &str, namespace: &str) -> ObjectRef {
 
 /// The pod IPs a block's `sourceLabels` and `sourceNamespace` allow (`None`: no such
 /// condition, any client).
-fn sources(state: &State, m: &HttpMatch) -> Option<HashSet<IpAddr>> {
-    if m.source_labels.is_empty() && m.source_namespace.is_none() {
+fn sources(
+    state: &State,
+    labels: &BTreeMap<String, String>,
+    namespace: Option<&String>,
+    exported: Option<&Vec<String>>,
+) -> Option<HashSet<IpAddr>> {
+    if labels.is_empty() && namespace.is_none() && exported.is_none() {
         return None;
     }
     Some(
         state
             .pods
             .iter()
-            .filter(|(id, _)| {
-                m.source_namespace
-                    .as_ref()
-                    .is_none_or(|ns| &id.namespace == ns)
-            })
-            .filter(|(_, p)| {
-                m.source_labels
-                    .iter()
-                    .all(|(k, v)| p.labels.get(k) == Some(v))
-            })
+            .filter(|(id, _)| namespace.is_none_or(|ns| &id.namespace == ns))
+            .filter(|(id, _)| exported.is_none_or(|e| e.iter().any(|ns| ns == &id.namespace)))
+            .filter(|(_, p)| labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
             .map(|(_, p)| IpAddr::V4(p.ip))
             .collect(),
     )
+}
+
+/// `exportTo` as namespaces: `.` is the VirtualService's own.
+fn exported_to(vs: &VirtualService, namespace: &str) -> Option<Vec<String>> {
+    vs.export_to.as_ref().map(|e| {
+        e.iter()
+            .map(|n| {
+                if n == "." {
+                    namespace.to_string()
+                } else {
+                    n.clone()
+                }
+            })
+            .collect()
+    })
 }
 
 struct Ctx<'a> {
@@ -442,7 +490,7 @@ impl Registry {
         }
         let mut services: HashMap<ObjectRef, (&ObjectRef, &VirtualService)> = HashMap::new();
         for (id, vs) in &state.virtual_services {
-            for h in &vs.hosts {
+            for h in vs.hosts.iter().filter(|h| !h.starts_with('*')) {
                 let svc = resolve_host(h, &id.namespace);
                 if let Some((other, _)) = services.get(&svc) {
                     errors.push(ConfigProblem::new(
@@ -455,6 +503,18 @@ impl Registry {
                     continue;
                 }
                 services.insert(svc, (id, vs));
+            }
+        }
+        // Wildcards (`*.ns.svc.cluster.local`, `*`) route the Services no exact host names:
+        // Istio prefers the more specific host.
+        for (id, vs) in &state.virtual_services {
+            for h in vs.hosts.iter().filter(|h| h.starts_with('*')) {
+                let ns = wildcard_namespace(h);
+                for svc in state.services.keys() {
+                    if ns.is_none_or(|ns| svc.namespace == ns) {
+                        services.entry(svc.clone()).or_insert((id, vs));
+                    }
+                }
             }
         }
         let pod_labels = state.pods.values().map(|p| (p.ip, &p.labels)).collect();
@@ -541,7 +601,8 @@ impl Registry {
                 )
             };
             let route = match services.get(&fe.service) {
-                Some((vs_id, vs)) if !vs.http.is_empty() => {
+                Some((vs_id, vs)) => {
+                    let exported = exported_to(vs, &vs_id.namespace);
                     let mut rules = Vec::new();
                     for (i, r) in vs.http.iter().enumerate() {
                         let f = format!("spec.http[{i}]");
@@ -554,13 +615,25 @@ impl Registry {
                         if !r.matches.is_empty() && blocks.is_empty() {
                             continue;
                         }
-                        let matches = blocks
+                        let mut matches: Vec<CompiledMatch> = blocks
                             .into_iter()
                             .map(|m| CompiledMatch {
-                                sources: sources(state, m),
+                                sources: sources(
+                                    state,
+                                    &m.source_labels,
+                                    m.source_namespace.as_ref(),
+                                    exported.as_ref(),
+                                ),
                                 m: m.clone(),
                             })
                             .collect();
+                        if matches.is_empty() && exported.is_some() {
+                            // Clients outside exportTo never match: an implicit block.
+                            matches.push(CompiledMatch {
+                                sources: sources(state, &BTreeMap::new(), None, exported.as_ref()),
+                                m: HttpMatch::default(),
+                            });
+                        }
                         let mut destinations = Vec::new();
                         for (j, (d, w)) in r.route.iter().enumerate() {
                             let field = format!("{f}.route[{j}].destination");
@@ -618,12 +691,66 @@ impl Registry {
                         });
                     }
                     let own = own_cluster(self, &mut errors, &mut used);
+                    if vs.http.is_empty() || exported.is_some() {
+                        // A TCP-only VirtualService leaves HTTP to the Service; clients it is
+                        // not exported to get the Service's own route.
+                        rules.push(Rule::default_to(own.clone()));
+                    }
+                    let mut tcp = Vec::new();
+                    for (i, t) in vs.tcp.iter().enumerate() {
+                        let blocks: Vec<_> = t
+                            .matches
+                            .iter()
+                            .filter(|m| m.port.is_none_or(|p| p == fe.port))
+                            .collect();
+                        if !t.matches.is_empty() && blocks.is_empty() {
+                            continue;
+                        }
+                        let mut matches: Vec<Option<HashSet<IpAddr>>> = blocks
+                            .iter()
+                            .map(|m| {
+                                sources(
+                                    state,
+                                    &m.source_labels,
+                                    m.source_namespace.as_ref(),
+                                    exported.as_ref(),
+                                )
+                            })
+                            .collect();
+                        if matches.is_empty() && exported.is_some() {
+                            matches.push(sources(state, &BTreeMap::new(), None, exported.as_ref()));
+                        }
+                        let mut destinations = Vec::new();
+                        for (j, (d, w)) in t.route.iter().enumerate() {
+                            destinations.push((
+                                self.cluster(
+                                    &ctx,
+                                    d,
+                                    &vs_id.namespace,
+                                    Some(fe),
+                                    Some(("VirtualService", vs_id)),
+                                    &format!("spec.tcp[{i}].route[{j}].destination"),
+                                    &mut errors,
+                                    &mut used,
+                                ),
+                                *w,
+                            ));
+                        }
+                        tcp.push(TcpRule {
+                            matches,
+                            destinations,
+                        });
+                    }
+                    tcp.push(TcpRule {
+                        matches: Vec::new(),
+                        destinations: vec![(own, 100)],
+                    });
                     Route {
                         service: fe.service.clone(),
                         metrics_id: super::telemetry::service_id(&fe.service),
                         virtual_service: Some((*vs_id).clone()),
                         rules,
-                        opaque: vec![(own, 100)],
+                        tcp,
                         detection: fe.detection,
                     }
                 }
@@ -634,7 +761,10 @@ impl Registry {
                         metrics_id: super::telemetry::service_id(&fe.service),
                         virtual_service: None,
                         rules: vec![Rule::default_to(c.clone())],
-                        opaque: vec![(c, 100)],
+                        tcp: vec![TcpRule {
+                            matches: Vec::new(),
+                            destinations: vec![(c, 100)],
+                        }],
                         detection: fe.detection,
                     }
                 }
@@ -799,6 +929,8 @@ impl Registry {
             });
         }
         let _ = ctx.state;
+        // portLevelSettings of the destination's port.
+        let policy = policy.for_port(fe.port);
         Ok((
             addrs,
             ClusterPolicy {
@@ -1009,5 +1141,69 @@ http:
             "regexes match whole paths"
         );
         assert_eq!(name(&http::Method::POST, "/items/12", &[], other), None);
+    }
+
+    fn vs(yaml: &str) -> VirtualService {
+        crate::istio::virtual_service(serde_yaml::from_str(yaml).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn tcp_routes_export_to_and_wildcard_hosts() {
+        let mut st = state(&[("a", 1), ("b", 2), ("c", 3)]);
+        st.virtual_services.clear();
+        // A wildcard for the namespace, an exact host for b (it wins), TCP routes for a.
+        st.virtual_services.insert(
+            ObjectRef::new("default", "all"),
+            vs("hosts: ['*.default.svc.cluster.local']\nexportTo: ['.']\nhttp:\n- name: all\n  route: [{destination: {host: c}}]\ntcp:\n- match: [{port: 80}]\n  route: [{destination: {host: c}}]\n"),
+        );
+        st.virtual_services.insert(
+            ObjectRef::new("default", "b"),
+            vs("hosts: [b.default.svc.cluster.local]\ntcp:\n- route: [{destination: {host: c}}]\n"),
+        );
+        for (ns, name, last) in [("default", "inside", 5), ("other", "outside", 6)] {
+            st.pods.insert(
+                ObjectRef::new(ns, name),
+                crate::model::PodInfo {
+                    ip: std::net::Ipv4Addr::new(198, 18, 5, last),
+                    labels: Default::default(),
+                },
+            );
+        }
+        let mut reg = Registry::default();
+        let mut cache = FrontendCache::default();
+        let (t, p) = reg.build(&st, &cache.frontends(&st, None), &RouteTable::default());
+        assert!(p.is_empty(), "{p:?}");
+        let at =
+            |last| &t.routes[&SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, last), 80)];
+        let (a, b) = (at(1), at(2));
+        assert_eq!(a.virtual_service, Some(ObjectRef::new("default", "all")));
+        assert_eq!(b.virtual_service, Some(ObjectRef::new("default", "b")));
+        let (inside, outside) = (IpAddr::from([198, 18, 5, 5]), IpAddr::from([198, 18, 5, 6]));
+        let name_of = |r: &Route, client| {
+            let h = http::HeaderMap::new();
+            let get = http::Method::GET;
+            let rule = r
+                .select(&view(
+                    &get,
+                    "/",
+                    &h,
+                    match client {
+                        IpAddr::V4(v) => v.octets(),
+                        IpAddr::V6(_) => unreachable!(),
+                    },
+                ))
+                .unwrap()
+                .0;
+            rule.destinations[0].0.name.clone()
+        };
+        // exportTo ["."]: only clients in the VirtualService's namespace are routed by it.
+        assert_eq!(name_of(a, inside), "default/c:80");
+        assert_eq!(name_of(a, outside), "default/a:80");
+        let tcp_of = |r: &Route, client| r.tcp_destinations(client)[0].0.name.clone();
+        assert_eq!(tcp_of(a, inside), "default/c:80");
+        assert_eq!(tcp_of(a, outside), "default/a:80");
+        // A TCP-only VirtualService: HTTP goes to the Service itself, TCP to c.
+        assert_eq!(name_of(b, outside), "default/b:80");
+        assert_eq!(tcp_of(b, outside), "default/c:80");
     }
 }

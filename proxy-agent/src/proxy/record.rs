@@ -267,7 +267,7 @@ pub fn bench(n: u32, metrics: bool, access_log: bool) -> anyhow::Result<(Duratio
         service: svc,
         virtual_service: None,
         rules: Vec::new(),
-        opaque: Vec::new(),
+        tcp: Vec::new(),
         detection: Default::default(),
     });
     let (parts, ()) = http::Request::get("http://web/a")

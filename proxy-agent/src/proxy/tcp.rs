@@ -31,7 +31,7 @@ pub async fn forward<C>(
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let source = telemetry.peer(peer.ip());
-    let Some((_, cluster)) = pick_destination(&route.opaque) else {
+    let Some((_, cluster)) = pick_destination(route.tcp_destinations(peer.ip())) else {
         debug!(%peer, "opaque connection without a destination; closing");
         return;
     };
