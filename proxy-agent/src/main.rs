@@ -114,6 +114,16 @@ enum Command {
         #[arg(long, default_value_t = 200_000)]
         requests: u32,
     },
+    /// Time HTTP rule selection (`cargo xtask bench l7`): JSON, nanoseconds per request.
+    #[command(hide = true)]
+    BenchSelect {
+        /// Requests per measurement.
+        #[arg(long, default_value_t = 2_000_000)]
+        requests: u32,
+        /// Rules of the large VirtualService.
+        #[arg(long, default_value_t = 50)]
+        rules: usize,
+    },
     /// Detach the programs and remove everything pinned under the bpffs directory.
     Cleanup {
         /// bpffs directory of the agent.
@@ -577,6 +587,14 @@ fn main() -> anyhow::Result<()> {
             print!(
                 "{}",
                 admin::render::document(&v, output).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::BenchSelect { requests, rules } => {
+            let (one, many) = proxy_agent::proxy::config::bench_select(requests, rules);
+            println!(
+                "{}",
+                serde_json::json!({"one_rule_ns": one, "many_rules_ns": many, "rules": rules})
             );
             Ok(())
         }

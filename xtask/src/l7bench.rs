@@ -452,6 +452,28 @@ pub fn run() -> Result<()> {
             rows[3].1.1.p99_ms - rows[1].1.1.p99_ms
         );
     }
+    // Rule selection alone, timed in a loop (whole-proxy CPU varies by more than the cost).
+    let out = std::process::Command::new(&bin)
+        .arg("bench-select")
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "proxy-agent bench-select failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sel: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    if let (Some(on), Some(many), Some(one)) = (
+        cpu(1),
+        sel["many_rules_ns"].as_f64(),
+        sel["one_rule_ns"].as_f64(),
+    ) {
+        let per_request_ns = on * 1000.0;
+        println!(
+            "route selection (timed alone): {} rules {many:.0} ns, 1 rule {one:.0} ns per request: +{:.2}% of our proxy's {on:.1} us of CPU per request",
+            sel["rules"],
+            100.0 * (many - one) / per_request_ns
+        );
+    }
     if let (Some(many), Some(one)) = (cpu(4), cpu(1)) {
         println!(
             "route evaluation: a 50-rule VirtualService (49 header+path rules missed per request) costs {:+.1}% CPU per request ({many:.1} vs {one:.1} ms per 1k requests), p99 at 1k rps {:+.3} ms",

@@ -944,6 +944,95 @@ impl Registry {
     }
 }
 
+/// Times [`Route::select`] (`cargo xtask bench l7`): nanoseconds per request for a route of
+/// one rule, and for a VirtualService of `rules` rules whose first `rules - 1` (a header and a
+/// path prefix each) miss the request, so each request evaluates all of them.
+pub fn bench_select(requests: u32, rules: usize) -> (f64, f64) {
+    use crate::model::{
+        Endpoint, EndpointPort, EndpointSlice, EndpointState, FrontendCache, Protocol, Service,
+        ServicePort,
+    };
+    let id = ObjectRef::new("default", "web");
+    let mut st = State::default();
+    st.services.insert(
+        id.clone(),
+        Arc::new(Service {
+            id: id.clone(),
+            cluster_ip: Ipv4Addr::new(198, 19, 0, 10),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                app_protocol: None,
+            }],
+            affinity_timeout_s: None,
+            mode: None,
+            detection: Default::default(),
+            internal_local: false,
+        }),
+    );
+    let slice = ObjectRef::new("default", "web-1");
+    st.slices.insert(
+        slice.clone(),
+        Arc::new(EndpointSlice {
+            id: slice,
+            service: id.clone(),
+            ports: vec![EndpointPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+            endpoints: vec![Endpoint {
+                addr: Ipv4Addr::new(198, 18, 1, 1),
+                state: EndpointState::Ready,
+                node_name: None,
+                pod: None,
+            }],
+            trigger_time: None,
+        }),
+    );
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::HOST, http::HeaderValue::from_static("web"));
+    headers.insert("user-agent", http::HeaderValue::from_static("wrk"));
+    let time = |st: &State| {
+        let mut reg = Registry::default();
+        let fes = FrontendCache::default().frontends(st, None);
+        let (t, _) = reg.build(st, &fes, &RouteTable::default());
+        let route = t.routes.values().next().cloned().expect("a route");
+        let method = http::Method::GET;
+        let view = RequestView {
+            method: &method,
+            path: "/",
+            query: None,
+            authority: "web",
+            headers: &headers,
+            client: IpAddr::from([198, 18, 0, 2]),
+        };
+        let started = std::time::Instant::now();
+        let mut hit = 0usize;
+        for _ in 0..requests {
+            hit += std::hint::black_box(route.select(std::hint::black_box(&view)))
+                .map_or(0, |(r, _)| r.index);
+        }
+        std::hint::black_box(hit);
+        started.elapsed().as_nanos() as f64 / f64::from(requests.max(1))
+    };
+    let one = time(&st);
+    let mut y = String::from("hosts: [web]\nhttp:\n");
+    for i in 0..rules.saturating_sub(1) {
+        y.push_str(&format!(
+            "- match: [{{headers: {{x-tenant: {{exact: tenant-{i}}}}}, uri: {{prefix: /tenant-{i}/}}}}]\n  route: [{{destination: {{host: web}}}}]\n"
+        ));
+    }
+    y.push_str("- route: [{destination: {host: web}}]\n");
+    let vs = serde_yaml::from_str(&y)
+        .ok()
+        .and_then(|v| crate::istio::virtual_service(v).ok())
+        .expect("the benchmark's VirtualService is valid");
+    st.virtual_services.insert(id, vs);
+    (one, time(&st))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
