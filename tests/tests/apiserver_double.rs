@@ -658,7 +658,6 @@ async fn list_and_watch_protocol_details() {
 
 /// The server's socket lives in the given network namespace (and again after a restart).
 #[test]
-#[ignore = "needs root (creates a network namespace): run with --ignored as root"]
 fn listens_inside_the_given_network_namespace() {
     tests::sys::require_root();
     let name = format!("{}{}-apiserver", tests::sys::PREFIX, std::process::id());
