@@ -594,7 +594,7 @@ impl PartialEq for Regex {
 
 impl Regex {
     /// Compiles `pattern` to match a whole value (Envoy's `safe_regex` semantics).
-    fn whole(field: &str, pattern: &str) -> Result<Self, Fe> {
+    pub(crate) fn whole(field: &str, pattern: &str) -> Result<Self, Fe> {
         regex::Regex::new(&format!("^(?:{pattern})$"))
             .map(Regex)
             .map_err(|e| {
@@ -617,6 +617,9 @@ pub enum StringMatch {
     Regex(Regex),
     /// Any value (`{}`: the header or parameter is present).
     Present,
+    /// Gateway API `PathPrefix`: the path's leading `/`-separated segments are these (`/v2`
+    /// matches `/v2` and `/v2/x`, not `/v2x`; a trailing `/` in the value is ignored).
+    PathPrefix(String),
 }
 
 impl StringMatch {
@@ -627,6 +630,19 @@ impl StringMatch {
             StringMatch::Prefix(p) => v.starts_with(p.as_str()),
             StringMatch::Regex(r) => r.0.is_match(v),
             StringMatch::Present => true,
+            StringMatch::PathPrefix(p) => path_prefix_len(p, v).is_some(),
+        }
+    }
+
+    /// The length of the path prefix this matched in `path`, for prefix rewrites (`None`: not
+    /// a prefix match, or no match).
+    pub fn matched_prefix_len(&self, path: &str, ignore_case: bool) -> Option<usize> {
+        match self {
+            StringMatch::Prefix(p) if ignore_case || path.starts_with(p.as_str()) => {
+                (path.len() >= p.len()).then_some(p.len())
+            }
+            StringMatch::PathPrefix(p) => path_prefix_len(p, path),
+            _ => None,
         }
     }
 
@@ -639,6 +655,31 @@ impl StringMatch {
             }
             other => other.matches(v),
         }
+    }
+}
+
+/// How much of `path` the segment prefix `prefix` covers, if it is one.
+fn path_prefix_len(prefix: &str, path: &str) -> Option<usize> {
+    let p = prefix.trim_end_matches('/');
+    let rest = path.strip_prefix(p)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(p.len())
+}
+
+/// Replaces the `len` bytes of `path` a prefix match covered with `with`: Gateway API's
+/// `ReplacePrefixMatch` (segment-aware: no doubled or missing `/`, never an empty path).
+pub fn replace_prefix(path: &str, len: usize, with: &str, segments: bool) -> String {
+    let rest = &path[len.min(path.len())..];
+    if !segments {
+        return format!("{with}{rest}");
+    }
+    let with = with.trim_end_matches('/');
+    let out = format!("{with}{rest}");
+    if out.is_empty() {
+        "/".into()
+    } else if !out.starts_with('/') {
+        format!("/{out}")
+    } else {
+        out
     }
 }
 
@@ -698,6 +739,9 @@ pub struct Rewrite {
     pub authority: Option<String>,
     /// Regex rewrite of the path: pattern and replacement (`$1` groups).
     pub uri_regex: Option<(Regex, String)>,
+    /// `uri` replaces the whole path even after a prefix match (Gateway API
+    /// `ReplaceFullPath`); Istio's `uri` replaces the matched prefix.
+    pub full: bool,
 }
 
 /// `redirect`: answered by the proxy.
@@ -713,6 +757,8 @@ pub struct Redirect {
     pub scheme: Option<String>,
     /// Status (301 unless set).
     pub code: u16,
+    /// `uri` replaces only the matched path prefix (Gateway API `ReplacePrefixMatch`).
+    pub prefix: bool,
 }
 
 /// `directResponse`: answered by the proxy.
@@ -973,9 +1019,9 @@ impl TrafficPolicy {
 pub use crate::source::convert::FieldError;
 
 /// A validation failure inside this module: (field, message).
-type Fe = (String, String);
+pub(crate) type Fe = (String, String);
 
-fn strict<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, Fe> {
+pub(crate) fn strict<T: serde::de::DeserializeOwned>(spec: serde_yaml::Value) -> Result<T, Fe> {
     serde_path_to_error::deserialize(spec).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." {
@@ -1113,7 +1159,7 @@ fn string_match(field: &str, w: StringMatchWire) -> Result<StringMatch, Fe> {
     }
 }
 
-fn header_name(field: &str, n: &str) -> Result<http::HeaderName, Fe> {
+pub(crate) fn header_name(field: &str, n: &str) -> Result<http::HeaderName, Fe> {
     http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()).map_err(|_| {
         (
             field.to_string(),
@@ -1122,7 +1168,7 @@ fn header_name(field: &str, n: &str) -> Result<http::HeaderName, Fe> {
     })
 }
 
-fn header_value(field: &str, v: &str) -> Result<http::HeaderValue, Fe> {
+pub(crate) fn header_value(field: &str, v: &str) -> Result<http::HeaderValue, Fe> {
     http::HeaderValue::from_str(v).map_err(|_| {
         (
             field.to_string(),
@@ -1131,7 +1177,7 @@ fn header_value(field: &str, v: &str) -> Result<http::HeaderValue, Fe> {
     })
 }
 
-fn port_number(field: &str, p: u32) -> Result<u16, Fe> {
+pub(crate) fn port_number(field: &str, p: u32) -> Result<u16, Fe> {
     u16::try_from(p)
         .ok()
         .filter(|p| *p != 0)
@@ -1346,6 +1392,7 @@ fn rewrite(f: &str, w: RewriteWire) -> Result<Rewrite, Fe> {
         uri: w.uri,
         authority: w.authority,
         uri_regex,
+        full: false,
     })
 }
 
@@ -1378,6 +1425,7 @@ fn redirect(f: &str, w: RedirectWire) -> Result<Redirect, Fe> {
             .transpose()?,
         scheme: w.scheme,
         code,
+        prefix: false,
     })
 }
 

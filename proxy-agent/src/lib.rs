@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod agent;
 pub mod datapath;
+pub mod gateway;
 pub mod istio;
 pub mod model;
 pub mod proxy;

@@ -257,6 +257,8 @@ pub struct State {
     pub virtual_services: BTreeMap<ObjectRef, crate::istio::VirtualService>,
     /// Istio DestinationRules by namespace/name.
     pub destination_rules: BTreeMap<ObjectRef, crate::istio::DestinationRule>,
+    /// Gateway API HTTPRoutes and GRPCRoutes (those with a Service parent).
+    pub mesh_routes: BTreeMap<(crate::gateway::RouteKind, ObjectRef), crate::gateway::MeshRoute>,
     /// This node's name (for `internalTrafficPolicy: Local`).
     pub node_name: Option<String>,
 }

@@ -164,31 +164,31 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
                     "route",
                     "no rule matches",
                     format!(
-                        "no http[] rule of VirtualService {} matches {method} {target}: the proxy answers 404 (route-not-found)",
-                        route.virtual_service.as_ref().map_or("-".into(), |v| v.to_string())
+                        "no rule of {} matches {method} {target}: the proxy answers 404 (route-not-found)",
+                        route.virtual_service.as_ref().map_or_else(
+                            || {
+                                let mut o: Vec<String> = route
+                                    .rules
+                                    .iter()
+                                    .filter_map(|r| r.origin.as_ref())
+                                    .map(|o| format!("{} {}", o.kind, o.object))
+                                    .collect();
+                                o.dedup();
+                                o.join(", ")
+                            },
+                            |v| format!("VirtualService {v}")
+                        )
                     ),
                 ));
                 return json!({"from": from, "to": q.to.to_string(), "protocol": proto.to_string(), "service": fe.service.to_string(), "steps": steps, "summary": "L7 through the node proxy: no route matches (404)"});
             };
-            let rule_name = |v: &crate::model::ObjectRef| {
-                format!(
-                    "VirtualService {v} http[{}]{}",
-                    rule.index,
-                    rule.name
-                        .as_ref()
-                        .map_or(String::new(), |n| format!(" ({n})"))
-                )
-            };
+            let described = rule.describe(&route);
             steps.push(step(
                 "route",
-                route
-                    .virtual_service
-                    .as_ref()
-                    .map_or("default".to_string(), rule_name),
-                match &route.virtual_service {
-                    Some(v) => format!(
-                        "{} matches {method} {target}{}",
-                        rule_name(v),
+                described.clone(),
+                match (&route.virtual_service, &rule.origin) {
+                    (Some(_), _) | (_, Some(_)) => format!(
+                        "{described} matches {method} {target}{}",
                         match block {
                             None => " (a rule without match: every request)".to_string(),
                             Some(k) => format!(
@@ -201,7 +201,7 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
                             ),
                         }
                     ),
-                    None => format!(
+                    (None, None) => format!(
                         "no VirtualService for {}: the Service's default route",
                         fe.service
                     ),
@@ -232,7 +232,8 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
                             r,
                             &authority,
                             &path,
-                            query.as_deref()
+                            query.as_deref(),
+                            crate::proxy::handler::matched_prefix(rule, block, &path),
                         )
                     ),
                 ));
@@ -300,10 +301,7 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
             ));
             format!(
                 "L7 through the node proxy, route {}, destination {}",
-                route
-                    .virtual_service
-                    .as_ref()
-                    .map_or("default".into(), rule_name),
+                described,
                 primary.map_or("-".to_string(), |c| c.name.clone())
             )
         }

@@ -300,6 +300,7 @@ fn string_match_text(m: &crate::istio::StringMatch) -> String {
             )
         }
         StringMatch::Present => " present".into(),
+        StringMatch::PathPrefix(p) => format!("^/={p}"),
     }
 }
 
@@ -355,6 +356,8 @@ pub fn rule_json(r: &Rule) -> Value {
     json!({
         "index": r.index,
         "name": r.name,
+        "route": r.origin.as_ref().map(|o| format!("{} {}", o.kind, o.object)),
+        "unresolved_weight": r.unresolved,
         "match": r.matches.iter().map(match_text).collect::<Vec<_>>(),
         "destinations": r.destinations.iter().map(|(c, w)| json!({
             "cluster": c.name,

@@ -15,6 +15,7 @@ use crate::istio::{
     Cors, Destination, DestinationRule, DirectResponse, Fault, Headers, HttpMatch, LoadBalancer,
     Redirect, RetryOn, Rewrite, VirtualService,
 };
+use crate::gateway::{MeshRoute, RouteKind, ServiceParent};
 use crate::model::{Frontend, ObjectRef, ProtocolHint, State};
 
 /// Retries of a route.
@@ -30,6 +31,9 @@ pub struct RetryPolicy {
     /// least 3). True for the safe default; an explicit VirtualService policy is limited by the
     /// DestinationRule's `maxRetries` instead, as in Istio.
     pub budgeted: bool,
+    /// Least time between tries (Gateway API `retry.backoff`; `None`: 25 ms doubling, capped
+    /// at 250 ms).
+    pub backoff: Option<Duration>,
 }
 
 impl RetryPolicy {
@@ -46,6 +50,7 @@ impl RetryPolicy {
                 ..Default::default()
             },
             budgeted: true,
+            backoff: None,
         }
     }
 }
@@ -215,6 +220,20 @@ pub struct Rule {
     pub headers: Headers,
     /// CORS.
     pub cors: Option<Cors>,
+    /// Gateway API: the weight of backends that do not resolve, answered 500 (all weights 0,
+    /// or no backends: every request). `None` for Istio rules.
+    pub unresolved: Option<u32>,
+    /// The Gateway API route the rule comes from (`None`: the route's VirtualService).
+    pub origin: Option<Arc<RuleOrigin>>,
+}
+
+/// The HTTPRoute or GRPCRoute a rule comes from.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RuleOrigin {
+    /// `HTTPRoute` or `GRPCRoute`.
+    pub kind: &'static str,
+    /// The route object.
+    pub object: ObjectRef,
 }
 
 impl Rule {
@@ -235,6 +254,22 @@ impl Rule {
             direct_response: None,
             headers: Headers::default(),
             cors: None,
+            unresolved: None,
+            origin: None,
+        }
+    }
+
+    /// The rule in an operator's words: `VirtualService ns/x http[2] (name)`,
+    /// `HTTPRoute ns/r rules[0] (name)` or `default`.
+    pub fn describe(&self, route: &Route) -> String {
+        let name = self
+            .name
+            .as_ref()
+            .map_or(String::new(), |n| format!(" ({n})"));
+        match (&self.origin, &route.virtual_service) {
+            (Some(o), _) => format!("{} {} rules[{}]{name}", o.kind, o.object, self.index),
+            (None, Some(v)) => format!("VirtualService {v} http[{}]{name}", self.index),
+            (None, None) => "default".into(),
         }
     }
 
@@ -372,6 +407,7 @@ pub struct Registry {
 
 #[derive(PartialEq)]
 struct PolicyInputs {
+    mesh_routes: BTreeMap<(RouteKind, ObjectRef), MeshRoute>,
     virtual_services: BTreeMap<ObjectRef, VirtualService>,
     destination_rules: BTreeMap<ObjectRef, DestinationRule>,
     pods: BTreeMap<ObjectRef, crate::model::PodInfo>,
@@ -390,6 +426,9 @@ struct CachedRoute {
     /// Services whose backends the route's clusters hold.
     services: Vec<ObjectRef>,
     clusters: Vec<(ClusterKey, Arc<Cluster>)>,
+    /// Problems found building it (restated while it is reused), and notes.
+    problems: Vec<ConfigProblem>,
+    notes: Vec<ConfigProblem>,
 }
 
 /// The namespace a wildcard host covers: `*.ns.svc.cluster.local` or `*.ns` → `ns`; `*` and
@@ -447,6 +486,13 @@ fn exported_to(vs: &VirtualService, namespace: &str) -> Option<Vec<String>> {
             .collect()
     })
 }
+
+/// A Gateway API route attached to a Service: its key, the route and the parent entry.
+type Attached<'a> = (
+    &'a (RouteKind, ObjectRef),
+    &'a MeshRoute,
+    &'a ServiceParent,
+);
 
 struct Ctx<'a> {
     state: &'a State,
@@ -517,6 +563,19 @@ impl Registry {
                 }
             }
         }
+        // Gateway API routes by the Service they attach to.
+        let mut attached: HashMap<ObjectRef, Vec<Attached<'_>>> = HashMap::new();
+        for (key, r) in &state.mesh_routes {
+            for p in &r.parents {
+                let svc = ObjectRef::new(
+                    p.namespace.clone().unwrap_or_else(|| key.1.namespace.clone()),
+                    p.name.clone(),
+                );
+                attached.entry(svc).or_default().push((key, r, p));
+            }
+        }
+        // Problems that do not make a route fall back to its last good version.
+        let mut notes: Vec<ConfigProblem> = Vec::new();
         let pod_labels = state.pods.values().map(|p| (p.ip, &p.labels)).collect();
         let ctx = Ctx {
             state,
@@ -527,11 +586,13 @@ impl Registry {
         // What changed since the last build decides which routes can be reused as they are.
         let policy_same = self.last_policy.as_ref().is_some_and(|p| {
             p.virtual_services == state.virtual_services
+                && p.mesh_routes == state.mesh_routes
                 && p.destination_rules == state.destination_rules
                 && p.pods == state.pods
         });
         if !policy_same {
             self.last_policy = Some(PolicyInputs {
+                mesh_routes: state.mesh_routes.clone(),
                 virtual_services: state.virtual_services.clone(),
                 destination_rules: state.destination_rules.clone(),
                 pods: state.pods.clone(),
@@ -577,12 +638,15 @@ impl Registry {
                 for (k, cl) in &c.clusters {
                     used.map.entry(k.clone()).or_insert_with(|| cl.clone());
                 }
+                errors.extend(c.problems.iter().cloned());
+                notes.extend(c.notes.iter().cloned());
                 table.routes.insert(key, c.route.clone());
                 next_cache.insert(key, c);
                 continue;
             }
             used.touched.clear();
             let problems_before = errors.len();
+            let notes_before = notes.len();
             let own = Destination {
                 host: fe.service.name.clone(),
                 subset: None,
@@ -600,7 +664,34 @@ impl Registry {
                     used,
                 )
             };
+            let gw: Vec<Attached<'_>> = attached
+                .get(&fe.service)
+                .into_iter()
+                .flatten()
+                .filter(|(_, _, p)| {
+                    p.port.is_none_or(|x| x == fe.port)
+                        && p.section.as_ref().is_none_or(|s| s == &fe.port_name)
+                })
+                .copied()
+                .collect();
+            let mut referenced: Vec<ObjectRef> = Vec::new();
             let route = match services.get(&fe.service) {
+                _ if !gw.is_empty() => {
+                    if let Some((vs_id, _)) = services.get(&fe.service) {
+                        let (k, id) = gw[0].0;
+                        notes.push(ConfigProblem::new(
+                            "VirtualService",
+                            vs_id,
+                            format!(
+                                "spec.hosts: {}:{} is routed by {} {id}: a Gateway API route attached to a Service takes precedence over a VirtualService for it",
+                                fe.service,
+                                fe.port,
+                                k.name()
+                            ),
+                        ));
+                    }
+                    self.mesh_route(&ctx, fe, &gw, &mut errors, &mut used, &mut referenced)
+                }
                 Some((vs_id, vs)) => {
                     let exported = exported_to(vs, &vs_id.namespace);
                     let mut rules = Vec::new();
@@ -671,6 +762,7 @@ impl Registry {
                                 per_try_timeout: rt.per_try_timeout,
                                 on: rt.retry_on.clone(),
                                 budgeted: false,
+                                backoff: None,
                             },
                         };
                         rules.push(Rule {
@@ -688,6 +780,8 @@ impl Registry {
                             direct_response: r.direct_response.clone(),
                             headers: r.headers.clone(),
                             cors: r.cors.clone(),
+                            unresolved: None,
+                            origin: None,
                         });
                     }
                     let own = own_cluster(self, &mut errors, &mut used);
@@ -783,6 +877,7 @@ impl Registry {
             let mut services: Vec<ObjectRef> =
                 clusters.iter().map(|(k, _)| k.service.clone()).collect();
             services.push(fe.service.clone());
+            services.extend(referenced);
             services.sort();
             services.dedup();
             next_cache.insert(
@@ -792,12 +887,15 @@ impl Registry {
                     route,
                     services,
                     clusters,
+                    problems: errors[problems_before..].to_vec(),
+                    notes: notes[notes_before..].to_vec(),
                 },
             );
         }
         self.clusters = used.map;
         self.cache = next_cache;
         self.last_frontends = now_by_service;
+        errors.extend(notes);
         (table, errors)
     }
 
@@ -866,6 +964,210 @@ impl Registry {
         };
         used.map.insert(key, c.clone());
         c
+    }
+
+    /// The route of a Service port that Gateway API routes attach to: every match of every
+    /// rule, ordered by the specification's precedence. `referenced` gets the Services the
+    /// rules name (so the route is rebuilt when one appears).
+    fn mesh_route(
+        &self,
+        ctx: &Ctx<'_>,
+        fe: &Frontend,
+        gw: &[Attached<'_>],
+        errors: &mut Vec<ConfigProblem>,
+        used: &mut Used,
+        referenced: &mut Vec<ObjectRef>,
+    ) -> Route {
+        struct Entry<'a> {
+            rank: [u32; 5],
+            created: Option<jiff::Timestamp>,
+            id: &'a ObjectRef,
+            kind: RouteKind,
+            rule: usize,
+            block: usize,
+            route: &'a MeshRoute,
+        }
+        let mut entries = Vec::new();
+        let mut seen = HashSet::new();
+        for ((kind, id), r, _) in gw {
+            if !seen.insert((*kind, id)) {
+                continue; // two parent entries naming this port
+            }
+            for (i, rule) in r.rules.iter().enumerate() {
+                for (j, m) in rule.matches.iter().enumerate() {
+                    entries.push(Entry {
+                        rank: m.rank,
+                        created: r.created,
+                        id,
+                        kind: *kind,
+                        rule: i,
+                        block: j,
+                        route: r,
+                    });
+                }
+            }
+        }
+        // Higher rank first; then the oldest route (unknown times last), then namespace/name,
+        // then rule and match order.
+        entries.sort_by(|a, b| {
+            b.rank
+                .cmp(&a.rank)
+                .then_with(|| match (a.created, b.created) {
+                    (Some(x), Some(y)) => x.cmp(&y),
+                    (Some(_), None) => std::cmp::Ordering::Less,
+                    (None, Some(_)) => std::cmp::Ordering::Greater,
+                    (None, None) => std::cmp::Ordering::Equal,
+                })
+                .then_with(|| a.id.cmp(b.id))
+                .then_with(|| a.kind.cmp(&b.kind))
+                .then_with(|| (a.rule, a.block).cmp(&(b.rule, b.block)))
+        });
+        let mut origins: HashMap<(RouteKind, &ObjectRef), Arc<RuleOrigin>> = HashMap::new();
+        // Resolves a backend reference: the cluster, or None (the 500 share).
+        let mut resolve = |reg: &Self,
+                           b: &crate::gateway::BackendRef,
+                           ns: &str,
+                           errors: &mut Vec<ConfigProblem>,
+                           used: &mut Used|
+         -> Option<Arc<Cluster>> {
+            if b.invalid.is_some() {
+                return None;
+            }
+            let bns = b.namespace.as_deref().unwrap_or(ns);
+            let svc = ObjectRef::new(bns, b.name.clone());
+            referenced.push(svc.clone());
+            // Cross-namespace references need a ReferenceGrant, which is not read yet.
+            if bns != ns {
+                return None;
+            }
+            let known = ctx
+                .by_service
+                .get(&svc)
+                .is_some_and(|fes| fes.iter().any(|f| Some(f.port) == b.port));
+            known.then(|| {
+                reg.cluster(
+                    ctx,
+                    &Destination {
+                        host: format!("{}.{}", b.name, bns),
+                        subset: None,
+                        port: b.port,
+                    },
+                    bns,
+                    Some(fe),
+                    None,
+                    "",
+                    errors,
+                    used,
+                )
+            })
+        };
+        let mut rules = Vec::new();
+        for e in entries {
+            let rule = &e.route.rules[e.rule];
+            let ns = e.id.namespace.as_str();
+            let origin = origins
+                .entry((e.kind, e.id))
+                .or_insert_with(|| {
+                    Arc::new(RuleOrigin {
+                        kind: e.kind.name(),
+                        object: e.id.clone(),
+                    })
+                })
+                .clone();
+            let mut destinations = Vec::new();
+            let mut destination_headers = Vec::new();
+            let mut unresolved = 0u32;
+            if rule.redirect.is_none() {
+                for b in &rule.backends {
+                    match resolve(self, &b.to, ns, errors, used) {
+                        Some(c) => {
+                            destinations.push((c, b.weight));
+                            destination_headers.push(b.headers.clone());
+                        }
+                        None => unresolved += b.weight,
+                    }
+                }
+            }
+            let mirror = rule.mirrors.first().and_then(|(b, pct)| {
+                resolve(self, b, ns, errors, used).map(|cluster| Mirror {
+                    cluster,
+                    percent: *pct,
+                })
+            });
+            let retry = match &rule.retry {
+                Some(r) => RetryPolicy {
+                    attempts: r.attempts,
+                    per_try_timeout: rule.backend_timeout,
+                    on: crate::gateway::retry_on(r),
+                    budgeted: false,
+                    backoff: r.backoff,
+                },
+                None => RetryPolicy {
+                    per_try_timeout: rule.backend_timeout,
+                    ..RetryPolicy::safe_default()
+                },
+            };
+            // Consumer routes (in another namespace than the Service) apply to their
+            // namespace's clients only.
+            let sources = (ns != fe.service.namespace).then(|| {
+                ctx.state
+                    .pods
+                    .iter()
+                    .filter(|(id, _)| id.namespace == ns)
+                    .map(|(_, p)| IpAddr::V4(p.ip))
+                    .collect()
+            });
+            rules.push(Rule {
+                index: e.rule,
+                name: rule.name.clone(),
+                matches: vec![CompiledMatch {
+                    m: crate::istio::HttpMatch {
+                        name: Some(format!("matches[{}]", e.block)),
+                        ..rule.matches[e.block].m.clone()
+                    },
+                    sources,
+                }],
+                destinations,
+                destination_headers,
+                timeout: rule.timeout,
+                retry,
+                mirror,
+                fault: None,
+                rewrite: rule.rewrite.clone(),
+                redirect: rule.redirect.clone(),
+                direct_response: None,
+                headers: rule.headers.clone(),
+                cors: rule.cors.clone(),
+                unresolved: Some(unresolved),
+                origin: Some(origin),
+            });
+        }
+        // Opaque connections to the port keep going to the Service's own backends.
+        let own = self.cluster(
+            ctx,
+            &Destination {
+                host: fe.service.name.clone(),
+                subset: None,
+                port: Some(fe.port),
+            },
+            &fe.service.namespace,
+            Some(fe),
+            None,
+            "",
+            errors,
+            used,
+        );
+        Route {
+            service: fe.service.clone(),
+            metrics_id: super::telemetry::service_id(&fe.service),
+            virtual_service: None,
+            rules,
+            tcp: vec![TcpRule {
+                matches: Vec::new(),
+                destinations: vec![(own, 100)],
+            }],
+            detection: fe.detection,
+        }
     }
 
     fn default_policy(&self, from: Option<&Frontend>) -> ClusterPolicy {

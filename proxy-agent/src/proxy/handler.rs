@@ -372,7 +372,13 @@ fn split_authority(a: &str) -> (&str, Option<&str>) {
 
 /// The `Location` of a redirect: each part replaced where the rule says, the rest from the
 /// request (a changed scheme drops the request's port; default ports are left out).
-pub fn redirect_location(r: &Redirect, authority: &str, path: &str, query: Option<&str>) -> String {
+pub fn redirect_location(
+    r: &Redirect,
+    authority: &str,
+    path: &str,
+    query: Option<&str>,
+    prefix: Option<(usize, bool)>,
+) -> String {
     let scheme = r.scheme.as_deref().unwrap_or("http");
     let (orig_host, orig_port) = split_authority(authority);
     let (host, auth_port) = match &r.authority {
@@ -390,16 +396,19 @@ pub fn redirect_location(r: &Redirect, authority: &str, path: &str, query: Optio
                 .flatten()
         })
         .filter(|p| !matches!((scheme, p.as_str()), ("http", "80") | ("https", "443")));
-    let (new_path, keep_query) = match &r.uri {
-        Some(u) => (u.as_str(), !u.contains('?')),
-        None => (path, true),
+    let (new_path, keep_query) = match (&r.uri, prefix) {
+        (Some(u), Some((n, segments))) if r.prefix => {
+            (crate::istio::replace_prefix(path, n, u, segments), true)
+        }
+        (Some(u), _) => (u.clone(), !u.contains('?')),
+        (None, _) => (path.to_string(), true),
     };
     let mut loc = format!("{scheme}://{host}");
     if let Some(p) = port {
         loc.push(':');
         loc.push_str(&p);
     }
-    loc.push_str(new_path);
+    loc.push_str(&new_path);
     if keep_query && let Some(q) = query {
         loc.push('?');
         loc.push_str(q);
@@ -493,12 +502,21 @@ fn preflight_reply(c: &Cors, origin: HeaderValue) -> Response<ProxyBody> {
     r
 }
 
-/// Applies a rewrite to the upstream head; `prefix` is the matched `uri` prefix, if any.
-fn rewrite_head(head: &mut Head, rw: &Rewrite, prefix: Option<&str>) {
+/// The matched path prefix of block `block` of `rule` in `path`: its length and whether it is
+/// a Gateway API segment prefix.
+pub fn matched_prefix(rule: &Rule, block: Option<usize>, path: &str) -> Option<(usize, bool)> {
+    let m = &rule.matches.get(block?)?.m;
+    let u = m.uri.as_ref()?;
+    u.matched_prefix_len(path, m.ignore_uri_case)
+        .map(|n| (n, matches!(u, StringMatch::PathPrefix(_))))
+}
+
+/// Applies a rewrite to the upstream head; `prefix` is the matched path prefix, if any.
+fn rewrite_head(head: &mut Head, rw: &Rewrite, prefix: Option<(usize, bool)>) {
     let path = head.target.path();
     let new_path = if let Some(u) = &rw.uri {
         match prefix {
-            Some(p) if path.len() >= p.len() => format!("{u}{}", &path[p.len()..]),
+            Some((n, segments)) if !rw.full => crate::istio::replace_prefix(path, n, u, segments),
             _ => u.clone(),
         }
     } else if let Some((re, rep)) = &rw.uri_regex {
@@ -525,12 +543,7 @@ fn rewrite_head(head: &mut Head, rw: &Rewrite, prefix: Option<&str>) {
 /// Prepares the upstream head for `rule`: rewrite, then the rule's request header edits.
 pub(super) fn prepare(head: &mut Head, rule: &Rule, block: Option<usize>) {
     if let Some(rw) = &rule.rewrite {
-        let prefix = block
-            .and_then(|k| rule.matches.get(k))
-            .and_then(|m| match &m.m.uri {
-                Some(StringMatch::Prefix(p)) => Some(p.as_str()),
-                _ => None,
-            });
+        let prefix = matched_prefix(rule, block, head.target.path());
         rewrite_head(head, rw, prefix);
     }
 }
@@ -724,8 +737,29 @@ async fn serve(
         return response_edits(direct_reply(d), rule, None, cors);
     }
     if let Some(r) = &rule.redirect {
-        let loc = redirect_location(r, &authority, req.uri().path(), req.uri().query());
+        let prefix = matched_prefix(rule, block, req.uri().path());
+        let loc = redirect_location(
+            r,
+            &authority,
+            req.uri().path(),
+            req.uri().query(),
+            prefix,
+        );
         return response_edits(redirect_reply(r, &loc), rule, None, cors);
+    }
+    if let Some(bad) = rule.unresolved {
+        // Gateway API: a backend that does not resolve answers 500 for its share, and so do
+        // rules whose weights are all 0 or that have no backends.
+        let total = rule.destinations.iter().map(|(_, w)| *w).sum::<u32>() + bad;
+        if total == 0 || rand::random_range(0..total) < bad {
+            noted.flags |= flags::NR;
+            return response_edits(
+                local_reply(StatusCode::INTERNAL_SERVER_ERROR, "backend-not-resolved", 0),
+                rule,
+                None,
+                cors,
+            );
+        }
     }
     let mut picked = None;
     let resp = if super::upgrade::wants_upgrade(&req) {
@@ -964,9 +998,19 @@ async fn forward(
             });
         }
         drop((permit, active));
-        let cap = Duration::from_millis(250)
-            .min(Duration::from_millis(25) * 2u32.saturating_pow(attempt - 1));
-        let mut backoff = Duration::from_micros(rand::random_range(0..=cap.as_micros() as u64));
+        let mut backoff = match rule.retry.backoff {
+            // At least the configured backoff, doubling with jitter up to 10 times it.
+            Some(b) => {
+                let cap = (b * 2u32.saturating_pow(attempt - 1)).min(b * 10);
+                let grow = cap.saturating_sub(b).as_micros() as u64;
+                b + Duration::from_micros(rand::random_range(0..=grow))
+            }
+            None => {
+                let cap = Duration::from_millis(250)
+                    .min(Duration::from_millis(25) * 2u32.saturating_pow(attempt - 1));
+                Duration::from_micros(rand::random_range(0..=cap.as_micros() as u64))
+            }
+        };
         if let Some(d) = deadline() {
             backoff = backoff.min(d.saturating_duration_since(Instant::now()));
         }
@@ -1009,8 +1053,9 @@ mod tests {
             port,
             scheme: scheme.map(String::from),
             code: 301,
+            prefix: false,
         };
-        let loc = |rd: &Redirect| redirect_location(rd, "web:8080", "/a/b", Some("x=1"));
+        let loc = |rd: &Redirect| redirect_location(rd, "web:8080", "/a/b", Some("x=1"), None);
         assert_eq!(
             loc(&r(Some("/c"), None, None, None)),
             "http://web:8080/c?x=1"
@@ -1040,9 +1085,38 @@ mod tests {
                 &r(None, None, Some(80), None),
                 "[2001:2::1]:8080",
                 "/",
+                None,
                 None
             ),
             "http://[2001:2::1]/"
         );
+        // Gateway API ReplacePrefixMatch: only the matched segments are replaced.
+        let pre = Redirect {
+            prefix: true,
+            code: 302,
+            ..r(Some("/replacement-prefix"), None, None, None)
+        };
+        assert_eq!(
+            redirect_location(
+                &pre,
+                "echo",
+                "/original-prefix/lemon",
+                None,
+                Some((16, true))
+            ),
+            "http://echo/replacement-prefix/lemon"
+        );
+    }
+
+    #[test]
+    fn prefix_replacement_is_segment_aware_for_gateway_routes() {
+        use crate::istio::replace_prefix;
+        assert_eq!(replace_prefix("/strip-prefix/three", 13, "/", true), "/three");
+        assert_eq!(replace_prefix("/strip-prefix", 13, "/", true), "/");
+        assert_eq!(replace_prefix("/prefix/one/two", 11, "/one", true), "/one/two");
+        assert_eq!(replace_prefix("/prefix/one", 11, "/one", true), "/one");
+        assert_eq!(replace_prefix("/prefix/one/", 11, "/one/", true), "/one/");
+        // Istio's prefix rewrite concatenates.
+        assert_eq!(replace_prefix("/api/x", 5, "/v2/", false), "/v2/x");
     }
 }

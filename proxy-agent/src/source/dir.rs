@@ -23,6 +23,7 @@ use tracing::{debug, error, info};
 
 use super::convert::{self, FieldError, NameRule};
 use super::report::{Problem, Reporter};
+use crate::gateway;
 use crate::istio;
 use crate::model::{EndpointSlice, ObjectRef, PodInfo, Protocol, Service, State};
 
@@ -70,6 +71,7 @@ enum Object {
     Pod(ObjectRef, PodInfo),
     VirtualService(ObjectRef, istio::VirtualService),
     DestinationRule(ObjectRef, istio::DestinationRule),
+    MeshRoute(ObjectRef, gateway::MeshRoute),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,6 +236,13 @@ impl ManifestDir {
                         "DestinationRule",
                         id,
                         st.destination_rules.insert(id.clone(), d.clone()).is_some(),
+                    ),
+                    Object::MeshRoute(id, r) => (
+                        r.kind.name(),
+                        id,
+                        st.mesh_routes
+                            .insert((r.kind, id.clone()), r.clone())
+                            .is_some(),
                     ),
                 };
                 if dup {
@@ -436,6 +445,23 @@ fn parse_file(file: &str, text: &str) -> (Vec<Object>, Vec<ManifestError>) {
                         .map(|dr| Object::DestinationRule(id, dr))
                 })
             }
+            (v, k) if gateway::API_VERSIONS.contains(&v) && gateway::kind_of(k).is_some() => {
+                let kind = gateway::kind_of(k).expect("checked");
+                let meta = gateway::Meta::of(&value);
+                istio_id().and_then(|id| {
+                    convert::spec_of(&value)
+                        .and_then(|spec| gateway::route(kind, spec, &meta))
+                        .map(|r| Object::MeshRoute(id, r))
+                })
+            }
+            (_, "HTTPRoute" | "GRPCRoute") => Err(FieldError::new(
+                "apiVersion",
+                format!(
+                    "unsupported apiVersion {:?}: use {}",
+                    head.api_version,
+                    gateway::API_VERSIONS[0]
+                ),
+            )),
             (_, "VirtualService" | "DestinationRule") => Err(FieldError::new(
                 "apiVersion",
                 format!(

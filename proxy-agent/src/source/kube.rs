@@ -27,6 +27,7 @@ use tracing::{info, warn};
 
 use super::convert::{self, FieldError};
 use super::report::{Problem, Reporter};
+use crate::gateway;
 use crate::istio;
 use crate::model::{ObjectRef, PodInfo, State};
 
@@ -38,16 +39,29 @@ enum Kind {
     Pod,
     VirtualService,
     DestinationRule,
+    HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::Slice,
         Kind::Pod,
         Kind::VirtualService,
         Kind::DestinationRule,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
     ];
+
+    /// The Gateway API route kind, if it is one.
+    fn route_kind(self) -> Option<gateway::RouteKind> {
+        match self {
+            Kind::HttpRoute => Some(gateway::RouteKind::Http),
+            Kind::GrpcRoute => Some(gateway::RouteKind::Grpc),
+            _ => None,
+        }
+    }
 
     /// Without these the datapath would be emptied: wait for them however long it takes.
     fn required(self) -> bool {
@@ -62,6 +76,8 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 
@@ -79,6 +95,7 @@ enum Obj {
     Pod(BTreeMap<String, String>),
     VirtualService(istio::VirtualService),
     DestinationRule(istio::DestinationRule),
+    MeshRoute(gateway::MeshRoute),
     /// A valid object this proxy does not serve (a headless Service): removed if it was there.
     NotOurs,
 }
@@ -203,6 +220,26 @@ async fn istio_resource(client: &Client, kind: &str, plural: &str) -> Option<Api
     None
 }
 
+/// The Gateway API route resource of `kind`, if the API server serves it (v1).
+async fn gateway_resource(client: &Client, kind: gateway::RouteKind) -> Option<ApiResource> {
+    let ar = ApiResource {
+        group: gateway::GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{}/v1", gateway::GROUP),
+        kind: kind.name().into(),
+        plural: kind.plural().into(),
+    };
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Some(ar),
+        Err(kube::Error::Api(e)) if e.code == 404 => None,
+        Err(e) => {
+            warn!(kind = kind.name(), error = %e, "cannot list Gateway API routes; assuming they are not served");
+            None
+        }
+    }
+}
+
 fn dynamic_spec(o: &DynamicObject) -> Result<serde_yaml::Value, FieldError> {
     let spec = o
         .data
@@ -325,6 +362,47 @@ pub async fn start(
         });
     }
 
+    for kind in [Kind::HttpRoute, Kind::GrpcRoute] {
+        let t = msg_tx.clone();
+        let client = client.clone();
+        let rk = kind.route_kind().expect("a route kind");
+        tokio::spawn(async move {
+            let Some(ar) = gateway_resource(&client, rk).await else {
+                info!(
+                    kind = rk.name(),
+                    "gateway.networking.k8s.io/v1 {} is not served: Gateway API mesh routes are off (install the CRDs from deploy/crds)",
+                    rk.name()
+                );
+                let _ = t.send(Msg::Unavailable(kind)).await;
+                return;
+            };
+            let api_version = ar.api_version.clone();
+            let s = watcher::watcher(Api::<DynamicObject>::all_with(client, &ar), wcfg())
+                .default_backoff();
+            pump(
+                kind,
+                s,
+                move |o: &DynamicObject| {
+                    let id = ObjectRef::new(
+                        o.namespace().unwrap_or_else(|| "default".into()),
+                        o.name_any(),
+                    );
+                    let r = reference_of(rk.name(), &api_version, &o.metadata);
+                    let parsed = serde_yaml::to_value(o)
+                        .map_err(|e| FieldError::new("-", e.to_string()))
+                        .and_then(|v| {
+                            let meta = gateway::Meta::of(&v);
+                            dynamic_spec(o).and_then(|spec| gateway::route(rk, spec, &meta))
+                        })
+                        .map(Obj::MeshRoute);
+                    (id, r, parsed)
+                },
+                t,
+            )
+            .await;
+        });
+    }
+
     let (problem_tx, problem_rx) = mpsc::unbounded_channel::<Problem>();
     let recorder = Recorder::new(
         client.clone(),
@@ -387,6 +465,9 @@ impl Stores {
                 }
                 (_, Obj::DestinationRule(d)) => {
                     st.destination_rules.insert(id.clone(), d.clone());
+                }
+                (_, Obj::MeshRoute(r)) => {
+                    st.mesh_routes.insert((r.kind, id.clone()), r.clone());
                 }
                 (_, Obj::NotOurs) => {}
             }
@@ -512,7 +593,13 @@ fn apply(stores: &mut Stores, m: Msg, reporter: &Reporter) -> bool {
             let obj = match *parsed {
                 Ok(o) => {
                     reporter.replace(&scope, Vec::new());
-                    if matches!(kind, Kind::VirtualService | Kind::DestinationRule) {
+                    if matches!(
+                        kind,
+                        Kind::VirtualService
+                            | Kind::DestinationRule
+                            | Kind::HttpRoute
+                            | Kind::GrpcRoute
+                    ) {
                         // Route problems found later name these objects: Events need the uid.
                         reporter.remember(kind.name(), &id, (*reference).clone());
                     }
