@@ -1388,7 +1388,7 @@ rules:
             ),
             (
                 "rules: [{bogus: 1}]",
-                "spec.rules[0]",
+                "spec.rules[0].bogus",
                 "bogus",
             ),
         ] {

@@ -1597,4 +1597,120 @@ http:
         assert_eq!(name_of(b, outside), "default/b:80");
         assert_eq!(tcp_of(b, outside), "default/c:80");
     }
+
+    fn mesh(st: &mut State, kind: RouteKind, name: &str, created: &str, yaml: &str) {
+        let meta = crate::gateway::Meta {
+            created: Some(created.into()),
+            ..Default::default()
+        };
+        let r = crate::gateway::route(kind, serde_yaml::from_str(yaml).unwrap(), &meta).unwrap();
+        st.mesh_routes
+            .insert((kind, ObjectRef::new("default", name)), r);
+    }
+
+    #[test]
+    fn gateway_routes_are_ordered_by_precedence_across_routes_and_win_over_a_virtual_service() {
+        let mut st = state(&[("echo", 1), ("echo-v1", 2), ("echo-v2", 3)]);
+        let vs = crate::istio::virtual_service(
+            serde_yaml::from_str("hosts: [echo]\nhttp:\n- route: [{destination: {host: echo-v2}}]\n")
+                .unwrap(),
+        )
+        .unwrap();
+        st.virtual_services
+            .insert(ObjectRef::new("default", "echo-vs"), vs);
+        mesh(
+            &mut st,
+            RouteKind::Http,
+            "older",
+            "2026-01-01T00:00:00Z",
+            r#"
+parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+rules:
+- matches: [{path: {type: PathPrefix, value: /v2}}]
+  backendRefs: [{name: echo-v2, port: 80}]
+- backendRefs: [{name: echo-v1, port: 80, weight: 3}, {name: missing, port: 80, weight: 1}]
+"#,
+        );
+        mesh(
+            &mut st,
+            RouteKind::Http,
+            "newer",
+            "2026-06-01T00:00:00Z",
+            r#"
+parentRefs: [{group: "", kind: Service, name: echo}]
+rules:
+- matches: [{path: {type: PathPrefix, value: /v2}}]
+  backendRefs: [{name: echo-v1, port: 80}]
+- matches: [{path: {type: Exact, value: /v2/exact}}, {path: {type: PathPrefix, value: /v2}, headers: [{name: x, value: "1"}]}]
+  backendRefs: [{name: echo-v1, port: 80}]
+- matches: [{path: {type: PathPrefix, value: /zero}}]
+  backendRefs: [{name: echo-v1, port: 80, weight: 0}]
+"#,
+        );
+        // A route for another port of echo does not apply to port 80.
+        mesh(
+            &mut st,
+            RouteKind::Http,
+            "other-port",
+            "2025-01-01T00:00:00Z",
+            r#"
+parentRefs: [{group: "", kind: Service, name: echo, port: 8080}]
+rules: [{matches: [{path: {type: Exact, value: /v2/x}}], backendRefs: [{name: echo-v2, port: 80}]}]
+"#,
+        );
+        let mut reg = Registry::default();
+        let mut cache = FrontendCache::default();
+        let (t, problems) = reg.build(&st, &cache.frontends(&st, None), &RouteTable::default());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].object.name, "echo-vs");
+        assert!(problems[0].message.contains("HTTPRoute"), "{problems:?}");
+        let echo = &t.routes[&SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, 1), 80)];
+        let get = http::Method::GET;
+        let mut h = http::HeaderMap::new();
+        let pick = |target: &str, h: &http::HeaderMap| -> (String, Vec<String>, Option<u32>) {
+            let (rule, _) = echo.select(&view(&get, target, h, [198, 18, 0, 9])).unwrap();
+            (
+                rule.describe(echo),
+                rule.destinations
+                    .iter()
+                    .map(|(c, w)| format!("{}*{w}", c.name))
+                    .collect(),
+                rule.unresolved,
+            )
+        };
+        // Exact beats every prefix.
+        assert_eq!(pick("/v2/exact", &h).0, "HTTPRoute default/newer rules[1]");
+        // More header matches beat an equal prefix.
+        h.insert("x", http::HeaderValue::from_static("1"));
+        assert_eq!(pick("/v2/y", &h).0, "HTTPRoute default/newer rules[1]");
+        h.clear();
+        // Equal prefixes: the older route wins.
+        assert_eq!(
+            pick("/v2/y", &h),
+            (
+                "HTTPRoute default/older rules[0]".into(),
+                vec!["default/echo-v2:80*1".into()],
+                Some(0)
+            )
+        );
+        // Segment prefix: /v2x is not under /v2; a missing backend is a 500 share.
+        assert_eq!(
+            pick("/v2x", &h),
+            (
+                "HTTPRoute default/older rules[1]".into(),
+                vec!["default/echo-v1:80*3".into()],
+                Some(1)
+            )
+        );
+        let (_, d, u) = pick("/zero/a", &h);
+        assert_eq!((d, u), (vec!["default/echo-v1:80*0".to_string()], Some(0)));
+        // The missing Service appears: the route is rebuilt and the share resolves.
+        let (m, m_slice) = svc("missing", 4);
+        st.services.insert(m.id.clone(), m);
+        st.slices.insert(m_slice.id.clone(), m_slice);
+        let (t2, _) = reg.build(&st, &cache.frontends(&st, None), &t);
+        let echo = &t2.routes[&SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, 1), 80)];
+        let (rule, _) = echo.select(&view(&get, "/v2x", &h, [198, 18, 0, 9])).unwrap();
+        assert_eq!((rule.destinations.len(), rule.unresolved), (2, Some(0)));
+    }
 }
