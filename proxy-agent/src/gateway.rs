@@ -397,6 +397,8 @@ pub struct MeshRoute {
     /// `status.parents[]` conditions of ours as the API server has them, by parent index:
     /// (type, status, reason, observedGeneration) — to write only what changed.
     pub status: Vec<(usize, Vec<(String, String, String, i64)>)>,
+    /// Other controllers' `status.parents[]` entries, kept as they are when ours are written.
+    pub foreign_status: Vec<serde_json::Value>,
 }
 
 // ---------------------------------------------------------------- parsing
@@ -1089,6 +1091,8 @@ pub struct Meta {
     pub generation: Option<i64>,
     /// Our `status.parents[]` conditions (see [`MeshRoute::status`]).
     pub status: Vec<(usize, Vec<(String, String, String, i64)>)>,
+    /// Other controllers' entries.
+    pub foreign_status: Vec<serde_json::Value>,
 }
 
 impl Meta {
@@ -1100,8 +1104,10 @@ impl Meta {
             .map(|s| s.iter().collect())
             .unwrap_or_default();
         let mut status = Vec::new();
+        let mut foreign_status = Vec::new();
         for p in obj["status"]["parents"].as_sequence().into_iter().flatten() {
             if p["controllerName"].as_str() != Some(CONTROLLER) {
+                foreign_status.extend(serde_json::to_value(p).ok());
                 continue;
             }
             let Some(index) = parent_refs.iter().position(|r| {
@@ -1131,6 +1137,7 @@ impl Meta {
             created: md["creationTimestamp"].as_str().map(String::from),
             generation: md["generation"].as_i64(),
             status,
+            foreign_status,
         }
     }
 }
@@ -1195,6 +1202,7 @@ fn http_route_fe(spec: serde_yaml::Value, meta: &Meta) -> Result<MeshRoute, Fe> 
         parents: parents(w.parent_refs)?,
         rules: out,
         status: meta.status.clone(),
+        foreign_status: meta.foreign_status.clone(),
     })
 }
 
@@ -1221,6 +1229,7 @@ fn grpc_route_fe(spec: serde_yaml::Value, meta: &Meta) -> Result<MeshRoute, Fe> 
         parents: parents(w.parent_refs)?,
         rules: out,
         status: meta.status.clone(),
+        foreign_status: meta.foreign_status.clone(),
     })
 }
 
@@ -1240,6 +1249,183 @@ pub fn kind_of(kind: &str) -> Option<RouteKind> {
         "GRPCRoute" => Some(RouteKind::Grpc),
         _ => None,
     }
+}
+
+// ---------------------------------------------------------------- status
+
+/// One condition of a route's parent status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    /// `Accepted` or `ResolvedRefs`.
+    pub kind: &'static str,
+    /// True or False.
+    pub ok: bool,
+    /// The reason (CamelCase, from the specification).
+    pub reason: &'static str,
+    /// For the operator.
+    pub message: String,
+}
+
+/// Our status for one Service parent of a route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentStatus {
+    /// The parent as written.
+    pub parent: ServiceParent,
+    /// Accepted, ResolvedRefs.
+    pub conditions: Vec<Condition>,
+}
+
+/// The status of every Service parent of route `id`: computed from the Services alone, which
+/// every node sees alike, so every agent arrives at the same conditions (the one-writer
+/// scheme: identical content, written only when it differs from what the object has).
+pub fn parent_statuses(
+    state: &crate::model::State,
+    id: &crate::model::ObjectRef,
+    r: &MeshRoute,
+) -> Vec<ParentStatus> {
+    use crate::model::ObjectRef;
+    let port_of = |svc: &ObjectRef, port: Option<u16>, section: Option<&String>| {
+        state.services.get(svc).is_some_and(|s| {
+            s.ports.iter().any(|p| {
+                port.is_none_or(|x| x == p.port) && section.is_none_or(|n| n == &p.name)
+            })
+        })
+    };
+    // ResolvedRefs is per route: every backend and mirror of every rule.
+    let mut unresolved: Option<(&'static str, String)> = None;
+    for (i, rule) in r.rules.iter().enumerate() {
+        let refs = rule
+            .backends
+            .iter()
+            .map(|b| &b.to)
+            .chain(rule.mirrors.iter().map(|(m, _)| m));
+        for b in refs {
+            let ns = b.namespace.as_deref().unwrap_or(&id.namespace);
+            let svc = ObjectRef::new(ns, b.name.clone());
+            let problem = if let Some((reason, msg)) = &b.invalid {
+                Some((*reason, msg.clone()))
+            } else if ns != id.namespace {
+                Some((
+                    "RefNotPermitted",
+                    format!(
+                        "spec.rules[{i}]: {svc} is in another namespace; cross-namespace references (ReferenceGrant) are not supported"
+                    ),
+                ))
+            } else if !port_of(&svc, b.port, None) {
+                Some((
+                    "BackendNotFound",
+                    format!(
+                        "spec.rules[{i}]: no Service port {svc}:{}",
+                        b.port.unwrap_or(0)
+                    ),
+                ))
+            } else {
+                None
+            };
+            if unresolved.is_none() {
+                unresolved = problem;
+            }
+        }
+    }
+    let resolved = match &unresolved {
+        None => Condition {
+            kind: "ResolvedRefs",
+            ok: true,
+            reason: "ResolvedRefs",
+            message: "every backendRef resolves".into(),
+        },
+        Some((reason, msg)) => Condition {
+            kind: "ResolvedRefs",
+            ok: false,
+            reason,
+            message: format!("{msg} (its share of requests answers 500)"),
+        },
+    };
+    r.parents
+        .iter()
+        .map(|p| {
+            let svc = ObjectRef::new(
+                p.namespace.as_deref().unwrap_or(&id.namespace),
+                p.name.clone(),
+            );
+            let accepted = if port_of(&svc, p.port, p.section.as_ref()) {
+                Condition {
+                    kind: "Accepted",
+                    ok: true,
+                    reason: "Accepted",
+                    message: "routes requests to the Service on every node".into(),
+                }
+            } else {
+                Condition {
+                    kind: "Accepted",
+                    ok: false,
+                    reason: "NoMatchingParent",
+                    message: format!(
+                        "no Service {svc}{} is served by proxy-agent",
+                        p.port.map(|x| format!(" with port {x}")).unwrap_or_default()
+                    ),
+                }
+            };
+            ParentStatus {
+                parent: p.clone(),
+                conditions: vec![accepted, resolved.clone()],
+            }
+        })
+        .collect()
+}
+
+/// Whether the object's status differs from `want` (type, status, reason or generation).
+pub fn status_differs(r: &MeshRoute, want: &[ParentStatus]) -> bool {
+    let gen_ = r.generation.unwrap_or(0);
+    want.len() != r.status.len()
+        || want.iter().any(|p| {
+            let have = r.status.iter().find(|(i, _)| *i == p.parent.index);
+            let Some((_, have)) = have else { return true };
+            have.len() != p.conditions.len()
+                || p.conditions.iter().any(|c| {
+                    !have.iter().any(|(t, s, reason, g)| {
+                        t == c.kind
+                            && s == if c.ok { "True" } else { "False" }
+                            && reason == c.reason
+                            && *g == gen_
+                    })
+                })
+        })
+}
+
+/// The merge patch writing `want` as our `status.parents[]` entries, other controllers'
+/// entries kept.
+pub fn status_patch(r: &MeshRoute, want: &[ParentStatus], now: &str) -> serde_json::Value {
+    let mut parents = r.foreign_status.clone();
+    for p in want {
+        let mut parent_ref = serde_json::json!({
+            "group": "",
+            "kind": "Service",
+            "name": p.parent.name,
+        });
+        if let Some(ns) = &p.parent.namespace {
+            parent_ref["namespace"] = ns.clone().into();
+        }
+        if let Some(port) = p.parent.port {
+            parent_ref["port"] = port.into();
+        }
+        if let Some(s) = &p.parent.section {
+            parent_ref["sectionName"] = s.clone().into();
+        }
+        parents.push(serde_json::json!({
+            "parentRef": parent_ref,
+            "controllerName": CONTROLLER,
+            "conditions": p.conditions.iter().map(|c| serde_json::json!({
+                "type": c.kind,
+                "status": if c.ok { "True" } else { "False" },
+                "reason": c.reason,
+                "message": c.message,
+                "observedGeneration": r.generation.unwrap_or(0),
+                "lastTransitionTime": now,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    serde_json::json!({"status": {"parents": parents}})
 }
 
 /// The retry conditions of a Gateway API `retry`: its codes, connection failures and resets.

@@ -5,7 +5,9 @@
 //! collection path or per namespace under `namespaces/{ns}/`):
 //! `v1` services and pods, `discovery.k8s.io/v1` endpointslices, `networking.istio.io`
 //! virtualservices and destinationrules (stored once, served as `v1`, `v1beta1` and `v1alpha3`)
-//! and `events.k8s.io/v1` events (which clients create with POST and update with merge PATCH).
+//! `gateway.networking.k8s.io/v1` httproutes and grpcroutes (with a `status` subresource that
+//! takes merge patches of `status` only) and `events.k8s.io/v1` events (which clients create
+//! with POST and update with merge PATCH).
 //! Anything else answers 404 with a `Status`. Lists honour `limit`/`continue`; watches replay
 //! history from `resourceVersion`, send BOOKMARKs about every second when allowed, end after
 //! `timeoutSeconds`, and support streaming lists (`sendInitialEvents=true`). Objects can also be
@@ -106,6 +108,20 @@ const KINDS: &[Kind] = &[
         namespaced: true,
     },
     Kind {
+        group: "gateway.networking.k8s.io",
+        versions: &["v1"],
+        plural: "httproutes",
+        kind: "HTTPRoute",
+        namespaced: true,
+    },
+    Kind {
+        group: "gateway.networking.k8s.io",
+        versions: &["v1"],
+        plural: "grpcroutes",
+        kind: "GRPCRoute",
+        namespaced: true,
+    },
+    Kind {
         group: "events.k8s.io",
         versions: &["v1"],
         plural: "events",
@@ -165,7 +181,7 @@ const KINDS: &[Kind] = &[
 
 /// Index of `events.k8s.io/v1` Event in [`KINDS`].
 /// (Kinds after it are what `kubectl apply -k deploy/` installs.)
-const EVENTS: usize = 5;
+const EVENTS: usize = 7;
 
 /// `apiVersion` of type `kind` in `version`.
 fn api_version(kind: usize, version: &str) -> String {
@@ -365,6 +381,7 @@ impl Shared {
         mut obj: Value,
         mode: Mode,
     ) -> Result<Value, ApiError> {
+        let new_spec = obj.get("spec").cloned();
         let Some(map) = obj.as_object_mut() else {
             return Err(ApiError::bad_request("the object is not a JSON object"));
         };
@@ -419,6 +436,18 @@ impl Shared {
             }
             _ => {}
         }
+        // metadata.generation: 1, then +1 whenever the spec changes (status writes keep it).
+        let generation = match old {
+            Some(old) => {
+                let g = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                if old.get("spec") == new_spec.as_ref() {
+                    g
+                } else {
+                    g + 1
+                }
+            }
+            None => 1,
+        };
         let (uid, created, event) = match old {
             Some(old) => (
                 old["metadata"]["uid"].clone(),
@@ -433,6 +462,7 @@ impl Shared {
         };
         meta.insert("uid".into(), uid);
         meta.insert("creationTimestamp".into(), created);
+        meta.insert("generation".into(), generation.into());
         Ok(self.commit(&mut st, key, event, obj))
     }
 
@@ -930,6 +960,8 @@ struct Route {
     version: &'static str,
     namespace: Option<String>,
     name: Option<String>,
+    /// `status` for the status subresource.
+    subresource: Option<&'static str>,
 }
 
 fn route(path: &str) -> Option<Route> {
@@ -939,10 +971,15 @@ fn route(path: &str) -> Option<Route> {
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => return None,
     };
+    let mut subresource = None;
     let (namespace, plural, name) = match rest {
         [plural] => (None, *plural, None),
         ["namespaces", ns, plural] => (Some(*ns), *plural, None),
         ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        ["namespaces", ns, plural, name, "status"] if group == "gateway.networking.k8s.io" => {
+            subresource = Some("status");
+            (Some(*ns), *plural, Some(*name))
+        }
         // A cluster-scoped object (`/api/v1/namespaces/NAME` included).
         [plural, name] => (None, *plural, Some(*name)),
         _ => return None,
@@ -956,6 +993,7 @@ fn route(path: &str) -> Option<Route> {
         version,
         namespace: namespace.map(percent_decode),
         name: name.map(percent_decode),
+        subresource,
     })
 }
 
@@ -1095,12 +1133,15 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBod
         let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
         let verb = verb_of(&method, route.name.is_some(), watch);
         let group = KINDS[route.kind].group;
-        let resource = KINDS[route.kind].plural;
-        let allowed = rules.iter().any(|r| r.allows(verb, group, resource));
+        let resource = match route.subresource {
+            Some(sub) => format!("{}/{sub}", KINDS[route.kind].plural),
+            None => KINDS[route.kind].plural.to_string(),
+        };
+        let allowed = rules.iter().any(|r| r.allows(verb, group, &resource));
         lock(&shared.accesses).push(Access {
             verb: verb.to_string(),
             group: group.to_string(),
-            resource: resource.to_string(),
+            resource: resource.clone(),
             namespace: route.namespace.clone(),
             allowed,
         });
@@ -1131,6 +1172,14 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<ResponseBod
     };
 
     let result = match (&method, &route.name) {
+        (&Method::PATCH, Some(name)) if route.subresource.is_some() => {
+            patch_status(shared, &route, name, &content_type, &body, &view)
+        }
+        (_, Some(_)) if route.subresource.is_some() => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the double takes merge PATCHes of status subresources only".to_string(),
+        )),
         (&Method::GET, None) => {
             if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
                 return watch(shared, &route, view, &query);
@@ -1385,6 +1434,43 @@ fn patch(
     };
     merge_patch(&mut obj, &patch);
     obj["metadata"]["name"] = name.into();
+    let stored = shared.write(route.kind, &ns, obj, Mode::Replace)?;
+    Ok((StatusCode::OK, view.object(&stored)))
+}
+
+/// A merge patch of the status subresource: only `status` of the patch applies.
+fn patch_status(
+    shared: &Shared,
+    route: &Route,
+    name: &str,
+    content_type: &str,
+    body: &[u8],
+    view: &View,
+) -> Result<(StatusCode, Value), ApiError> {
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    if media != "application/merge-patch+json" {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!("the double takes merge patches of status only, not {content_type:?}"),
+        ));
+    }
+    let patch = parse_body(body)?;
+    let ns = ns_of(route.kind, route.namespace.as_deref());
+    let current = shared
+        .store()
+        .objects
+        .get(&(route.kind, ns.clone(), name.to_string()))
+        .cloned();
+    let Some(mut obj) = current else {
+        return Err(ApiError::not_found(format!(
+            "{} \"{name}\" not found",
+            KINDS[route.kind].plural
+        )));
+    };
+    if let Some(st) = patch.get("status") {
+        merge_patch(&mut obj["status"], st);
+    }
     let stored = shared.write(route.kind, &ns, obj, Mode::Replace)?;
     Ok((StatusCode::OK, view.object(&stored)))
 }

@@ -476,3 +476,625 @@ spec:
     );
     assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
 }
+
+// ------------------------------------------------------------------ Gateway API (GAMMA)
+
+const MESH_NS: &str = "gateway-conformance-mesh";
+
+fn conformance(name: &str) -> String {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/gateway-api")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// The Gateway API mesh conformance setup on one node: Services `echo` (both versions),
+/// `echo-v1` and `echo-v2` in gateway-conformance-mesh with the ports of the conformance
+/// manifests (http 80 → 8080, http-alt 8080, grpc 7070), and pods `echo-v1`/`echo-v2` running
+/// the conformance-style echo server (8080) and a gRPC server (7070).
+struct Mesh {
+    node: SimNode,
+    api: ApiServer,
+    client: Pod,
+    v2: Pod,
+    /// Paths of the requests echo-v2 received, one per line.
+    v2_record: PathBuf,
+    _servers: Vec<Proc>,
+    _agent: Proc,
+}
+
+/// ClusterIPs of echo, echo-v1, echo-v2.
+const ECHO: &str = "198.19.2.10";
+const ECHO_V1: &str = "198.19.2.11";
+const ECHO_V2: &str = "198.19.2.12";
+
+fn mesh_service(name: &str, ip: &str, pods: &[(Ipv4Addr, &str)]) -> String {
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {MESH_NS}}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, appProtocol: http}}\n  - {{name: http-alt, port: 8080, appProtocol: http}}\n  - {{name: grpc, port: 7070, appProtocol: grpc}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: {MESH_NS}\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\n- {{name: http-alt, port: 8080, protocol: TCP}}\n- {{name: grpc, port: 7070, protocol: TCP}}\nendpoints:\n"
+    );
+    for (ip, pod) in pods {
+        y.push_str(&format!(
+            "- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  targetRef: {{kind: Pod, name: {pod}, namespace: {MESH_NS}}}\n"
+        ));
+    }
+    y
+}
+
+fn mesh() -> Mesh {
+    let mut node = SimNode::new();
+    let api = ApiServer::start(Some(&node.netns_path()));
+    let kubeconfig = node.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+    let mut servers = Vec::new();
+    let mut pods = Vec::new();
+    let v2_record = node.dir.join("echo-v2.paths");
+    for v in ["v1", "v2"] {
+        let name = format!("echo-{v}");
+        let pod = node.add_pod(&name);
+        let record = node.dir.join(format!("{name}.paths"));
+        servers.push(pod.fixture_server(
+            "echo",
+            &[
+                "--listen",
+                "0.0.0.0:8080",
+                "--namespace",
+                MESH_NS,
+                "--record",
+                record.to_str().unwrap(),
+            ],
+        ));
+        servers.push(pod.fixture_server("grpc", &["--listen", "0.0.0.0:7070"]));
+        api.apply_yaml(
+            &k8s::pod(&name, pod.ip, &[("app", "echo"), ("version", v)])
+                .replace("namespace: default", &format!("namespace: {MESH_NS}")),
+        );
+        pods.push((pod, name));
+    }
+    let refs: Vec<(Ipv4Addr, &str)> = pods.iter().map(|(p, n)| (p.ip, n.as_str())).collect();
+    api.apply_yaml(&mesh_service("echo", ECHO, &refs));
+    api.apply_yaml(&mesh_service("echo-v1", ECHO_V1, &refs[..1]));
+    api.apply_yaml(&mesh_service("echo-v2", ECHO_V2, &refs[1..]));
+    let client = node.add_pod("client");
+    let agent = node.start_agent_kube(&kubeconfig, &["--node-ip", "198.18.0.1"]);
+    node.wait_l7_routes(9, T);
+    let v2 = pods.pop().unwrap().0;
+    Mesh {
+        node,
+        api,
+        client,
+        v2,
+        v2_record,
+        _servers: servers,
+        _agent: agent,
+    }
+}
+
+/// The route objects (`HTTPRoute ns/name`) of a manifest.
+fn route_names(yaml: &str) -> Vec<String> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .filter_map(|d| {
+            let v = <Value as serde::Deserialize>::deserialize(d).ok()?;
+            Some(format!(
+                "{} {}/{}",
+                v["kind"].as_str()?,
+                v["metadata"]["namespace"].as_str().unwrap_or("default"),
+                v["metadata"]["name"].as_str()?
+            ))
+        })
+        .collect()
+}
+
+/// One answer: status, response headers, and the echo server's JSON (`Null` if none).
+struct Answer {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    echo: Value,
+}
+
+impl Answer {
+    /// The pod that answered ("" when the proxy did).
+    fn backend(&self) -> &str {
+        self.echo["pod"].as_str().unwrap_or_default()
+    }
+
+    /// A request header as the backend got it (values joined with ",").
+    fn got(&self, name: &str) -> Option<String> {
+        let v = self.echo["headers"][name.to_ascii_lowercase()].as_array()?;
+        Some(
+            v.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    }
+}
+
+impl Mesh {
+    /// Applies a manifest through the API double; waits until every route in it serves.
+    fn apply(&self, yaml: &str) {
+        self.api.apply_yaml(yaml);
+        let want = route_names(yaml);
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let routes = self.node.admin_json("/routes").to_string();
+            if want.iter().all(|w| routes.contains(&format!("\"{w}\""))) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{want:?} never served; problems: {}",
+                self.node.admin_json("/problems")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            self.node.status()["problems"],
+            0,
+            "applies unchanged: {}",
+            self.node.admin_json("/problems")
+        );
+    }
+
+    /// `curl` to `vip` with `Host: host` (as a mesh client resolving the Service name would).
+    fn get(&self, vip: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+        let url = format!("http://{vip}{path}");
+        let h: Vec<String> = std::iter::once(format!("Host: {host}"))
+            .chain(headers.iter().map(|(k, v)| format!("{k}: {v}")))
+            .collect();
+        let mut args: Vec<&str> = Vec::new();
+        for x in &h {
+            args.extend_from_slice(&["-H", x]);
+        }
+        args.push(&url);
+        let (status, headers, body) = curl(&self.client, &args);
+        Answer {
+            status,
+            headers,
+            echo: serde_json::from_str(body.trim()).unwrap_or(Value::Null),
+        }
+    }
+
+    /// `count` requests to `vip`; answers by pod.
+    fn spread(&self, vip: &str, count: usize) -> BTreeMap<String, u64> {
+        let url = format!("http://{vip}/");
+        let n = count.to_string();
+        let out = self.client.probe(
+            "http-probe",
+            &["--url", &url, "--count", &n, "--concurrency", "4"],
+            T,
+        );
+        assert_eq!(out["ok"], count as u64, "{out}");
+        tally(&out, "server_ids")
+    }
+}
+
+/// A redirect's Location as (scheme, host, port, path).
+fn location(a: &Answer) -> (String, String, Option<String>, String) {
+    let loc = a.headers.get("location").cloned().unwrap_or_default();
+    let (scheme, rest) = loc.split_once("://").unwrap_or(("", &loc));
+    let (auth, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_string()),
+        None => (rest, "/".to_string()),
+    };
+    let (host, port) = match auth.split_once(':') {
+        Some((h, p)) => (h.to_string(), Some(p.to_string())),
+        None => (auth.to_string(), None),
+    };
+    (scheme.into(), host, port, path)
+}
+
+#[test]
+fn mesh_basic() {
+    let m = mesh();
+    let a = m.get(ECHO, "echo", "/", &[]);
+    assert_eq!(a.status, 200);
+}
+
+#[test]
+fn mesh_http_route_simple_same_namespace_and_route_status() {
+    let m = mesh();
+    let yaml = conformance("httproute-simple-same-namespace.yaml");
+    m.apply(&yaml);
+    for _ in 0..10 {
+        let a = m.get(ECHO, "echo", "/", &[]);
+        assert_eq!((a.status, a.backend()), (200, "echo-v1"));
+    }
+    // Status: Accepted and ResolvedRefs on the Service parent, written by the agent.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let r = m
+            .api
+            .get("gateway.networking.k8s.io/v1", "HTTPRoute", MESH_NS, "gateway-conformance-mesh-test")
+            .unwrap();
+        let parents = r["status"]["parents"].as_array().cloned().unwrap_or_default();
+        if let Some(p) = parents.first() {
+            assert_eq!(p["controllerName"], "proxy-agent.io/mesh", "{r}");
+            assert_eq!(p["parentRef"]["name"], "echo", "{r}");
+            assert_eq!(p["parentRef"]["port"], 80, "{r}");
+            let c: BTreeMap<String, (String, String)> = p["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    (
+                        c["type"].as_str().unwrap().to_string(),
+                        (
+                            c["status"].as_str().unwrap().to_string(),
+                            c["reason"].as_str().unwrap().to_string(),
+                        ),
+                    )
+                })
+                .collect();
+            assert_eq!(c["Accepted"], ("True".into(), "Accepted".into()), "{r}");
+            assert_eq!(c["ResolvedRefs"], ("True".into(), "ResolvedRefs".into()), "{r}");
+            assert_eq!(p["conditions"][0]["observedGeneration"], 1, "{r}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no status written: {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A backend that does not exist: its requests answer 500, ResolvedRefs turns False
+    // (BackendNotFound) with the new generation, and the route stays Accepted.
+    m.api.apply_yaml(&yaml.replace("name: echo-v1", "name: echo-v9"));
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let a = m.get(ECHO, "echo", "/", &[]);
+        let r = m
+            .api
+            .get("gateway.networking.k8s.io/v1", "HTTPRoute", MESH_NS, "gateway-conformance-mesh-test")
+            .unwrap();
+        let conds = &r["status"]["parents"][0]["conditions"];
+        if a.status == 500 && conds[1]["reason"] == "BackendNotFound" {
+            assert_eq!(conds[1]["status"], "False", "{r}");
+            assert_eq!(conds[1]["observedGeneration"], 2, "{r}");
+            assert_eq!(conds[0]["reason"], "Accepted", "{r}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{} {r}", a.status);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn mesh_frontend() {
+    let m = mesh();
+    m.apply(&conformance("mesh-frontend.yaml"));
+    let a = m.get(ECHO_V2, "echo-v2", "/", &[]);
+    assert_eq!((a.status, a.backend()), (200, "echo-v2"));
+    assert_eq!(a.headers.get("x-header-set").map(String::as_str), Some("set"));
+    // To the pod IP: no Service, no route.
+    let pod = format!("{}:8080", m.v2.ip);
+    let a = m.get(&pod, &pod, "/", &[]);
+    assert_eq!((a.status, a.backend()), (200, "echo-v2"));
+    assert!(!a.headers.contains_key("x-header-set"), "{:?}", a.headers);
+}
+
+#[test]
+fn mesh_ports() {
+    let m = mesh();
+    m.apply(&conformance("mesh-ports.yaml"));
+    let a = m.get(ECHO_V1, "echo-v1", "/", &[]);
+    assert_eq!(a.headers.get("x-header-set").map(String::as_str), Some("v1"));
+    let a = m.get(&format!("{ECHO_V1}:8080"), "echo-v1:8080", "/", &[]);
+    assert_eq!((a.status, a.backend()), (200, "echo-v1"));
+    assert!(!a.headers.contains_key("x-header-set"), "port 8080 is not the route's");
+    for port in ["", ":8080"] {
+        let a = m.get(&format!("{ECHO_V2}{port}"), "echo-v2", "/", &[]);
+        assert_eq!((a.status, a.backend()), (200, "echo-v2"));
+        assert_eq!(a.headers.get("x-header-set").map(String::as_str), Some("v2"));
+    }
+}
+
+#[test]
+fn mesh_traffic_split() {
+    let m = mesh();
+    m.apply(&conformance("mesh-split.yaml"));
+    for (path, backend) in [("/v1", "echo-v1"), ("/v2", "echo-v2")] {
+        for _ in 0..5 {
+            let a = m.get(ECHO, "echo", path, &[]);
+            assert_eq!((a.status, a.backend()), (200, backend), "{path}");
+        }
+    }
+}
+
+#[test]
+fn mesh_http_route_matching() {
+    let m = mesh();
+    m.apply(&conformance("httproute-matching.yaml"));
+    for (path, header, backend) in [
+        ("/", None, "echo-v1"),
+        ("/example", None, "echo-v1"),
+        ("/", Some("one"), "echo-v1"),
+        ("/v2", None, "echo-v2"),
+        ("/v2/example", None, "echo-v2"),
+        ("/", Some("two"), "echo-v2"),
+        ("/v2/", None, "echo-v2"),
+        ("/v2example", None, "echo-v1"),
+        ("/foo/v2/example", None, "echo-v1"),
+    ] {
+        let h: Vec<(&str, &str)> = header.map(|v| ("Version", v)).into_iter().collect();
+        let a = m.get(ECHO, "echo", path, &h);
+        assert_eq!((a.status, a.backend()), (200, backend), "{path} {header:?}");
+    }
+}
+
+#[test]
+fn mesh_http_route_query_param_matching() {
+    let m = mesh();
+    m.apply(&conformance("httproute-query-param-matching.yaml"));
+    for (path, version, want) in [
+        ("/?animal=whale", None, Some("echo-v1")),
+        ("/?animal=dolphin", None, Some("echo-v2")),
+        ("/?animal=whale&otherparam=irrelevant", None, Some("echo-v1")),
+        ("/?animal=dolphin&color=yellow", None, Some("echo-v2")),
+        ("/?color=blue", None, None),
+        ("/?animal=dog", None, None),
+        ("/?animal=whaledolphin", None, None),
+        ("/", None, None),
+        ("/path1?animal=whale", None, Some("echo-v1")),
+        ("/?animal=whale", Some("one"), Some("echo-v2")),
+        ("/path3?animal=shark", None, Some("echo-v1")),
+        ("/path4?animal=kraken", Some("three"), Some("echo-v1")),
+        ("/?animal=shark", None, None),
+        ("/path4?animal=kraken", None, None),
+        ("/path5?animal=hydra", None, Some("echo-v1")),
+    ] {
+        let h: Vec<(&str, &str)> = version.map(|v| ("version", v)).into_iter().collect();
+        let a = m.get(ECHO, "echo", path, &h);
+        match want {
+            Some(b) => assert_eq!((a.status, a.backend()), (200, b), "{path} {version:?}"),
+            None => assert_eq!(a.status, 404, "{path} {version:?}"),
+        }
+    }
+}
+
+#[test]
+fn mesh_http_route_weight() {
+    let m = mesh();
+    m.apply(&conformance("httproute-weight.yaml"));
+    let n = 500;
+    let got = m.spread(ECHO, n);
+    let v1 = got.get("echo-v1").copied().unwrap_or(0);
+    let v2 = got.get("echo-v2").copied().unwrap_or(0);
+    assert_eq!(v1 + v2, n as u64, "{got:?}");
+    // 70/30: a binomial with sd ≈ 2% of n; 8% is four sd.
+    assert!(near(v1, n as u64, 0.7, 0.08), "{got:?}");
+}
+
+#[test]
+fn mesh_grpc_route_weight() {
+    let m = mesh();
+    m.apply(&conformance("grpcroute-weight.yaml"));
+    let url = format!("http://{ECHO}:7070");
+    let mut got: BTreeMap<String, u64> = BTreeMap::new();
+    let n = 100;
+    for _ in 0..n {
+        let out = m.client.probe(
+            "grpc-probe",
+            &["--url", &url, "--mode", "collect", "--messages", "1"],
+            T,
+        );
+        assert_eq!(out["ok"], true, "{out}");
+        *got.entry(out["server_ids"][0].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let v1 = got.get("echo-v1").copied().unwrap_or(0);
+    assert_eq!(v1 + got.get("echo-v2").copied().unwrap_or(0), n, "{got:?}");
+    // 70/30/0 (echo-v3 does not exist and has weight 0: never a 500): sd ≈ 4.6%.
+    assert!(near(v1, n, 0.7, 0.18), "{got:?}");
+}
+
+#[test]
+fn mesh_http_route_redirect_path_port_scheme_host_and_status() {
+    let m = mesh();
+    for f in [
+        "httproute-redirect-path.yaml",
+        "httproute-redirect-port.yaml",
+        "httproute-redirect-scheme.yaml",
+        "httproute-redirect-host-and-status.yaml",
+    ] {
+        m.apply(&conformance(f));
+    }
+    let s = |x: &str| x.to_string();
+    for (path, status, want) in [
+        // MeshHTTPRouteRedirectPath
+        ("/original-prefix/lemon", 302, (s("http"), s("echo"), None, s("/replacement-prefix/lemon"))),
+        ("/full/path/original", 302, (s("http"), s("echo"), None, s("/full-path-replacement"))),
+        ("/path-and-host", 302, (s("http"), s("example.org"), None, s("/replacement-prefix"))),
+        ("/path-and-status", 301, (s("http"), s("echo"), None, s("/replacement-prefix"))),
+        ("/full-path-and-host", 302, (s("http"), s("example.org"), None, s("/replacement-full"))),
+        ("/full-path-and-status", 301, (s("http"), s("echo"), None, s("/replacement-full"))),
+        // MeshHTTPRouteRedirectPort
+        ("/port", 302, (s("http"), s("echo"), Some(s("8083")), s("/port"))),
+        ("/port-and-host", 302, (s("http"), s("example.org"), Some(s("8083")), s("/port-and-host"))),
+        ("/port-and-status", 301, (s("http"), s("echo"), Some(s("8083")), s("/port-and-status"))),
+        ("/port-and-host-and-status", 302, (s("http"), s("example.org"), Some(s("8083")), s("/port-and-host-and-status"))),
+        // MeshHTTPRouteRedirectScheme
+        ("/scheme", 302, (s("https"), s("echo"), None, s("/scheme"))),
+        ("/scheme-and-host", 302, (s("https"), s("example.org"), None, s("/scheme-and-host"))),
+        ("/scheme-and-status", 301, (s("https"), s("echo"), None, s("/scheme-and-status"))),
+        ("/scheme-and-host-and-status", 302, (s("https"), s("example.org"), None, s("/scheme-and-host-and-status"))),
+        // MeshHTTPRouteRedirectHostAndStatus
+        ("/hostname-redirect", 302, (s("http"), s("example.org"), None, s("/hostname-redirect"))),
+        ("/host-and-status", 301, (s("http"), s("example.org"), None, s("/host-and-status"))),
+    ] {
+        let a = m.get(ECHO, "echo", path, &[]);
+        assert_eq!(a.status, status, "{path}: {:?}", a.headers);
+        assert_eq!(location(&a), want, "{path}");
+    }
+}
+
+#[test]
+fn mesh_http_route_rewrite_path() {
+    let m = mesh();
+    m.apply(&conformance("httproute-rewrite-path.yaml"));
+    for (path, upstream) in [
+        ("/prefix/one/two", "/one/two"),
+        ("/strip-prefix/three", "/three"),
+        ("/strip-prefix", "/"),
+        ("/full/one/two", "/one"),
+        ("/full/rewrite-path-and-modify-headers/test", "/test"),
+        ("/prefix/rewrite-path-and-modify-headers/one", "/prefix/one"),
+    ] {
+        let a = m.get(
+            ECHO,
+            "echo",
+            path,
+            &[("X-Header-Remove", "gone"), ("X-Header-Add-Append", "a")],
+        );
+        assert_eq!((a.status, a.backend()), (200, "echo-v1"), "{path}");
+        assert_eq!(a.echo["path"], upstream, "{path}");
+        if path.contains("modify-headers") {
+            assert_eq!(a.got("x-header-set").as_deref(), Some("set-overwrites-values"));
+            assert_eq!(a.got("x-header-add").as_deref(), Some("header-val-1"));
+            assert_eq!(a.got("x-header-add-append").as_deref(), Some("a,header-val-2"));
+            assert_eq!(a.got("x-header-remove"), None);
+        }
+    }
+}
+
+#[test]
+fn mesh_http_route_request_header_modifier() {
+    let m = mesh();
+    m.apply(&conformance("httproute-request-header-modifier.yaml"));
+    let a = m.get(ECHO, "echo", "/set", &[("Some-Other-Header", "val")]);
+    assert_eq!(a.got("x-header-set").as_deref(), Some("set-overwrites-values"));
+    assert_eq!(a.got("some-other-header").as_deref(), Some("val"));
+    let a = m.get(ECHO, "echo", "/set", &[("X-Header-Set", "some-other-value")]);
+    assert_eq!(a.got("x-header-set").as_deref(), Some("set-overwrites-values"));
+    let a = m.get(ECHO, "echo", "/add", &[]);
+    assert_eq!(a.got("x-header-add").as_deref(), Some("add-appends-values"));
+    let a = m.get(ECHO, "echo", "/add", &[("X-Header-Add", "some-other-value")]);
+    assert_eq!(
+        a.got("x-header-add").as_deref(),
+        Some("some-other-value,add-appends-values")
+    );
+    let a = m.get(ECHO, "echo", "/remove", &[("X-Header-Remove", "val")]);
+    assert_eq!((a.status, a.got("x-header-remove")), (200, None));
+    let a = m.get(
+        ECHO,
+        "echo",
+        "/multiple",
+        &[
+            ("X-Header-Set-2", "set-val-2"),
+            ("X-Header-Add-2", "add-val-2"),
+            ("X-Header-Remove-2", "remove-val-2"),
+            ("Another-Header", "another-header-val"),
+        ],
+    );
+    assert_eq!(a.got("x-header-set-1").as_deref(), Some("header-set-1"));
+    assert_eq!(a.got("x-header-set-2").as_deref(), Some("header-set-2"));
+    assert_eq!(a.got("x-header-add-1").as_deref(), Some("header-add-1"));
+    assert_eq!(a.got("x-header-add-2").as_deref(), Some("add-val-2,header-add-2"));
+    assert_eq!(a.got("x-header-add-3").as_deref(), Some("header-add-3"));
+    assert_eq!(a.got("x-header-remove-2"), None);
+    assert_eq!(a.got("another-header").as_deref(), Some("another-header-val"));
+    let a = m.get(
+        ECHO,
+        "echo",
+        "/case-insensitivity",
+        &[("x-header-set", "original"), ("X-HEADER-REMOVE", "x")],
+    );
+    assert_eq!(a.got("x-header-set").as_deref(), Some("header-set"));
+    assert_eq!(a.got("x-header-add").as_deref(), Some("header-add"));
+    assert_eq!(a.got("x-header-remove"), None);
+}
+
+/// HTTPRouteRetry, HTTPRouteTimeoutRequest, HTTPRouteTimeoutBackendRequest and
+/// HTTPRouteRequestPercentageMirror (gateway conformance tests), with the conformance routes'
+/// rules on a Service parent.
+#[test]
+fn http_route_retry_timeouts_and_percentage_mirror() {
+    let m = mesh();
+    m.apply(&format!(
+        r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: semantics, namespace: {MESH_NS}}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: echo, port: 80}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /retry/code-500-attempts-3}}}}]
+    retry: {{codes: [500], attempts: 3}}
+    backendRefs: [{{name: echo-v1, port: 8080}}]
+  - matches: [{{path: {{type: PathPrefix, value: /retry/code-all-attempts-2}}}}]
+    retry: {{codes: [500, 502, 503, 504], attempts: 2, backoff: 10ms}}
+    backendRefs: [{{name: echo-v1, port: 8080}}]
+  - matches: [{{path: {{type: PathPrefix, value: /request-timeout}}}}]
+    timeouts: {{request: 500ms}}
+    backendRefs: [{{name: echo-v1, port: 8080}}]
+  - matches: [{{path: {{type: PathPrefix, value: /disable-request-timeout}}}}]
+    timeouts: {{request: "0s"}}
+    backendRefs: [{{name: echo-v1, port: 8080}}]
+  - matches: [{{path: {{type: PathPrefix, value: /backend-timeout}}}}]
+    timeouts: {{backendRequest: 500ms}}
+    retry: {{attempts: 0}}
+    backendRefs: [{{name: echo-v1, port: 8080}}]
+  - matches: [{{path: {{type: PathPrefix, value: /disable-backend-timeout}}}}]
+    timeouts: {{backendRequest: "0s"}}
+    backendRefs: [{{name: echo-v1, port: 8080}}]
+  - matches: [{{path: {{type: PathPrefix, value: /percent-mirror}}}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {{backendRef: {{name: echo-v2, port: 8080}}, percent: 20}}
+    backendRefs: [{{name: echo-v1, port: 8080}}]
+"#
+    ));
+    let mut id = 0;
+    let mut retry = |path: &str, code: u16, after: u32| {
+        id += 1;
+        m.get(
+            ECHO,
+            "echo",
+            &format!("{path}?responseCode={code}&succeedAfter={after}&id={id}"),
+            &[],
+        )
+        .status
+    };
+    // HTTPRouteRetry: attempts is the number of retries after the first try.
+    assert_eq!(retry("/retry/code-500-attempts-3", 500, 2), 200);
+    assert_eq!(retry("/retry/code-500-attempts-3", 500, 3), 200);
+    assert_eq!(retry("/retry/code-500-attempts-3", 500, 4), 500);
+    assert_eq!(retry("/retry/code-500-attempts-3", 503, 2), 503, "503 is not in codes");
+    for code in [500, 502, 503, 504] {
+        assert_eq!(retry("/retry/code-all-attempts-2", code, 1), 200, "{code}");
+        assert_eq!(retry("/retry/code-all-attempts-2", code, 3), code, "{code}");
+    }
+    // HTTPRouteTimeoutRequest.
+    assert_eq!(m.get(ECHO, "echo", "/request-timeout", &[]).status, 200);
+    assert_eq!(m.get(ECHO, "echo", "/request-timeout?delay=1s", &[]).status, 504);
+    assert_eq!(m.get(ECHO, "echo", "/disable-request-timeout?delay=1s", &[]).status, 200);
+    // HTTPRouteTimeoutBackendRequest.
+    assert_eq!(m.get(ECHO, "echo", "/backend-timeout", &[]).status, 200);
+    assert_eq!(m.get(ECHO, "echo", "/backend-timeout?delay=1s", &[]).status, 504);
+    assert_eq!(m.get(ECHO, "echo", "/disable-backend-timeout?delay=1s", &[]).status, 200);
+    // HTTPRouteRequestPercentageMirror: about 20% of requests are copied to echo-v2; every
+    // answer comes from echo-v1. Copies are counted by the mirror target's access log: the
+    // agent's metrics name each request's cluster.
+    let n = 300u64;
+    let url = format!("http://{ECHO}/percent-mirror");
+    let out = m.client.probe(
+        "http-probe",
+        &["--url", &url, "--count", &n.to_string(), "--concurrency", "4"],
+        T,
+    );
+    assert_eq!(out["ok"], n, "{out}");
+    assert_eq!(tally(&out, "server_ids"), only("echo-v1", n));
+    // Copies are sent in the background: wait until they stop arriving.
+    let count = || {
+        std::fs::read_to_string(&m.v2_record)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("/percent-mirror"))
+            .count() as u64
+    };
+    let mut mirrored = count();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = count();
+        if now == mirrored {
+            break;
+        }
+        mirrored = now;
+    }
+    assert!(near(mirrored, n, 0.2, 0.08), "{mirrored} of {n} mirrored");
+}

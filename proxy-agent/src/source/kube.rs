@@ -413,7 +413,82 @@ pub async fn start(
     );
     reporter.send_events_to(problem_tx);
     tokio::spawn(publish_events(recorder, problem_rx));
+    tokio::spawn(write_route_status(
+        client.clone(),
+        tx.subscribe(),
+        cfg.node_name.clone().unwrap_or_default(),
+    ));
     tokio::spawn(aggregate(cfg, msg_rx, tx, reporter, progress));
+}
+
+/// Writes `status.parents[]` of the HTTPRoutes and GRPCRoutes with Service parents.
+///
+/// Every agent computes the same conditions (from Services, which every node sees alike) and
+/// writes only when the object's differ, after a delay that differs per node: the first
+/// agent's write reaches the others through their watch and they find nothing to do. So
+/// agents never fight; at worst two write the same content at once.
+async fn write_route_status(
+    client: Client,
+    mut rx: watch::Receiver<Option<std::sync::Arc<State>>>,
+    node: String,
+) {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    node.hash(&mut h);
+    let delay = Duration::from_millis(h.finish() % 1000);
+    // What this agent wrote last, per route: (generation, statuses).
+    let mut written: HashMap<(gateway::RouteKind, ObjectRef), (Option<i64>, Vec<gateway::ParentStatus>)> =
+        HashMap::new();
+    loop {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        let Some(state) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        written.retain(|k, _| state.mesh_routes.contains_key(k));
+        for (key, r) in &state.mesh_routes {
+            let (kind, id) = key;
+            let want = gateway::parent_statuses(&state, id, r);
+            if want.is_empty() || !gateway::status_differs(r, &want) {
+                continue;
+            }
+            if written.get(key).is_some_and(|(g, w)| *g == r.generation && *w == want) {
+                continue; // written; the watch has not brought it back yet
+            }
+            let ar = ApiResource {
+                group: gateway::GROUP.into(),
+                version: "v1".into(),
+                api_version: format!("{}/v1", gateway::GROUP),
+                kind: kind.name().into(),
+                plural: kind.plural().into(),
+            };
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &id.namespace, &ar);
+            let now = jiff::Timestamp::now().round(jiff::Unit::Second).unwrap_or(jiff::Timestamp::now());
+            let patch = gateway::status_patch(r, &want, &now.to_string());
+            match api
+                .patch_status(
+                    &id.name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    info!(kind = kind.name(), route = %id, "wrote route status");
+                    written.insert(key.clone(), (r.generation, want));
+                }
+                Err(e) => warn!(
+                    kind = kind.name(),
+                    route = %id,
+                    error = %e,
+                    "cannot write route status (the ClusterRole must allow patch on {}/status)",
+                    kind.plural()
+                ),
+            }
+        }
+    }
 }
 
 async fn publish_events(recorder: Recorder, mut rx: mpsc::UnboundedReceiver<Problem>) {
