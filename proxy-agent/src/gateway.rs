@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::istio::{
-    Cors, Fe, HeaderOps, Headers, HttpMatch, Redirect, Regex, Rewrite, RetryOn, StringMatch,
+    Cors, Fe, HeaderOps, Headers, HttpMatch, Redirect, Regex, RetryOn, Rewrite, StringMatch,
     header_name, header_value, strict,
 };
 use crate::source::convert::FieldError;
@@ -381,6 +381,9 @@ pub struct MeshRule {
     pub retry: Option<Retry>,
 }
 
+/// A condition as the object has it: (type, status, reason, observedGeneration).
+pub type SeenCondition = (String, String, String, i64);
+
 /// A validated HTTPRoute or GRPCRoute.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MeshRoute {
@@ -396,7 +399,7 @@ pub struct MeshRoute {
     pub rules: Vec<MeshRule>,
     /// `status.parents[]` conditions of ours as the API server has them, by parent index:
     /// (type, status, reason, observedGeneration) — to write only what changed.
-    pub status: Vec<(usize, Vec<(String, String, String, i64)>)>,
+    pub status: Vec<(usize, Vec<SeenCondition>)>,
     /// Other controllers' `status.parents[]` entries, kept as they are when ours are written.
     pub foreign_status: Vec<serde_json::Value>,
 }
@@ -515,10 +518,7 @@ fn backend_ref(
     };
     let port = port(&format!("{f}.port"), p)?;
     if invalid.is_none() && port.is_none() {
-        return Err((
-            format!("{f}.port"),
-            "required for a Service backend".into(),
-        ));
+        return Err((format!("{f}.port"), "required for a Service backend".into()));
     }
     Ok(BackendRef {
         name,
@@ -557,11 +557,7 @@ fn header_filter(f: &str, w: HeaderFilterWire) -> Result<HeaderOps, Fe> {
 }
 
 fn path_modifier(f: &str, w: PathModifierWire) -> Result<(String, bool), Fe> {
-    match (
-        w.kind.as_str(),
-        w.replace_full_path,
-        w.replace_prefix_match,
-    ) {
+    match (w.kind.as_str(), w.replace_full_path, w.replace_prefix_match) {
         ("ReplaceFullPath", Some(p), None) => Ok((p, false)),
         ("ReplacePrefixMatch", None, Some(p)) => Ok((p, true)),
         ("ReplaceFullPath", _, _) => Err((
@@ -626,7 +622,9 @@ fn filters(
             "URLRewrite" if !grpc => "urlRewrite",
             "RequestMirror" => "requestMirror",
             "CORS" if !grpc => "cors",
-            "ExtensionRef" => return Err(unsupported(&format!("{f}.extensionRef"), "ExtensionRef")),
+            "ExtensionRef" => {
+                return Err(unsupported(&format!("{f}.extensionRef"), "ExtensionRef"));
+            }
             "ExternalAuth" => {
                 return Err(unsupported(&format!("{f}.externalAuth"), "ExternalAuth"));
             }
@@ -774,7 +772,11 @@ fn filters(
     Ok(())
 }
 
-fn name_matches(f: &str, list: Vec<NameMatchWire>, lower: bool) -> Result<Vec<(String, StringMatch)>, Fe> {
+fn name_matches(
+    f: &str,
+    list: Vec<NameMatchWire>,
+    lower: bool,
+) -> Result<Vec<(String, StringMatch)>, Fe> {
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (i, h) in list.into_iter().enumerate() {
@@ -790,7 +792,9 @@ fn name_matches(f: &str, list: Vec<NameMatchWire>, lower: bool) -> Result<Vec<(S
         }
         let m = match h.kind.as_deref().unwrap_or("Exact") {
             "Exact" => StringMatch::Exact(h.value),
-            "RegularExpression" => StringMatch::Regex(Regex::whole(&format!("{ff}.value"), &h.value)?),
+            "RegularExpression" => {
+                StringMatch::Regex(Regex::whole(&format!("{ff}.value"), &h.value)?)
+            }
             other => {
                 return Err((
                     format!("{ff}.type"),
@@ -817,8 +821,16 @@ fn http_match(f: &str, w: HttpMatchWire) -> Result<RankedMatch, Fe> {
             return Err((pf, format!("{value:?} must start with /")));
         }
         "Exact" => (StringMatch::Exact(value.clone()), 3, value.len()),
-        "PathPrefix" => (StringMatch::PathPrefix(value.clone()), 2, value.trim_end_matches('/').len().max(1)),
-        "RegularExpression" => (StringMatch::Regex(Regex::whole(&pf, &value)?), 1, value.len()),
+        "PathPrefix" => (
+            StringMatch::PathPrefix(value.clone()),
+            2,
+            value.trim_end_matches('/').len().max(1),
+        ),
+        "RegularExpression" => (
+            StringMatch::Regex(Regex::whole(&pf, &value)?),
+            1,
+            value.len(),
+        ),
         other => {
             return Err((
                 format!("{f}.path.type"),
@@ -898,7 +910,13 @@ fn grpc_match(f: &str, w: GrpcMatchWire) -> Result<RankedMatch, Fe> {
             (Some(uri), lens.0, lens.1)
         }
     };
-    let rank = [svc_len as u32, method_len as u32, headers.len() as u32, 0, 0];
+    let rank = [
+        svc_len as u32,
+        method_len as u32,
+        headers.len() as u32,
+        0,
+        0,
+    ];
     Ok(RankedMatch {
         m: HttpMatch {
             uri,
@@ -909,11 +927,7 @@ fn grpc_match(f: &str, w: GrpcMatchWire) -> Result<RankedMatch, Fe> {
     })
 }
 
-fn backends(
-    f: &str,
-    list: Vec<BackendRefWire>,
-    grpc: bool,
-) -> Result<Vec<WeightedBackend>, Fe> {
+fn backends(f: &str, list: Vec<BackendRefWire>, grpc: bool) -> Result<Vec<WeightedBackend>, Fe> {
     let mut out = Vec::new();
     for (i, b) in list.into_iter().enumerate() {
         let ff = format!("{f}.backendRefs[{i}]");
@@ -1090,7 +1104,7 @@ pub struct Meta {
     /// `generation`.
     pub generation: Option<i64>,
     /// Our `status.parents[]` conditions (see [`MeshRoute::status`]).
-    pub status: Vec<(usize, Vec<(String, String, String, i64)>)>,
+    pub status: Vec<(usize, Vec<SeenCondition>)>,
     /// Other controllers' entries.
     pub foreign_status: Vec<serde_json::Value>,
 }
@@ -1234,7 +1248,11 @@ fn grpc_route_fe(spec: serde_yaml::Value, meta: &Meta) -> Result<MeshRoute, Fe> 
 }
 
 /// Validates an HTTPRoute (`kind` Http) or GRPCRoute `spec`.
-pub fn route(kind: RouteKind, spec: serde_yaml::Value, meta: &Meta) -> Result<MeshRoute, FieldError> {
+pub fn route(
+    kind: RouteKind,
+    spec: serde_yaml::Value,
+    meta: &Meta,
+) -> Result<MeshRoute, FieldError> {
     match kind {
         RouteKind::Http => http_route_fe(spec, meta),
         RouteKind::Grpc => grpc_route_fe(spec, meta),
@@ -1286,9 +1304,9 @@ pub fn parent_statuses(
     use crate::model::ObjectRef;
     let port_of = |svc: &ObjectRef, port: Option<u16>, section: Option<&String>| {
         state.services.get(svc).is_some_and(|s| {
-            s.ports.iter().any(|p| {
-                port.is_none_or(|x| x == p.port) && section.is_none_or(|n| n == &p.name)
-            })
+            s.ports
+                .iter()
+                .any(|p| port.is_none_or(|x| x == p.port) && section.is_none_or(|n| n == &p.name))
         })
     };
     // ResolvedRefs is per route: every backend and mirror of every rule.
@@ -1348,7 +1366,34 @@ pub fn parent_statuses(
                 p.namespace.as_deref().unwrap_or(&id.namespace),
                 p.name.clone(),
             );
-            let accepted = if port_of(&svc, p.port, p.section.as_ref()) {
+            let http_port = state.services.get(&svc).is_some_and(|s| {
+                s.ports.iter().any(|sp| {
+                    p.port.is_none_or(|x| x == sp.port)
+                        && p.section.as_ref().is_none_or(|n| n == &sp.name)
+                        && sp.is_l7(s.mode)
+                })
+            });
+            let accepted = if !port_of(&svc, p.port, p.section.as_ref()) {
+                Condition {
+                    kind: "Accepted",
+                    ok: false,
+                    reason: "NoMatchingParent",
+                    message: format!(
+                        "no Service {svc}{} is served by proxy-agent",
+                        p.port.map(|x| format!(" with port {x}")).unwrap_or_default()
+                    ),
+                }
+            } else if !http_port {
+                Condition {
+                    kind: "Accepted",
+                    ok: false,
+                    reason: "UnsupportedValue",
+                    message: format!(
+                        "the Service {svc} port{} is balanced in the kernel, not HTTP: name it http (or http-*, grpc) or set appProtocol: http",
+                        p.port.map(|x| format!(" {x}")).unwrap_or_else(|| "s are".into())
+                    ),
+                }
+            } else if port_of(&svc, p.port, p.section.as_ref()) {
                 Condition {
                     kind: "Accepted",
                     ok: true,
@@ -1461,8 +1506,14 @@ mod tests {
     #[test]
     fn durations_follow_gep_2257() {
         assert_eq!(gw_duration("f", "10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(gw_duration("f", "500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(gw_duration("f", "1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(
+            gw_duration("f", "500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            gw_duration("f", "1h30m").unwrap(),
+            Duration::from_secs(5400)
+        );
         assert_eq!(gw_duration("f", "0s").unwrap(), Duration::ZERO);
         for bad in ["", "1.5s", "10", "s", "123456s", "1d", "1s1s1s1s1s", "-1s"] {
             assert!(gw_duration("f", bad).is_err(), "{bad}");
@@ -1509,7 +1560,11 @@ rules:
 "#,
         )
         .unwrap();
-        assert_eq!(r.parents.len(), 1, "the Gateway parent is another controller's");
+        assert_eq!(
+            r.parents.len(),
+            1,
+            "the Gateway parent is another controller's"
+        );
         assert_eq!(r.parents[0].port, Some(80));
         let a = &r.rules[0];
         assert_eq!(a.matches[0].rank, [2, 3, 1, 2, 1]);
@@ -1572,11 +1627,7 @@ rules:
                 "spec.rules[0].matches[0].path.value",
                 "regex",
             ),
-            (
-                "rules: [{bogus: 1}]",
-                "spec.rules[0].bogus",
-                "bogus",
-            ),
+            ("rules: [{bogus: 1}]", "spec.rules[0].bogus", "bogus"),
         ] {
             let e = http(&format!("{base}{body}")).unwrap_err();
             assert_eq!(e.field, field, "{body}: {e}");

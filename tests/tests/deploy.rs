@@ -193,6 +193,11 @@ fn the_rendered_daemonset_serves_a_clusterip_with_least_privilege() {
     ));
     let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: default}\nspec:\n  host: web\n  trafficPolicy: {outlierDetection: {interval: 5s}}\n";
     api.apply_yaml(dr);
+    // Gateway API routes on web's (kernel-balanced) port: the agent writes their status
+    // (Accepted False, UnsupportedValue), which exercises the status rules.
+    api.apply_yaml(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: default}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web}]\n  rules: [{backendRefs: [{name: web, port: 80}]}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: web, namespace: default}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web}]\n  rules: [{backendRefs: [{name: web, port: 80}]}]\n",
+    );
 
     // The container, as the kubelet would start it.
     let rootfs = unpack_image(&node.dir);
@@ -344,6 +349,31 @@ fn the_rendered_daemonset_serves_a_clusterip_with_least_privilege() {
             }
         } else {
             node.wait_status("the problem to clear", T, |s| s["problems"] == 0);
+        }
+    }
+
+    // The routes' status is written (Accepted False: web's port is not HTTP).
+    for kind in ["HTTPRoute", "GRPCRoute"] {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let r = api
+                .get("gateway.networking.k8s.io/v1", kind, "default", "web")
+                .unwrap();
+            let accepted = &r["status"]["parents"][0]["conditions"][0];
+            if accepted["type"] == "Accepted" {
+                assert_eq!(
+                    (&accepted["status"], &accepted["reason"]),
+                    (&"False".into(), &"UnsupportedValue".into()),
+                    "{r}"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {kind} status within {T:?}: {r}\nagent log:\n{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

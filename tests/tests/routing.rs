@@ -704,9 +704,17 @@ fn mesh_http_route_simple_same_namespace_and_route_status() {
     loop {
         let r = m
             .api
-            .get("gateway.networking.k8s.io/v1", "HTTPRoute", MESH_NS, "gateway-conformance-mesh-test")
+            .get(
+                "gateway.networking.k8s.io/v1",
+                "HTTPRoute",
+                MESH_NS,
+                "gateway-conformance-mesh-test",
+            )
             .unwrap();
-        let parents = r["status"]["parents"].as_array().cloned().unwrap_or_default();
+        let parents = r["status"]["parents"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if let Some(p) = parents.first() {
             assert_eq!(p["controllerName"], "proxy-agent.io/mesh", "{r}");
             assert_eq!(p["parentRef"]["name"], "echo", "{r}");
@@ -726,22 +734,35 @@ fn mesh_http_route_simple_same_namespace_and_route_status() {
                 })
                 .collect();
             assert_eq!(c["Accepted"], ("True".into(), "Accepted".into()), "{r}");
-            assert_eq!(c["ResolvedRefs"], ("True".into(), "ResolvedRefs".into()), "{r}");
+            assert_eq!(
+                c["ResolvedRefs"],
+                ("True".into(), "ResolvedRefs".into()),
+                "{r}"
+            );
             assert_eq!(p["conditions"][0]["observedGeneration"], 1, "{r}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no status written: {r}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no status written: {r}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // A backend that does not exist: its requests answer 500, ResolvedRefs turns False
     // (BackendNotFound) with the new generation, and the route stays Accepted.
-    m.api.apply_yaml(&yaml.replace("name: echo-v1", "name: echo-v9"));
+    m.api
+        .apply_yaml(&yaml.replace("name: echo-v1", "name: echo-v9"));
     let deadline = std::time::Instant::now() + T;
     loop {
         let a = m.get(ECHO, "echo", "/", &[]);
         let r = m
             .api
-            .get("gateway.networking.k8s.io/v1", "HTTPRoute", MESH_NS, "gateway-conformance-mesh-test")
+            .get(
+                "gateway.networking.k8s.io/v1",
+                "HTTPRoute",
+                MESH_NS,
+                "gateway-conformance-mesh-test",
+            )
             .unwrap();
         let conds = &r["status"]["parents"][0]["conditions"];
         if a.status == 500 && conds[1]["reason"] == "BackendNotFound" {
@@ -761,7 +782,10 @@ fn mesh_frontend() {
     m.apply(&conformance("mesh-frontend.yaml"));
     let a = m.get(ECHO_V2, "echo-v2", "/", &[]);
     assert_eq!((a.status, a.backend()), (200, "echo-v2"));
-    assert_eq!(a.headers.get("x-header-set").map(String::as_str), Some("set"));
+    assert_eq!(
+        a.headers.get("x-header-set").map(String::as_str),
+        Some("set")
+    );
     // To the pod IP: no Service, no route.
     let pod = format!("{}:8080", m.v2.ip);
     let a = m.get(&pod, &pod, "/", &[]);
@@ -774,14 +798,23 @@ fn mesh_ports() {
     let m = mesh();
     m.apply(&conformance("mesh-ports.yaml"));
     let a = m.get(ECHO_V1, "echo-v1", "/", &[]);
-    assert_eq!(a.headers.get("x-header-set").map(String::as_str), Some("v1"));
+    assert_eq!(
+        a.headers.get("x-header-set").map(String::as_str),
+        Some("v1")
+    );
     let a = m.get(&format!("{ECHO_V1}:8080"), "echo-v1:8080", "/", &[]);
     assert_eq!((a.status, a.backend()), (200, "echo-v1"));
-    assert!(!a.headers.contains_key("x-header-set"), "port 8080 is not the route's");
+    assert!(
+        !a.headers.contains_key("x-header-set"),
+        "port 8080 is not the route's"
+    );
     for port in ["", ":8080"] {
         let a = m.get(&format!("{ECHO_V2}{port}"), "echo-v2", "/", &[]);
         assert_eq!((a.status, a.backend()), (200, "echo-v2"));
-        assert_eq!(a.headers.get("x-header-set").map(String::as_str), Some("v2"));
+        assert_eq!(
+            a.headers.get("x-header-set").map(String::as_str),
+            Some("v2")
+        );
     }
 }
 
@@ -825,7 +858,11 @@ fn mesh_http_route_query_param_matching() {
     for (path, version, want) in [
         ("/?animal=whale", None, Some("echo-v1")),
         ("/?animal=dolphin", None, Some("echo-v2")),
-        ("/?animal=whale&otherparam=irrelevant", None, Some("echo-v1")),
+        (
+            "/?animal=whale&otherparam=irrelevant",
+            None,
+            Some("echo-v1"),
+        ),
         ("/?animal=dolphin&color=yellow", None, Some("echo-v2")),
         ("/?color=blue", None, None),
         ("/?animal=dog", None, None),
@@ -898,25 +935,100 @@ fn mesh_http_route_redirect_path_port_scheme_host_and_status() {
     let s = |x: &str| x.to_string();
     for (path, status, want) in [
         // MeshHTTPRouteRedirectPath
-        ("/original-prefix/lemon", 302, (s("http"), s("echo"), None, s("/replacement-prefix/lemon"))),
-        ("/full/path/original", 302, (s("http"), s("echo"), None, s("/full-path-replacement"))),
-        ("/path-and-host", 302, (s("http"), s("example.org"), None, s("/replacement-prefix"))),
-        ("/path-and-status", 301, (s("http"), s("echo"), None, s("/replacement-prefix"))),
-        ("/full-path-and-host", 302, (s("http"), s("example.org"), None, s("/replacement-full"))),
-        ("/full-path-and-status", 301, (s("http"), s("echo"), None, s("/replacement-full"))),
+        (
+            "/original-prefix/lemon",
+            302,
+            (s("http"), s("echo"), None, s("/replacement-prefix/lemon")),
+        ),
+        (
+            "/full/path/original",
+            302,
+            (s("http"), s("echo"), None, s("/full-path-replacement")),
+        ),
+        (
+            "/path-and-host",
+            302,
+            (s("http"), s("example.org"), None, s("/replacement-prefix")),
+        ),
+        (
+            "/path-and-status",
+            301,
+            (s("http"), s("echo"), None, s("/replacement-prefix")),
+        ),
+        (
+            "/full-path-and-host",
+            302,
+            (s("http"), s("example.org"), None, s("/replacement-full")),
+        ),
+        (
+            "/full-path-and-status",
+            301,
+            (s("http"), s("echo"), None, s("/replacement-full")),
+        ),
         // MeshHTTPRouteRedirectPort
-        ("/port", 302, (s("http"), s("echo"), Some(s("8083")), s("/port"))),
-        ("/port-and-host", 302, (s("http"), s("example.org"), Some(s("8083")), s("/port-and-host"))),
-        ("/port-and-status", 301, (s("http"), s("echo"), Some(s("8083")), s("/port-and-status"))),
-        ("/port-and-host-and-status", 302, (s("http"), s("example.org"), Some(s("8083")), s("/port-and-host-and-status"))),
+        (
+            "/port",
+            302,
+            (s("http"), s("echo"), Some(s("8083")), s("/port")),
+        ),
+        (
+            "/port-and-host",
+            302,
+            (
+                s("http"),
+                s("example.org"),
+                Some(s("8083")),
+                s("/port-and-host"),
+            ),
+        ),
+        (
+            "/port-and-status",
+            301,
+            (s("http"), s("echo"), Some(s("8083")), s("/port-and-status")),
+        ),
+        (
+            "/port-and-host-and-status",
+            302,
+            (
+                s("http"),
+                s("example.org"),
+                Some(s("8083")),
+                s("/port-and-host-and-status"),
+            ),
+        ),
         // MeshHTTPRouteRedirectScheme
         ("/scheme", 302, (s("https"), s("echo"), None, s("/scheme"))),
-        ("/scheme-and-host", 302, (s("https"), s("example.org"), None, s("/scheme-and-host"))),
-        ("/scheme-and-status", 301, (s("https"), s("echo"), None, s("/scheme-and-status"))),
-        ("/scheme-and-host-and-status", 302, (s("https"), s("example.org"), None, s("/scheme-and-host-and-status"))),
+        (
+            "/scheme-and-host",
+            302,
+            (s("https"), s("example.org"), None, s("/scheme-and-host")),
+        ),
+        (
+            "/scheme-and-status",
+            301,
+            (s("https"), s("echo"), None, s("/scheme-and-status")),
+        ),
+        (
+            "/scheme-and-host-and-status",
+            302,
+            (
+                s("https"),
+                s("example.org"),
+                None,
+                s("/scheme-and-host-and-status"),
+            ),
+        ),
         // MeshHTTPRouteRedirectHostAndStatus
-        ("/hostname-redirect", 302, (s("http"), s("example.org"), None, s("/hostname-redirect"))),
-        ("/host-and-status", 301, (s("http"), s("example.org"), None, s("/host-and-status"))),
+        (
+            "/hostname-redirect",
+            302,
+            (s("http"), s("example.org"), None, s("/hostname-redirect")),
+        ),
+        (
+            "/host-and-status",
+            301,
+            (s("http"), s("example.org"), None, s("/host-and-status")),
+        ),
     ] {
         let a = m.get(ECHO, "echo", path, &[]);
         assert_eq!(a.status, status, "{path}: {:?}", a.headers);
@@ -945,9 +1057,15 @@ fn mesh_http_route_rewrite_path() {
         assert_eq!((a.status, a.backend()), (200, "echo-v1"), "{path}");
         assert_eq!(a.echo["path"], upstream, "{path}");
         if path.contains("modify-headers") {
-            assert_eq!(a.got("x-header-set").as_deref(), Some("set-overwrites-values"));
+            assert_eq!(
+                a.got("x-header-set").as_deref(),
+                Some("set-overwrites-values")
+            );
             assert_eq!(a.got("x-header-add").as_deref(), Some("header-val-1"));
-            assert_eq!(a.got("x-header-add-append").as_deref(), Some("a,header-val-2"));
+            assert_eq!(
+                a.got("x-header-add-append").as_deref(),
+                Some("a,header-val-2")
+            );
             assert_eq!(a.got("x-header-remove"), None);
         }
     }
@@ -958,13 +1076,29 @@ fn mesh_http_route_request_header_modifier() {
     let m = mesh();
     m.apply(&conformance("httproute-request-header-modifier.yaml"));
     let a = m.get(ECHO, "echo", "/set", &[("Some-Other-Header", "val")]);
-    assert_eq!(a.got("x-header-set").as_deref(), Some("set-overwrites-values"));
+    assert_eq!(
+        a.got("x-header-set").as_deref(),
+        Some("set-overwrites-values")
+    );
     assert_eq!(a.got("some-other-header").as_deref(), Some("val"));
-    let a = m.get(ECHO, "echo", "/set", &[("X-Header-Set", "some-other-value")]);
-    assert_eq!(a.got("x-header-set").as_deref(), Some("set-overwrites-values"));
+    let a = m.get(
+        ECHO,
+        "echo",
+        "/set",
+        &[("X-Header-Set", "some-other-value")],
+    );
+    assert_eq!(
+        a.got("x-header-set").as_deref(),
+        Some("set-overwrites-values")
+    );
     let a = m.get(ECHO, "echo", "/add", &[]);
     assert_eq!(a.got("x-header-add").as_deref(), Some("add-appends-values"));
-    let a = m.get(ECHO, "echo", "/add", &[("X-Header-Add", "some-other-value")]);
+    let a = m.get(
+        ECHO,
+        "echo",
+        "/add",
+        &[("X-Header-Add", "some-other-value")],
+    );
     assert_eq!(
         a.got("x-header-add").as_deref(),
         Some("some-other-value,add-appends-values")
@@ -985,10 +1119,16 @@ fn mesh_http_route_request_header_modifier() {
     assert_eq!(a.got("x-header-set-1").as_deref(), Some("header-set-1"));
     assert_eq!(a.got("x-header-set-2").as_deref(), Some("header-set-2"));
     assert_eq!(a.got("x-header-add-1").as_deref(), Some("header-add-1"));
-    assert_eq!(a.got("x-header-add-2").as_deref(), Some("add-val-2,header-add-2"));
+    assert_eq!(
+        a.got("x-header-add-2").as_deref(),
+        Some("add-val-2,header-add-2")
+    );
     assert_eq!(a.got("x-header-add-3").as_deref(), Some("header-add-3"));
     assert_eq!(a.got("x-header-remove-2"), None);
-    assert_eq!(a.got("another-header").as_deref(), Some("another-header-val"));
+    assert_eq!(
+        a.got("another-header").as_deref(),
+        Some("another-header-val")
+    );
     let a = m.get(
         ECHO,
         "echo",
@@ -1054,19 +1194,37 @@ spec:
     assert_eq!(retry("/retry/code-500-attempts-3", 500, 2), 200);
     assert_eq!(retry("/retry/code-500-attempts-3", 500, 3), 200);
     assert_eq!(retry("/retry/code-500-attempts-3", 500, 4), 500);
-    assert_eq!(retry("/retry/code-500-attempts-3", 503, 2), 503, "503 is not in codes");
+    assert_eq!(
+        retry("/retry/code-500-attempts-3", 503, 2),
+        503,
+        "503 is not in codes"
+    );
     for code in [500, 502, 503, 504] {
         assert_eq!(retry("/retry/code-all-attempts-2", code, 1), 200, "{code}");
         assert_eq!(retry("/retry/code-all-attempts-2", code, 3), code, "{code}");
     }
     // HTTPRouteTimeoutRequest.
     assert_eq!(m.get(ECHO, "echo", "/request-timeout", &[]).status, 200);
-    assert_eq!(m.get(ECHO, "echo", "/request-timeout?delay=1s", &[]).status, 504);
-    assert_eq!(m.get(ECHO, "echo", "/disable-request-timeout?delay=1s", &[]).status, 200);
+    assert_eq!(
+        m.get(ECHO, "echo", "/request-timeout?delay=1s", &[]).status,
+        504
+    );
+    assert_eq!(
+        m.get(ECHO, "echo", "/disable-request-timeout?delay=1s", &[])
+            .status,
+        200
+    );
     // HTTPRouteTimeoutBackendRequest.
     assert_eq!(m.get(ECHO, "echo", "/backend-timeout", &[]).status, 200);
-    assert_eq!(m.get(ECHO, "echo", "/backend-timeout?delay=1s", &[]).status, 504);
-    assert_eq!(m.get(ECHO, "echo", "/disable-backend-timeout?delay=1s", &[]).status, 200);
+    assert_eq!(
+        m.get(ECHO, "echo", "/backend-timeout?delay=1s", &[]).status,
+        504
+    );
+    assert_eq!(
+        m.get(ECHO, "echo", "/disable-backend-timeout?delay=1s", &[])
+            .status,
+        200
+    );
     // HTTPRouteRequestPercentageMirror: about 20% of requests are copied to echo-v2; every
     // answer comes from echo-v1. Copies are counted by the mirror target's access log: the
     // agent's metrics name each request's cluster.
@@ -1074,7 +1232,14 @@ spec:
     let url = format!("http://{ECHO}/percent-mirror");
     let out = m.client.probe(
         "http-probe",
-        &["--url", &url, "--count", &n.to_string(), "--concurrency", "4"],
+        &[
+            "--url",
+            &url,
+            "--count",
+            &n.to_string(),
+            "--concurrency",
+            "4",
+        ],
         T,
     );
     assert_eq!(out["ok"], n, "{out}");
@@ -1097,4 +1262,95 @@ spec:
         mirrored = now;
     }
     assert!(near(mirrored, n, 0.2, 0.08), "{mirrored} of {n} mirrored");
+}
+
+/// HTTPRoutes read from the manifests directory: they take precedence over a VirtualService
+/// for the same Service (which is reported), an unsupported field is rejected by name while
+/// the last good version keeps serving, and deleting the route hands the Service back to the
+/// VirtualService.
+#[test]
+fn http_routes_from_the_manifests_directory_win_over_a_virtual_service_and_keep_the_last_good_version()
+ {
+    let mut node = SimNode::new();
+    let client = node.add_pod("client");
+    let mut servers = Vec::new();
+    let mut ips = Vec::new();
+    for v in ["v1", "v2"] {
+        let pod = node.add_pod(&format!("web-{v}"));
+        servers.push(pod.fixture_server("web", &["--listen", "0.0.0.0:8080", "--version", v]));
+        ips.push(pod.ip);
+    }
+    node.write_manifest(
+        "svc.yaml",
+        &format!(
+            "{}---\n{}---\n{}",
+            k8s::http_service("web", "198.19.3.10", 80, 8080, &ips),
+            k8s::http_service("web-v1", "198.19.3.11", 80, 8080, &ips[..1]),
+            k8s::http_service("web-v2", "198.19.3.12", 80, 8080, &ips[1..]),
+        ),
+    );
+    node.write_manifest(
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web}\nspec:\n  hosts: [web]\n  http: [{route: [{destination: {host: web-v2}}]}]\n",
+    );
+    let route = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /v2}}]
+    backendRefs: [{name: web-v2, port: 80}]
+  - backendRefs: [{name: web-v1, port: 80}]
+"#;
+    node.write_manifest("route.yaml", route);
+    let _agent = node.start_agent(&["--node-ip", "198.18.0.1"]);
+    node.wait_l7_routes(3, T);
+    let served_by = |path: &str| {
+        let (s, h, _) = curl(&client, &[&format!("http://198.19.3.10{path}")]);
+        assert_eq!(s, 200, "{path}");
+        h["x-server-id"].clone()
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + T;
+        while !f() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}; problems: {}",
+                node.admin_json("/problems")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("the HTTPRoute serves", &|| {
+        served_by("/v2/x") == "web-v2" && served_by("/") == "web-v1"
+    });
+    let problems = node.admin_json("/problems").to_string();
+    assert!(
+        problems.contains("VirtualService") && problems.contains("HTTPRoute default/web"),
+        "the VirtualService is told why it does not apply: {problems}"
+    );
+    // An unsupported filter: rejected by name, the last good version keeps serving.
+    node.write_manifest(
+        "route.yaml",
+        &route.replace(
+            "  - backendRefs: [{name: web-v1, port: 80}]",
+            "  - backendRefs: [{name: web-v1, port: 80}]\n    filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Filter, name: f}}]",
+        ),
+    );
+    wait("the broken HTTPRoute is reported", &|| {
+        node.admin_json("/problems")
+            .to_string()
+            .contains("spec.rules[1].filters[0].extensionRef")
+    });
+    for _ in 0..5 {
+        assert_eq!(served_by("/"), "web-v1");
+        assert_eq!(served_by("/v2"), "web-v2");
+    }
+    // Without the HTTPRoute, the VirtualService routes web again.
+    node.remove_manifest("route.yaml");
+    wait("the VirtualService takes over", &|| {
+        served_by("/") == "web-v2"
+    });
+    wait("no problems left", &|| node.status()["problems"] == 0);
 }

@@ -118,7 +118,11 @@ fn gateway_crds(root: &std::path::Path) -> Result<String> {
             .as_sequence()?
             .iter()
             .find(|v| v["name"].as_str() == Some(version))
-            .map(|v| v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rules"]["items"]["properties"].clone())
+            .map(|v| {
+                v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["rules"]["items"]
+                    ["properties"]
+                    .clone()
+            })
     };
     let versions = http["spec"]["versions"]
         .as_sequence_mut()

@@ -182,7 +182,7 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
                 ));
                 return json!({"from": from, "to": q.to.to_string(), "protocol": proto.to_string(), "service": fe.service.to_string(), "steps": steps, "summary": "L7 through the node proxy: no route matches (404)"});
             };
-            let described = rule.describe(&route);
+            let described = rule.describe(route);
             steps.push(step(
                 "route",
                 described.clone(),

@@ -11,11 +11,11 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use super::cluster::{Cluster, ClusterPolicy, PoolSettings};
+use crate::gateway::{MeshRoute, RouteKind, ServiceParent};
 use crate::istio::{
     Cors, Destination, DestinationRule, DirectResponse, Fault, Headers, HttpMatch, LoadBalancer,
     Redirect, RetryOn, Rewrite, VirtualService,
 };
-use crate::gateway::{MeshRoute, RouteKind, ServiceParent};
 use crate::model::{Frontend, ObjectRef, ProtocolHint, State};
 
 /// Retries of a route.
@@ -488,11 +488,7 @@ fn exported_to(vs: &VirtualService, namespace: &str) -> Option<Vec<String>> {
 }
 
 /// A Gateway API route attached to a Service: its key, the route and the parent entry.
-type Attached<'a> = (
-    &'a (RouteKind, ObjectRef),
-    &'a MeshRoute,
-    &'a ServiceParent,
-);
+type Attached<'a> = (&'a (RouteKind, ObjectRef), &'a MeshRoute, &'a ServiceParent);
 
 struct Ctx<'a> {
     state: &'a State,
@@ -568,7 +564,9 @@ impl Registry {
         for (key, r) in &state.mesh_routes {
             for p in &r.parents {
                 let svc = ObjectRef::new(
-                    p.namespace.clone().unwrap_or_else(|| key.1.namespace.clone()),
+                    p.namespace
+                        .clone()
+                        .unwrap_or_else(|| key.1.namespace.clone()),
                     p.name.clone(),
                 );
                 attached.entry(svc).or_default().push((key, r, p));
@@ -1612,8 +1610,10 @@ http:
     fn gateway_routes_are_ordered_by_precedence_across_routes_and_win_over_a_virtual_service() {
         let mut st = state(&[("echo", 1), ("echo-v1", 2), ("echo-v2", 3)]);
         let vs = crate::istio::virtual_service(
-            serde_yaml::from_str("hosts: [echo]\nhttp:\n- route: [{destination: {host: echo-v2}}]\n")
-                .unwrap(),
+            serde_yaml::from_str(
+                "hosts: [echo]\nhttp:\n- route: [{destination: {host: echo-v2}}]\n",
+            )
+            .unwrap(),
         )
         .unwrap();
         st.virtual_services
@@ -1668,7 +1668,9 @@ rules: [{matches: [{path: {type: Exact, value: /v2/x}}], backendRefs: [{name: ec
         let get = http::Method::GET;
         let mut h = http::HeaderMap::new();
         let pick = |target: &str, h: &http::HeaderMap| -> (String, Vec<String>, Option<u32>) {
-            let (rule, _) = echo.select(&view(&get, target, h, [198, 18, 0, 9])).unwrap();
+            let (rule, _) = echo
+                .select(&view(&get, target, h, [198, 18, 0, 9]))
+                .unwrap();
             (
                 rule.describe(echo),
                 rule.destinations
@@ -1710,7 +1712,9 @@ rules: [{matches: [{path: {type: Exact, value: /v2/x}}], backendRefs: [{name: ec
         st.slices.insert(m_slice.id.clone(), m_slice);
         let (t2, _) = reg.build(&st, &cache.frontends(&st, None), &t);
         let echo = &t2.routes[&SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, 1), 80)];
-        let (rule, _) = echo.select(&view(&get, "/v2x", &h, [198, 18, 0, 9])).unwrap();
+        let (rule, _) = echo
+            .select(&view(&get, "/v2x", &h, [198, 18, 0, 9]))
+            .unwrap();
         assert_eq!((rule.destinations.len(), rule.unresolved), (2, Some(0)));
     }
 }

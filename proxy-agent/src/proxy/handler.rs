@@ -738,13 +738,7 @@ async fn serve(
     }
     if let Some(r) = &rule.redirect {
         let prefix = matched_prefix(rule, block, req.uri().path());
-        let loc = redirect_location(
-            r,
-            &authority,
-            req.uri().path(),
-            req.uri().query(),
-            prefix,
-        );
+        let loc = redirect_location(r, &authority, req.uri().path(), req.uri().query(), prefix);
         return response_edits(redirect_reply(r, &loc), rule, None, cors);
     }
     if let Some(bad) = rule.unresolved {
@@ -1111,9 +1105,15 @@ mod tests {
     #[test]
     fn prefix_replacement_is_segment_aware_for_gateway_routes() {
         use crate::istio::replace_prefix;
-        assert_eq!(replace_prefix("/strip-prefix/three", 13, "/", true), "/three");
+        assert_eq!(
+            replace_prefix("/strip-prefix/three", 13, "/", true),
+            "/three"
+        );
         assert_eq!(replace_prefix("/strip-prefix", 13, "/", true), "/");
-        assert_eq!(replace_prefix("/prefix/one/two", 11, "/one", true), "/one/two");
+        assert_eq!(
+            replace_prefix("/prefix/one/two", 11, "/one", true),
+            "/one/two"
+        );
         assert_eq!(replace_prefix("/prefix/one", 11, "/one", true), "/one");
         assert_eq!(replace_prefix("/prefix/one/", 11, "/one/", true), "/one/");
         // Istio's prefix rewrite concatenates.

@@ -437,8 +437,10 @@ async fn write_route_status(
     node.hash(&mut h);
     let delay = Duration::from_millis(h.finish() % 1000);
     // What this agent wrote last, per route: (generation, statuses).
-    let mut written: HashMap<(gateway::RouteKind, ObjectRef), (Option<i64>, Vec<gateway::ParentStatus>)> =
-        HashMap::new();
+    let mut written: HashMap<
+        (gateway::RouteKind, ObjectRef),
+        (Option<i64>, Vec<gateway::ParentStatus>),
+    > = HashMap::new();
     loop {
         if rx.changed().await.is_err() {
             return;
@@ -454,7 +456,10 @@ async fn write_route_status(
             if want.is_empty() || !gateway::status_differs(r, &want) {
                 continue;
             }
-            if written.get(key).is_some_and(|(g, w)| *g == r.generation && *w == want) {
+            if written
+                .get(key)
+                .is_some_and(|(g, w)| *g == r.generation && *w == want)
+            {
                 continue; // written; the watch has not brought it back yet
             }
             let ar = ApiResource {
@@ -465,7 +470,9 @@ async fn write_route_status(
                 plural: kind.plural().into(),
             };
             let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &id.namespace, &ar);
-            let now = jiff::Timestamp::now().round(jiff::Unit::Second).unwrap_or(jiff::Timestamp::now());
+            let now = jiff::Timestamp::now()
+                .round(jiff::Unit::Second)
+                .unwrap_or(jiff::Timestamp::now());
             let patch = gateway::status_patch(r, &want, &now.to_string());
             match api
                 .patch_status(
