@@ -1330,6 +1330,32 @@ spec:
         problems.contains("VirtualService") && problems.contains("HTTPRoute default/web"),
         "the VirtualService is told why it does not apply: {problems}"
     );
+    // explain names the HTTPRoute rule and match that serve a request.
+    let from = client.ip.to_string();
+    let out = node.cli(&[
+        "explain",
+        "--from",
+        &from,
+        "--to",
+        "198.19.3.10:80",
+        "--path",
+        "/v2/a",
+        "-o",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let step = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "route")
+        .cloned()
+        .unwrap_or_else(|| panic!("no route step: {v}"));
+    assert_eq!(step["verdict"], "HTTPRoute default/web rules[0]", "{v}");
+    assert!(
+        step["detail"].as_str().unwrap().contains("(matches[0])"),
+        "{v}"
+    );
     // An unsupported filter: rejected by name, the last good version keeps serving.
     node.write_manifest(
         "route.yaml",
