@@ -397,11 +397,16 @@ pub struct MeshRoute {
     pub parents: Vec<ServiceParent>,
     /// Rules in order.
     pub rules: Vec<MeshRule>,
-    /// `status.parents[]` conditions of ours as the API server has them, by parent index:
-    /// (type, status, reason, observedGeneration) — to write only what changed.
-    pub status: Vec<(usize, Vec<SeenCondition>)>,
-    /// Other controllers' `status.parents[]` entries, kept as they are when ours are written.
-    pub foreign_status: Vec<serde_json::Value>,
+}
+
+/// A route's `status.parents[]` as the API server has it (kept apart from the route, so that
+/// status writes do not rebuild routing).
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct SeenStatus {
+    /// Our entries' conditions by parent index: (type, status, reason, observedGeneration).
+    pub ours: Vec<(usize, Vec<SeenCondition>)>,
+    /// Other controllers' entries, kept as they are when ours are written.
+    pub foreign: Vec<serde_json::Value>,
 }
 
 // ---------------------------------------------------------------- parsing
@@ -1103,10 +1108,8 @@ pub struct Meta {
     pub created: Option<String>,
     /// `generation`.
     pub generation: Option<i64>,
-    /// Our `status.parents[]` conditions (see [`MeshRoute::status`]).
-    pub status: Vec<(usize, Vec<SeenCondition>)>,
-    /// Other controllers' entries.
-    pub foreign_status: Vec<serde_json::Value>,
+    /// `status.parents[]`.
+    pub status: SeenStatus,
 }
 
 impl Meta {
@@ -1150,8 +1153,10 @@ impl Meta {
         Self {
             created: md["creationTimestamp"].as_str().map(String::from),
             generation: md["generation"].as_i64(),
-            status,
-            foreign_status,
+            status: SeenStatus {
+                ours: status,
+                foreign: foreign_status,
+            },
         }
     }
 }
@@ -1215,8 +1220,6 @@ fn http_route_fe(spec: serde_yaml::Value, meta: &Meta) -> Result<MeshRoute, Fe> 
         generation: meta.generation,
         parents: parents(w.parent_refs)?,
         rules: out,
-        status: meta.status.clone(),
-        foreign_status: meta.foreign_status.clone(),
     })
 }
 
@@ -1242,8 +1245,6 @@ fn grpc_route_fe(spec: serde_yaml::Value, meta: &Meta) -> Result<MeshRoute, Fe> 
         generation: meta.generation,
         parents: parents(w.parent_refs)?,
         rules: out,
-        status: meta.status.clone(),
-        foreign_status: meta.foreign_status.clone(),
     })
 }
 
@@ -1419,12 +1420,79 @@ pub fn parent_statuses(
         .collect()
 }
 
+/// A version of a route that failed validation (its last good version, if any, keeps serving).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejected {
+    /// The rejected version's `metadata.generation`.
+    pub generation: Option<i64>,
+    /// Its Service parents (read leniently: entries that do not parse are left out).
+    pub parents: Vec<ServiceParent>,
+    /// Its `status.parents[]`.
+    pub status: SeenStatus,
+    /// What is wrong.
+    pub error: FieldError,
+}
+
+/// Reads what the status of a route that failed validation needs.
+pub fn rejected(obj: &serde_yaml::Value, error: FieldError) -> Rejected {
+    let meta = Meta::of(obj);
+    let refs: Vec<ParentRefWire> = obj["spec"]["parentRefs"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            serde_yaml::from_value(p.clone()).unwrap_or(ParentRefWire {
+                group: Some("-".into()),
+                kind: None,
+                namespace: None,
+                name: String::new(),
+                section_name: None,
+                port: None,
+            })
+        })
+        .collect();
+    Rejected {
+        generation: meta.generation,
+        parents: parents(refs).unwrap_or_default(),
+        status: meta.status,
+        error,
+    }
+}
+
+/// The status of a route whose current version failed validation: not Accepted
+/// (`UnsupportedValue`, naming the field), for every Service parent.
+pub fn rejected_statuses(r: &Rejected) -> Vec<ParentStatus> {
+    r.parents
+        .iter()
+        .map(|p| ParentStatus {
+            parent: p.clone(),
+            conditions: vec![
+                Condition {
+                    kind: "Accepted",
+                    ok: false,
+                    reason: "UnsupportedValue",
+                    message: format!(
+                        "{}; this version is not applied (the last good version, if any, keeps serving)",
+                        r.error
+                    ),
+                },
+                Condition {
+                    kind: "ResolvedRefs",
+                    ok: true,
+                    reason: "ResolvedRefs",
+                    message: "not evaluated: the route is not accepted".into(),
+                },
+            ],
+        })
+        .collect()
+}
+
 /// Whether the object's status differs from `want` (type, status, reason or generation).
-pub fn status_differs(r: &MeshRoute, want: &[ParentStatus]) -> bool {
-    let gen_ = r.generation.unwrap_or(0);
-    want.len() != r.status.len()
+pub fn status_differs(generation: Option<i64>, seen: &SeenStatus, want: &[ParentStatus]) -> bool {
+    let gen_ = generation.unwrap_or(0);
+    want.len() != seen.ours.len()
         || want.iter().any(|p| {
-            let have = r.status.iter().find(|(i, _)| *i == p.parent.index);
+            let have = seen.ours.iter().find(|(i, _)| *i == p.parent.index);
             let Some((_, have)) = have else { return true };
             have.len() != p.conditions.len()
                 || p.conditions.iter().any(|c| {
@@ -1440,8 +1508,13 @@ pub fn status_differs(r: &MeshRoute, want: &[ParentStatus]) -> bool {
 
 /// The merge patch writing `want` as our `status.parents[]` entries, other controllers'
 /// entries kept.
-pub fn status_patch(r: &MeshRoute, want: &[ParentStatus], now: &str) -> serde_json::Value {
-    let mut parents = r.foreign_status.clone();
+pub fn status_patch(
+    generation: Option<i64>,
+    seen: &SeenStatus,
+    want: &[ParentStatus],
+    now: &str,
+) -> serde_json::Value {
+    let mut parents = seen.foreign.clone();
     for p in want {
         let mut parent_ref = serde_json::json!({
             "group": "",
@@ -1465,7 +1538,7 @@ pub fn status_patch(r: &MeshRoute, want: &[ParentStatus], now: &str) -> serde_js
                 "status": if c.ok { "True" } else { "False" },
                 "reason": c.reason,
                 "message": c.message,
-                "observedGeneration": r.generation.unwrap_or(0),
+                "observedGeneration": generation.unwrap_or(0),
                 "lastTransitionTime": now,
             })).collect::<Vec<_>>(),
         }));

@@ -259,6 +259,10 @@ pub struct State {
     pub destination_rules: BTreeMap<ObjectRef, crate::istio::DestinationRule>,
     /// Gateway API HTTPRoutes and GRPCRoutes (those with a Service parent).
     pub mesh_routes: BTreeMap<(crate::gateway::RouteKind, ObjectRef), crate::gateway::MeshRoute>,
+    /// Their `status.parents[]` as the API server has them (for the status writer).
+    pub mesh_status: BTreeMap<(crate::gateway::RouteKind, ObjectRef), crate::gateway::SeenStatus>,
+    /// Routes whose current version failed validation (for the status writer).
+    pub rejected_routes: BTreeMap<(crate::gateway::RouteKind, ObjectRef), crate::gateway::Rejected>,
     /// This node's name (for `internalTrafficPolicy: Local`).
     pub node_name: Option<String>,
 }

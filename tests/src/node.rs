@@ -387,7 +387,7 @@ impl Pod {
             probe.name,
             probe.log_text()
         );
-        let out = probe.stdout_lines().join("\n");
+        let out = probe.all_stdout(timeout).join("\n");
         serde_json::from_str(out.trim())
             .unwrap_or_else(|e| panic!("{} printed no JSON ({e}): {out}", probe.name))
     }

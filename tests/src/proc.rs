@@ -124,6 +124,8 @@ pub struct Proc {
     pub name: String,
     child: Child,
     stdout: Arc<Mutex<Vec<String>>>,
+    /// Set once its stdout reached end of file (every line captured).
+    stdout_closed: Arc<std::sync::atomic::AtomicBool>,
     /// Where its stderr goes.
     pub log: PathBuf,
 }
@@ -141,16 +143,20 @@ impl Proc {
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let lines = stdout.clone();
         let out = child.stdout.take().expect("stdout");
+        let stdout_closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed = stdout_closed.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 lines.lock().expect("stdout lock").push(line);
             }
+            closed.store(true, std::sync::atomic::Ordering::SeqCst);
         });
         Self {
             name: name.to_string(),
             child,
             stdout,
+            stdout_closed,
             log,
         }
     }
@@ -213,6 +219,18 @@ impl Proc {
                 self.log_text()
             ),
         }
+    }
+
+    /// Every stdout line, once the process has exited and its stdout is read to the end
+    /// (the reader thread may still be catching up when the exit is seen).
+    pub fn all_stdout(&mut self, timeout: Duration) -> Vec<String> {
+        let what = format!("{}'s stdout to be read to its end", self.name);
+        poll(&what, timeout, || {
+            self.stdout_closed
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then_some(())
+        });
+        self.stdout_lines()
     }
 
     /// The stdout lines captured so far.

@@ -104,7 +104,7 @@ pub fn seed_ab(
         "ab failed: {}",
         ab.log_text()
     );
-    let out = ab.stdout_lines().join("\n");
+    let out = ab.all_stdout(timeout).join("\n");
     parse_ab(&out).unwrap_or_else(|| panic!("ab printed no report: {out}"))
 }
 

@@ -485,7 +485,7 @@ fn monitor_shows_live_translations_and_the_kernel_writes_no_event_without_a_read
         tcp(1);
         (!mon.running()).then_some(())
     });
-    let lines = mon.stdout_lines();
+    let lines = mon.all_stdout(T);
     let ev = lines
         .iter()
         .map(|l| json(l.trim()))
@@ -520,7 +520,7 @@ fn monitor_shows_live_translations_and_the_kernel_writes_no_event_without_a_read
         http(&client, "http://198.19.0.10/hello", 1, &[]);
         (!mon.running()).then_some(())
     });
-    let line = mon.stdout_lines().join("\n");
+    let line = mon.all_stdout(T).join("\n");
     assert!(
         line.contains(" L7 ")
             && line.contains("default/client")

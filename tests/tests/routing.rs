@@ -748,8 +748,50 @@ fn mesh_http_route_simple_same_namespace_and_route_status() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A version with an unsupported filter: not Accepted (UnsupportedValue, naming the field)
+    // for generation 2, while the last good version keeps serving.
+    m.api.apply_yaml(&yaml.replace(
+        "  - backendRefs:",
+        "  - filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: F, name: f}}]\n    backendRefs:",
+    ));
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let r = m
+            .api
+            .get(
+                "gateway.networking.k8s.io/v1",
+                "HTTPRoute",
+                MESH_NS,
+                "gateway-conformance-mesh-test",
+            )
+            .unwrap();
+        let accepted = &r["status"]["parents"][0]["conditions"][0];
+        if accepted["observedGeneration"] == 2 {
+            assert_eq!(accepted["status"], "False", "{r}");
+            assert_eq!(accepted["reason"], "UnsupportedValue", "{r}");
+            assert!(
+                accepted["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("spec.rules[0].filters[0].extensionRef"),
+                "{r}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no status for generation 2: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = m.get(ECHO, "echo", "/", &[]);
+    assert_eq!(
+        (a.status, a.backend()),
+        (200, "echo-v1"),
+        "the last good version serves"
+    );
     // A backend that does not exist: its requests answer 500, ResolvedRefs turns False
-    // (BackendNotFound) with the new generation, and the route stays Accepted.
+    // (BackendNotFound) with the new generation, and the route is Accepted again.
     m.api
         .apply_yaml(&yaml.replace("name: echo-v1", "name: echo-v9"));
     let deadline = std::time::Instant::now() + T;
@@ -767,7 +809,7 @@ fn mesh_http_route_simple_same_namespace_and_route_status() {
         let conds = &r["status"]["parents"][0]["conditions"];
         if a.status == 500 && conds[1]["reason"] == "BackendNotFound" {
             assert_eq!(conds[1]["status"], "False", "{r}");
-            assert_eq!(conds[1]["observedGeneration"], 2, "{r}");
+            assert_eq!(conds[1]["observedGeneration"], 3, "{r}");
             assert_eq!(conds[0]["reason"], "Accepted", "{r}");
             break;
         }
@@ -921,119 +963,145 @@ fn mesh_grpc_route_weight() {
     assert!(near(v1, n, 0.7, 0.18), "{got:?}");
 }
 
-#[test]
-fn mesh_http_route_redirect_path_port_scheme_host_and_status() {
+type Loc = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+);
+
+/// Applies a redirect conformance manifest; each path answers `status` with a Location of
+/// (scheme, host, port, path).
+fn redirects(file: &str, cases: &[(&str, u16, Loc)]) {
     let m = mesh();
-    for f in [
-        "httproute-redirect-path.yaml",
-        "httproute-redirect-port.yaml",
-        "httproute-redirect-scheme.yaml",
-        "httproute-redirect-host-and-status.yaml",
-    ] {
-        m.apply(&conformance(f));
-    }
-    let s = |x: &str| x.to_string();
-    for (path, status, want) in [
-        // MeshHTTPRouteRedirectPath
-        (
-            "/original-prefix/lemon",
-            302,
-            (s("http"), s("echo"), None, s("/replacement-prefix/lemon")),
-        ),
-        (
-            "/full/path/original",
-            302,
-            (s("http"), s("echo"), None, s("/full-path-replacement")),
-        ),
-        (
-            "/path-and-host",
-            302,
-            (s("http"), s("example.org"), None, s("/replacement-prefix")),
-        ),
-        (
-            "/path-and-status",
-            301,
-            (s("http"), s("echo"), None, s("/replacement-prefix")),
-        ),
-        (
-            "/full-path-and-host",
-            302,
-            (s("http"), s("example.org"), None, s("/replacement-full")),
-        ),
-        (
-            "/full-path-and-status",
-            301,
-            (s("http"), s("echo"), None, s("/replacement-full")),
-        ),
-        // MeshHTTPRouteRedirectPort
-        (
-            "/port",
-            302,
-            (s("http"), s("echo"), Some(s("8083")), s("/port")),
-        ),
-        (
-            "/port-and-host",
-            302,
-            (
-                s("http"),
-                s("example.org"),
-                Some(s("8083")),
-                s("/port-and-host"),
-            ),
-        ),
-        (
-            "/port-and-status",
-            301,
-            (s("http"), s("echo"), Some(s("8083")), s("/port-and-status")),
-        ),
-        (
-            "/port-and-host-and-status",
-            302,
-            (
-                s("http"),
-                s("example.org"),
-                Some(s("8083")),
-                s("/port-and-host-and-status"),
-            ),
-        ),
-        // MeshHTTPRouteRedirectScheme
-        ("/scheme", 302, (s("https"), s("echo"), None, s("/scheme"))),
-        (
-            "/scheme-and-host",
-            302,
-            (s("https"), s("example.org"), None, s("/scheme-and-host")),
-        ),
-        (
-            "/scheme-and-status",
-            301,
-            (s("https"), s("echo"), None, s("/scheme-and-status")),
-        ),
-        (
-            "/scheme-and-host-and-status",
-            302,
-            (
-                s("https"),
-                s("example.org"),
-                None,
-                s("/scheme-and-host-and-status"),
-            ),
-        ),
-        // MeshHTTPRouteRedirectHostAndStatus
-        (
-            "/hostname-redirect",
-            302,
-            (s("http"), s("example.org"), None, s("/hostname-redirect")),
-        ),
-        (
-            "/host-and-status",
-            301,
-            (s("http"), s("example.org"), None, s("/host-and-status")),
-        ),
-    ] {
+    m.apply(&conformance(file));
+    for (path, status, (scheme, host, port, to)) in cases {
         let a = m.get(ECHO, "echo", path, &[]);
-        assert_eq!(a.status, status, "{path}: {:?}", a.headers);
-        assert_eq!(location(&a), want, "{path}");
+        assert_eq!(a.status, *status, "{path}: {:?}", a.headers);
+        assert_eq!(
+            location(&a),
+            (
+                scheme.to_string(),
+                host.to_string(),
+                port.map(String::from),
+                to.to_string()
+            ),
+            "{path}"
+        );
     }
+}
+
+#[test]
+fn mesh_http_route_redirect_path() {
+    redirects(
+        "httproute-redirect-path.yaml",
+        &[
+            (
+                "/original-prefix/lemon",
+                302,
+                ("http", "echo", None, "/replacement-prefix/lemon"),
+            ),
+            (
+                "/full/path/original",
+                302,
+                ("http", "echo", None, "/full-path-replacement"),
+            ),
+            (
+                "/path-and-host",
+                302,
+                ("http", "example.org", None, "/replacement-prefix"),
+            ),
+            (
+                "/path-and-status",
+                301,
+                ("http", "echo", None, "/replacement-prefix"),
+            ),
+            (
+                "/full-path-and-host",
+                302,
+                ("http", "example.org", None, "/replacement-full"),
+            ),
+            (
+                "/full-path-and-status",
+                301,
+                ("http", "echo", None, "/replacement-full"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn mesh_http_route_redirect_port() {
+    redirects(
+        "httproute-redirect-port.yaml",
+        &[
+            ("/port", 302, ("http", "echo", Some("8083"), "/port")),
+            (
+                "/port-and-host",
+                302,
+                ("http", "example.org", Some("8083"), "/port-and-host"),
+            ),
+            (
+                "/port-and-status",
+                301,
+                ("http", "echo", Some("8083"), "/port-and-status"),
+            ),
+            (
+                "/port-and-host-and-status",
+                302,
+                (
+                    "http",
+                    "example.org",
+                    Some("8083"),
+                    "/port-and-host-and-status",
+                ),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn mesh_http_route_redirect_scheme() {
+    redirects(
+        "httproute-redirect-scheme.yaml",
+        &[
+            ("/scheme", 302, ("https", "echo", None, "/scheme")),
+            (
+                "/scheme-and-host",
+                302,
+                ("https", "example.org", None, "/scheme-and-host"),
+            ),
+            (
+                "/scheme-and-status",
+                301,
+                ("https", "echo", None, "/scheme-and-status"),
+            ),
+            (
+                "/scheme-and-host-and-status",
+                302,
+                ("https", "example.org", None, "/scheme-and-host-and-status"),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn mesh_http_route_redirect_host_and_status() {
+    redirects(
+        "httproute-redirect-host-and-status.yaml",
+        &[
+            (
+                "/hostname-redirect",
+                302,
+                ("http", "example.org", None, "/hostname-redirect"),
+            ),
+            (
+                "/host-and-status",
+                301,
+                ("http", "example.org", None, "/host-and-status"),
+            ),
+        ],
+    );
 }
 
 #[test]
@@ -1140,45 +1208,28 @@ fn mesh_http_route_request_header_modifier() {
     assert_eq!(a.got("x-header-remove"), None);
 }
 
-/// HTTPRouteRetry, HTTPRouteTimeoutRequest, HTTPRouteTimeoutBackendRequest and
-/// HTTPRouteRequestPercentageMirror (gateway conformance tests), with the conformance routes'
-/// rules on a Service parent.
-#[test]
-fn http_route_retry_timeouts_and_percentage_mirror() {
+/// A route on `echo` port 80 with the given rules (those of the gateway conformance test of
+/// the same name, on a Service parent instead of a Gateway).
+fn semantics(name: &str, rules: &str) -> Mesh {
     let m = mesh();
     m.apply(&format!(
-        r#"apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: semantics, namespace: {MESH_NS}}}
-spec:
-  parentRefs: [{{group: "", kind: Service, name: echo, port: 80}}]
-  rules:
-  - matches: [{{path: {{type: PathPrefix, value: /retry/code-500-attempts-3}}}}]
-    retry: {{codes: [500], attempts: 3}}
-    backendRefs: [{{name: echo-v1, port: 8080}}]
-  - matches: [{{path: {{type: PathPrefix, value: /retry/code-all-attempts-2}}}}]
-    retry: {{codes: [500, 502, 503, 504], attempts: 2, backoff: 10ms}}
-    backendRefs: [{{name: echo-v1, port: 8080}}]
-  - matches: [{{path: {{type: PathPrefix, value: /request-timeout}}}}]
-    timeouts: {{request: 500ms}}
-    backendRefs: [{{name: echo-v1, port: 8080}}]
-  - matches: [{{path: {{type: PathPrefix, value: /disable-request-timeout}}}}]
-    timeouts: {{request: "0s"}}
-    backendRefs: [{{name: echo-v1, port: 8080}}]
-  - matches: [{{path: {{type: PathPrefix, value: /backend-timeout}}}}]
-    timeouts: {{backendRequest: 500ms}}
-    retry: {{attempts: 0}}
-    backendRefs: [{{name: echo-v1, port: 8080}}]
-  - matches: [{{path: {{type: PathPrefix, value: /disable-backend-timeout}}}}]
-    timeouts: {{backendRequest: "0s"}}
-    backendRefs: [{{name: echo-v1, port: 8080}}]
-  - matches: [{{path: {{type: PathPrefix, value: /percent-mirror}}}}]
-    filters:
-    - type: RequestMirror
-      requestMirror: {{backendRef: {{name: echo-v2, port: 8080}}, percent: 20}}
-    backendRefs: [{{name: echo-v1, port: 8080}}]
-"#
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {MESH_NS}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo, port: 80}}]\n  rules:\n{rules}"
     ));
+    m
+}
+
+#[test]
+fn http_route_retry() {
+    let m = semantics(
+        "retries",
+        r#"  - matches: [{path: {type: PathPrefix, value: /retry/code-500-attempts-3}}]
+    retry: {codes: [500], attempts: 3}
+    backendRefs: [{name: echo-v1, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /retry/code-all-attempts-2}}]
+    retry: {codes: [500, 502, 503, 504], attempts: 2, backoff: 10ms}
+    backendRefs: [{name: echo-v1, port: 8080}]
+"#,
+    );
     let mut id = 0;
     let mut retry = |path: &str, code: u16, after: u32| {
         id += 1;
@@ -1190,7 +1241,7 @@ spec:
         )
         .status
     };
-    // HTTPRouteRetry: attempts is the number of retries after the first try.
+    // attempts is the number of retries after the first try.
     assert_eq!(retry("/retry/code-500-attempts-3", 500, 2), 200);
     assert_eq!(retry("/retry/code-500-attempts-3", 500, 3), 200);
     assert_eq!(retry("/retry/code-500-attempts-3", 500, 4), 500);
@@ -1203,7 +1254,20 @@ spec:
         assert_eq!(retry("/retry/code-all-attempts-2", code, 1), 200, "{code}");
         assert_eq!(retry("/retry/code-all-attempts-2", code, 3), code, "{code}");
     }
-    // HTTPRouteTimeoutRequest.
+}
+
+#[test]
+fn http_route_timeout_request() {
+    let m = semantics(
+        "request-timeout",
+        r#"  - matches: [{path: {type: PathPrefix, value: /request-timeout}}]
+    timeouts: {request: 500ms}
+    backendRefs: [{name: echo-v1, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /disable-request-timeout}}]
+    timeouts: {request: "0s"}
+    backendRefs: [{name: echo-v1, port: 8080}]
+"#,
+    );
     assert_eq!(m.get(ECHO, "echo", "/request-timeout", &[]).status, 200);
     assert_eq!(
         m.get(ECHO, "echo", "/request-timeout?delay=1s", &[]).status,
@@ -1214,8 +1278,23 @@ spec:
             .status,
         200
     );
-    // HTTPRouteTimeoutBackendRequest.
+}
+
+#[test]
+fn http_route_timeout_backend_request() {
+    let m = semantics(
+        "backend-request-timeout",
+        r#"  - matches: [{path: {type: PathPrefix, value: /backend-timeout}}]
+    timeouts: {backendRequest: 500ms}
+    backendRefs: [{name: echo-v1, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /disable-backend-timeout}}]
+    timeouts: {backendRequest: "0s"}
+    backendRefs: [{name: echo-v1, port: 8080}]
+"#,
+    );
     assert_eq!(m.get(ECHO, "echo", "/backend-timeout", &[]).status, 200);
+    // Each try times out after 500 ms; the default retries (connect failures, resets, 503)
+    // do not retry a timeout, so the answer is 504.
     assert_eq!(
         m.get(ECHO, "echo", "/backend-timeout?delay=1s", &[]).status,
         504
@@ -1225,43 +1304,71 @@ spec:
             .status,
         200
     );
-    // HTTPRouteRequestPercentageMirror: about 20% of requests are copied to echo-v2; every
-    // answer comes from echo-v1. Copies are counted by the mirror target's access log: the
-    // agent's metrics name each request's cluster.
-    let n = 300u64;
-    let url = format!("http://{ECHO}/percent-mirror");
-    let out = m.client.probe(
-        "http-probe",
-        &[
-            "--url",
-            &url,
-            "--count",
-            &n.to_string(),
-            "--concurrency",
-            "4",
-        ],
-        T,
+}
+
+#[test]
+fn http_route_request_percentage_mirror() {
+    let m = semantics(
+        "request-percentage-mirror",
+        r#"  - matches: [{path: {type: PathPrefix, value: /percent-mirror}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo-v2, port: 8080}, percent: 20}
+    backendRefs: [{name: echo-v1, port: 8080}]
+  - matches: [{path: {type: PathPrefix, value: /percent-mirror-fraction}}]
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: echo-v2, port: 8080}, fraction: {numerator: 25, denominator: 50}}
+    backendRefs: [{name: echo-v1, port: 8080}]
+"#,
     );
-    assert_eq!(out["ok"], n, "{out}");
-    assert_eq!(tally(&out, "server_ids"), only("echo-v1", n));
-    // Copies are sent in the background: wait until they stop arriving.
-    let count = || {
-        std::fs::read_to_string(&m.v2_record)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.starts_with("/percent-mirror"))
-            .count() as u64
-    };
-    let mut mirrored = count();
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = count();
-        if now == mirrored {
-            break;
+    // Copies are sent in the background: count them once they stop arriving.
+    let copies = |path: &str| {
+        let count = || {
+            std::fs::read_to_string(&m.v2_record)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| *l == path)
+                .count() as u64
+        };
+        let mut seen = count();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = count();
+            if now == seen {
+                return seen;
+            }
+            seen = now;
         }
-        mirrored = now;
+    };
+    let n = 300u64;
+    for (path, share) in [("/percent-mirror", 0.2), ("/percent-mirror-fraction", 0.5)] {
+        let url = format!("http://{ECHO}{path}");
+        let out = m.client.probe(
+            "http-probe",
+            &[
+                "--url",
+                &url,
+                "--count",
+                &n.to_string(),
+                "--concurrency",
+                "4",
+            ],
+            T,
+        );
+        assert_eq!(out["ok"], n, "{out}");
+        assert_eq!(
+            tally(&out, "server_ids"),
+            only("echo-v1", n),
+            "answers come from echo-v1"
+        );
+        let mirrored = copies(path);
+        // A binomial: sd is 2.3% (20%) and 2.9% (50%) of n; 9% is over three sd.
+        assert!(
+            near(mirrored, n, share, 0.09),
+            "{path}: {mirrored} of {n} mirrored"
+        );
     }
-    assert!(near(mirrored, n, 0.2, 0.08), "{mirrored} of {n} mirrored");
 }
 
 /// HTTPRoutes read from the manifests directory: they take precedence over a VirtualService

@@ -914,8 +914,12 @@ async fn forward(
                     && (e.never_sent() || idempotent(&head.method)),
                 Outcome::LocalFailure,
             ),
+            // A try that timed out counts as a 504.
             Err(_) => (
-                (retry.on.five_xx || retry.on.gateway_error) && safe,
+                (retry.on.five_xx
+                    || retry.on.gateway_error
+                    || retry.on.status_codes.contains(&504))
+                    && safe,
                 Outcome::LocalFailure,
             ),
         };

@@ -95,7 +95,10 @@ enum Obj {
     Pod(BTreeMap<String, String>),
     VirtualService(istio::VirtualService),
     DestinationRule(istio::DestinationRule),
-    MeshRoute(gateway::MeshRoute),
+    MeshRoute(gateway::MeshRoute, gateway::SeenStatus),
+    /// A route version that failed validation: reported like an invalid object, and kept
+    /// apart (for its status) while the last good version serves.
+    RejectedRoute(gateway::RouteKind, gateway::Rejected),
     /// A valid object this proxy does not serve (a headless Service): removed if it was there.
     NotOurs,
 }
@@ -390,11 +393,13 @@ pub async fn start(
                     let r = reference_of(rk.name(), &api_version, &o.metadata);
                     let parsed = serde_yaml::to_value(o)
                         .map_err(|e| FieldError::new("-", e.to_string()))
-                        .and_then(|v| {
+                        .map(|v| {
                             let meta = gateway::Meta::of(&v);
-                            dynamic_spec(o).and_then(|spec| gateway::route(rk, spec, &meta))
-                        })
-                        .map(Obj::MeshRoute);
+                            match dynamic_spec(o).and_then(|spec| gateway::route(rk, spec, &meta)) {
+                                Ok(r) => Obj::MeshRoute(r, meta.status),
+                                Err(e) => Obj::RejectedRoute(rk, gateway::rejected(&v, e)),
+                            }
+                        });
                     (id, r, parsed)
                 },
                 t,
@@ -449,16 +454,39 @@ async fn write_route_status(
         let Some(state) = rx.borrow_and_update().clone() else {
             continue;
         };
-        written.retain(|k, _| state.mesh_routes.contains_key(k));
+        written.retain(|k, _| {
+            state.mesh_routes.contains_key(k) || state.rejected_routes.contains_key(k)
+        });
+        // Each route's wanted status: a rejected current version's, else the valid one's.
+        let mut wanted = Vec::new();
+        for (key, r) in &state.rejected_routes {
+            wanted.push((
+                key,
+                r.generation,
+                r.status.clone(),
+                gateway::rejected_statuses(r),
+            ));
+        }
         for (key, r) in &state.mesh_routes {
+            if state.rejected_routes.contains_key(key) {
+                continue;
+            }
+            let seen = state.mesh_status.get(key).cloned().unwrap_or_default();
+            wanted.push((
+                key,
+                r.generation,
+                seen,
+                gateway::parent_statuses(&state, &key.1, r),
+            ));
+        }
+        for (key, generation, seen, want) in wanted {
             let (kind, id) = key;
-            let want = gateway::parent_statuses(&state, id, r);
-            if want.is_empty() || !gateway::status_differs(r, &want) {
+            if want.is_empty() || !gateway::status_differs(generation, &seen, &want) {
                 continue;
             }
             if written
                 .get(key)
-                .is_some_and(|(g, w)| *g == r.generation && *w == want)
+                .is_some_and(|(g, w)| *g == generation && *w == want)
             {
                 continue; // written; the watch has not brought it back yet
             }
@@ -473,7 +501,7 @@ async fn write_route_status(
             let now = jiff::Timestamp::now()
                 .round(jiff::Unit::Second)
                 .unwrap_or(jiff::Timestamp::now());
-            let patch = gateway::status_patch(r, &want, &now.to_string());
+            let patch = gateway::status_patch(generation, &seen, &want, &now.to_string());
             match api
                 .patch_status(
                     &id.name,
@@ -484,7 +512,7 @@ async fn write_route_status(
             {
                 Ok(_) => {
                     info!(kind = kind.name(), route = %id, "wrote route status");
-                    written.insert(key.clone(), (r.generation, want));
+                    written.insert(key.clone(), (generation, want));
                 }
                 Err(e) => warn!(
                     kind = kind.name(),
@@ -520,6 +548,8 @@ async fn publish_events(recorder: Recorder, mut rx: mpsc::UnboundedReceiver<Prob
 #[derive(Default)]
 struct Stores {
     objects: BTreeMap<(Kind, ObjectRef), Obj>,
+    /// Routes whose current version failed validation.
+    rejected: BTreeMap<(Kind, ObjectRef), (gateway::RouteKind, gateway::Rejected)>,
     /// Objects of a kind being re-listed (between Init and InitDone).
     relist: HashMap<Kind, BTreeMap<ObjectRef, Obj>>,
     /// Every object of a re-list, valid or not (their problems stay listed).
@@ -548,11 +578,15 @@ impl Stores {
                 (_, Obj::DestinationRule(d)) => {
                     st.destination_rules.insert(id.clone(), d.clone());
                 }
-                (_, Obj::MeshRoute(r)) => {
+                (_, Obj::MeshRoute(r, seen)) => {
                     st.mesh_routes.insert((r.kind, id.clone()), r.clone());
+                    st.mesh_status.insert((r.kind, id.clone()), seen.clone());
                 }
-                (_, Obj::NotOurs) => {}
+                (_, Obj::NotOurs | Obj::RejectedRoute(..)) => {}
             }
+        }
+        for ((_, id), (rk, r)) in &self.rejected {
+            st.rejected_routes.insert((*rk, id.clone()), r.clone());
         }
         // Metadata-only Pods carry no address: join them with the endpoints that point at them.
         for slice in st.slices.values() {
@@ -672,7 +706,25 @@ fn apply(stores: &mut Stores, m: Msg, reporter: &Reporter) -> bool {
             initial,
         } => {
             let scope = kind.scope(&id);
-            let obj = match *parsed {
+            let mut changed_rejection = false;
+            // A rejected route version is an invalid object that also gets a status.
+            let parsed = match *parsed {
+                Ok(Obj::RejectedRoute(rk, r)) => {
+                    let e = r.error.clone();
+                    let key = (kind, id.clone());
+                    changed_rejection = stores.rejected.get(&key).is_none_or(|(_, o)| *o != r);
+                    stores.rejected.insert(key, (rk, r));
+                    Err(e)
+                }
+                Ok(o) => {
+                    if stores.rejected.remove(&(kind, id.clone())).is_some() {
+                        changed_rejection = true;
+                    }
+                    Ok(o)
+                }
+                Err(e) => Err(e),
+            };
+            let obj = match parsed {
                 Ok(o) => {
                     reporter.replace(&scope, Vec::new());
                     if matches!(
@@ -705,7 +757,7 @@ fn apply(stores: &mut Stores, m: Msg, reporter: &Reporter) -> bool {
             };
             // An invalid object keeps its last good version (if any).
             let obj = obj.or_else(|| stores.objects.get(&(kind, id.clone())).cloned());
-            match (initial, stores.relist.get_mut(&kind)) {
+            let changed = match (initial, stores.relist.get_mut(&kind)) {
                 (true, Some(buf)) => {
                     stores.relisted.entry(kind).or_default().insert(id.clone());
                     if let Some(o) = obj {
@@ -720,12 +772,14 @@ fn apply(stores: &mut Stores, m: Msg, reporter: &Reporter) -> bool {
                     }
                     None => false,
                 },
-            }
+            };
+            changed || changed_rejection
         }
         Msg::Delete(kind, id) => {
             reporter.replace(&kind.scope(&id), Vec::new());
             reporter.forget(kind.name(), &id);
-            stores.objects.remove(&(kind, id)).is_some()
+            let rejected = stores.rejected.remove(&(kind, id.clone())).is_some();
+            stores.objects.remove(&(kind, id)).is_some() || rejected
         }
         Msg::InitDone(kind) => {
             // Replace the kind's objects with the full listed set: removals come from here.
@@ -738,6 +792,9 @@ fn apply(stores: &mut Stores, m: Msg, reporter: &Reporter) -> bool {
                     .is_some_and(|(ns, name)| listed.contains(&ObjectRef::new(ns, name)))
             });
             stores.objects.retain(|(k, _), _| *k != kind);
+            stores
+                .rejected
+                .retain(|(k, id), _| *k != kind || listed.contains(id));
             for (id, o) in buf {
                 stores.objects.insert((kind, id), o);
             }
