@@ -299,10 +299,13 @@ fn test(filter: Option<String>) -> Result<()> {
         eprintln!("xtask: NOT ROOT: the privileged tests below will fail, each naming the reason");
     }
     // Every test binary runs even when an earlier one failed: the summary counts them all.
+    // The same package selection as the unit tests: features unify alike, so the dependencies
+    // built for them are reused instead of rebuilt with another feature set.
     let (e2e_ok, e2e_out) = cargo_streamed(&[
         "test",
-        "-p",
-        "tests",
+        "--workspace",
+        "--exclude",
+        "proxy-ebpf",
         "--no-fail-fast",
         "--test",
         "*",
