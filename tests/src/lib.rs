@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod apiserver;
+pub mod cluster;
 pub mod k8s;
 pub mod leftovers;
 pub mod node;
@@ -16,5 +17,6 @@ pub mod proc;
 pub mod scenarios;
 pub mod sys;
 
+pub use cluster::SimCluster;
 pub use node::{Pod, SimNode};
 pub use proc::Proc;

@@ -26,6 +26,10 @@ pub struct SimNode {
     pub bpffs: PathBuf,
     /// Scratch directory (manifests, logs).
     pub dir: PathBuf,
+    /// The node's address on its pod bridge (pods route through it).
+    pub node_ip: Ipv4Addr,
+    /// Pod subnet: `198.18.0.0/16` for a lone node, `198.18.K.0/24` for node K of a cluster.
+    subnet: (u8, u8),
     pods: Vec<String>,
     next_ip: AtomicU32,
 }
@@ -44,6 +48,16 @@ pub struct Pod {
 impl SimNode {
     /// Creates a node (removing left-overs of crashed runs first). Panics without root.
     pub fn new() -> Self {
+        Self::create(0)
+    }
+
+    /// Node `k` (1..=250) of a cluster: bridge `198.18.K.1/24`, pods `198.18.K.10` and up.
+    pub fn numbered(k: u8) -> Self {
+        assert!((1..=250).contains(&k), "node numbers are 1..=250");
+        Self::create(k)
+    }
+
+    fn create(k: u8) -> Self {
         sys::require_root();
         leftovers::remove_stale();
         let name = format!(
@@ -57,6 +71,12 @@ impl SimNode {
             bpffs: sys::bpffs_root().join(&name),
             dir: std::env::temp_dir().join(&name),
             name,
+            node_ip: if k == 0 {
+                NODE_IP
+            } else {
+                Ipv4Addr::new(198, 18, k, 1)
+            },
+            subnet: if k == 0 { (0, 16) } else { (k, 24) },
             pods: Vec::new(),
             next_ip: AtomicU32::new(10),
         };
@@ -74,7 +94,7 @@ impl SimNode {
             &node.netns,
             "addr",
             "add",
-            &format!("{NODE_IP}/16"),
+            &format!("{}/{}", node.node_ip, node.subnet.1),
             "dev",
             "br0",
         ]);
@@ -111,7 +131,12 @@ impl SimNode {
     /// Adds a pod with the next free address.
     pub fn add_pod(&mut self, name: &str) -> Pod {
         let n = self.next_ip.fetch_add(1, Ordering::SeqCst);
-        let addr = Ipv4Addr::new(198, 18, (n >> 8) as u8, n as u8);
+        let addr = if self.subnet.1 == 16 {
+            Ipv4Addr::new(198, 18, (n >> 8) as u8, n as u8)
+        } else {
+            assert!(n < 255, "a cluster node has room for 245 pods");
+            Ipv4Addr::new(198, 18, self.subnet.0, n as u8)
+        };
         let netns = format!("{}-{name}", self.name);
         let veth = format!("v{}", self.pods.len());
         ip(&["netns", "add", &netns]);
@@ -146,7 +171,7 @@ impl SimNode {
             &netns,
             "addr",
             "add",
-            &format!("{addr}/16"),
+            &format!("{addr}/{}", self.subnet.1),
             "dev",
             "eth0",
         ]);
@@ -158,7 +183,7 @@ impl SimNode {
             "add",
             "default",
             "via",
-            &NODE_IP.to_string(),
+            &self.node_ip.to_string(),
         ]);
         let cgroup = self.cgroup.join(format!("pod-{name}"));
         std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("create {}: {e}", cgroup.display()));

@@ -435,3 +435,90 @@ fn sigterm_exits_cleanly_and_cleanup_detaches_everything() {
         "the ClusterIP is still translated after cleanup: {out}"
     );
 }
+
+/// Two nodes on an underlay, each with its agent: a ClusterIP reaches pods on both nodes from
+/// either node; with `internalTrafficPolicy: Local` each node's clients reach only its own
+/// pods; the external client reaches node IPs (a host-network server) and no pod IP.
+#[test]
+fn clusterip_crosses_nodes_over_the_underlay_and_internal_local_stays_on_the_node() {
+    let mut c = tests::SimCluster::new(2);
+    let a = c.node_mut(1).add_pod("a");
+    let b = c.node_mut(2).add_pod("b");
+    let client1 = c.node_mut(1).add_pod("client");
+    let client2 = c.node_mut(2).add_pod("client");
+    let _servers = [
+        a.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080"]),
+        b.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080"]),
+    ];
+    let web = |policy: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n  internalTrafficPolicy: {policy}\n  ports: [{{name: p, port: 80, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node1}}\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node2}}\n",
+            a.ip, b.ip
+        )
+    };
+    c.write_manifest("web.yaml", &web("Cluster"));
+    let _agents: Vec<_> = (1..=2u8)
+        .map(|k| {
+            let n = c.node(k);
+            n.start_agent(&[
+                "--node-ip",
+                &n.node_ip.to_string(),
+                "--node-name",
+                &format!("node{k}"),
+            ])
+        })
+        .collect();
+    for client in [&client1, &client2] {
+        let out = tcp(client, "198.19.0.10:80", 60);
+        assert_eq!(out["ok"], 60, "{out}");
+        let reads = tally(&out, "reads");
+        assert_eq!(
+            reads.keys().cloned().collect::<Vec<_>>(),
+            ["a", "b"],
+            "{}: both nodes' pods answer: {out}",
+            client.name
+        );
+    }
+    let generation = |k: u8| {
+        c.node(k).status()["last_apply"]["generation"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = [generation(1), generation(2)];
+    c.write_manifest("web.yaml", &web("Local"));
+    for (k, client, own) in [(1u8, &client1, "a"), (2, &client2, "b")] {
+        let node = c.node(k);
+        let gen_ = before[k as usize - 1];
+        tests::sys::poll(&format!("node{k} to apply the Local policy"), T, || {
+            let st = node.status();
+            (st["last_apply"]["generation"].as_u64().unwrap_or(0) > gen_).then_some(())
+        });
+        let out = tcp(client, "198.19.0.10:80", 30);
+        assert_eq!(out["ok"], 30, "{out}");
+        assert_eq!(
+            tally(&out, "reads").keys().cloned().collect::<Vec<_>>(),
+            [own],
+            "node{k}: {out}"
+        );
+    }
+    // Outside the cluster: node IPs are reachable, pod IPs are not routed.
+    let node2 = c.node(2);
+    let mut host_server = tests::Proc::spawn(
+        "tcp-id@node2",
+        node2.host_place().command(
+            tests::sys::bin("fixture"),
+            &["tcp-id", "--listen", "0.0.0.0:9000", "--id", "node2-host"],
+        ),
+        node2.dir.join("logs/node2-host.log"),
+    );
+    host_server.wait_stdout("listening", T);
+    let ul2 = tests::cluster::underlay_ip(2);
+    let out = tcp(&c.external, &format!("{ul2}:9000"), 5);
+    assert_eq!(out["ok"], 5, "{out}");
+    assert_eq!(
+        tally(&out, "reads").keys().cloned().collect::<Vec<_>>(),
+        ["node2-host"]
+    );
+    let out = tcp(&c.external, &format!("{}:8080", a.ip), 1);
+    assert_eq!(out["ok"], 0, "pod IPs are not routed from outside: {out}");
+}
