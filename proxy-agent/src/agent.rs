@@ -39,6 +39,8 @@ pub struct RunConfig {
     pub node_ip: Option<Ipv4Addr>,
     /// The L7 proxy's port.
     pub proxy_port: u16,
+    /// `--devices`: the north-south interfaces (empty: the one holding `node_ip`).
+    pub devices: Vec<String>,
     /// The L7 proxy's limits and timeouts.
     pub proxy: ProxyConfig,
     /// The proxy's worker runtimes, apart from the agent's own (configuration parsing and map
@@ -238,8 +240,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         counters,
         monitor,
         logger,
-    } = Datapath::open(&cfg.cgroup, &cfg.bpffs, cfg.bpf_log)
-        .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?;
+    } = {
+        let devices = crate::datapath::devices::resolve(&cfg.devices, cfg.node_ip)?;
+        if devices.is_empty() {
+            warn!(
+                "no --devices and no --node-ip: NodePort, LoadBalancer and externalIP traffic from outside the node is not served"
+            );
+        }
+        Datapath::open(&cfg.cgroup, &cfg.bpffs, cfg.bpf_log, &devices, cfg.node_ip).with_context(
+            || format!("setting up the datapath on cgroup {}", cfg.cgroup.display()),
+        )?
+    };
     if let Some(l) = logger {
         l.spawn();
     }

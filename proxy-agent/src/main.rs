@@ -165,6 +165,14 @@ struct RunArgs {
     /// Port of the L7 proxy.
     #[arg(long, default_value_t = 15001)]
     proxy_port: u16,
+    /// The node's external interfaces, comma-separated: traffic from outside arriving there
+    /// for a NodePort, a LoadBalancer ingress IP or an externalIP is translated by the tc
+    /// programs (default: the interface holding --node-ip; neither: no north-south datapath).
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// The NodePort range (the API server's --service-node-port-range).
+    #[arg(long, default_value = "30000-32767", value_parser = port_range)]
+    node_port_range: (u16, u16),
     /// Worker threads of the L7 proxy's runtime (default: one per core). The agent's
     /// configuration work runs on a runtime of its own.
     #[arg(long)]
@@ -317,6 +325,8 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         poll_ms,
         node_ip,
         proxy_port,
+        devices,
+        node_port_range,
         proxy_workers,
         limits,
         admin_addr,
@@ -329,6 +339,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         request_metrics,
     } = args;
     admin::server::check_admin_addr(admin_addr, admin_addr_unsafe)?;
+    let _ = proxy_agent::source::convert::NODE_PORT_RANGE.set(node_port_range);
     let cgroup = match cgroup {
         Some(c) => c,
         None => cgroup2_root()?,
@@ -412,6 +423,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         max_manifest_bytes,
         node_ip,
         proxy_port,
+        devices,
         proxy: limits.into(),
         proxy_workers: proxy_workers.handles().to_vec(),
         hub,
@@ -423,6 +435,19 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
     let _ = admin_stop.send(());
     let _ = admin_thread.join();
     result
+}
+
+/// Parses `LOW-HIGH` (a port range).
+fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
+    let lo: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let hi: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: expected 1 <= LOW <= HIGH"));
+    }
+    Ok((lo, hi))
 }
 
 fn print(v: &serde_json::Value, o: Output, table: fn(&serde_json::Value) -> String) {

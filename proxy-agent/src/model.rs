@@ -72,6 +72,8 @@ pub struct ServicePort {
     pub protocol: Protocol,
     /// `appProtocol`, if set.
     pub app_protocol: Option<String>,
+    /// `nodePort` (types NodePort and LoadBalancer).
+    pub node_port: Option<u16>,
 }
 
 /// Annotation forcing a Service's ports to L4 (`l4`) or L7 (`l7`).
@@ -191,6 +193,55 @@ pub struct Service {
     pub detection: ProtocolHint,
     /// `internalTrafficPolicy: Local`: only endpoints on this node are used.
     pub internal_local: bool,
+    /// How it is reached from outside the cluster.
+    pub north_south: NorthSouth,
+}
+
+/// How a Service is reached from outside the cluster: its NodePorts (on [`ServicePort`]), its
+/// LoadBalancer ingress IPs and externalIPs, and the policies that apply there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NorthSouth {
+    /// `status.loadBalancer.ingress[].ip`.
+    pub lb_ips: Vec<Ipv4Addr>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `externalTrafficPolicy: Local`: only this node's endpoints, the client's address kept.
+    pub local: bool,
+    /// `spec.healthCheckNodePort` (LoadBalancer with the Local policy).
+    pub health_check_node_port: Option<u16>,
+    /// `spec.loadBalancerSourceRanges`, for the LoadBalancer ingress IPs.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+/// Where a frontend answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// The ClusterIP, inside the cluster.
+    #[default]
+    ClusterIp,
+    /// The NodePort on every node address (the frontend's `vip` is 0.0.0.0).
+    NodePort,
+    /// A LoadBalancer ingress IP.
+    LoadBalancer,
+    /// An externalIP.
+    ExternalIp,
+}
+
+impl Scope {
+    /// Whether traffic from outside the node reaches it (the tc programs serve it).
+    pub fn is_external(self) -> bool {
+        self != Scope::ClusterIp
+    }
+
+    /// The Kubernetes word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::ClusterIp => "ClusterIP",
+            Scope::NodePort => "NodePort",
+            Scope::LoadBalancer => "LoadBalancer",
+            Scope::ExternalIp => "ExternalIP",
+        }
+    }
 }
 
 /// Readiness of an endpoint (EndpointSlice conditions).
@@ -285,7 +336,7 @@ pub struct Frontend {
     pub service: ObjectRef,
     /// Service port name.
     pub port_name: String,
-    /// ClusterIP.
+    /// ClusterIP, LoadBalancer ingress IP or externalIP; 0.0.0.0 for a NodePort.
     pub vip: Ipv4Addr,
     /// Service port.
     pub port: u16,
@@ -302,6 +353,12 @@ pub struct Frontend {
     /// Backends, sorted and deduplicated: ready ones, or if none is ready the serving+terminating
     /// ones are kept with `terminating = true`.
     pub backends: Vec<Backend>,
+    /// Where it answers.
+    pub scope: Scope,
+    /// `externalTrafficPolicy: Local` (north-south scopes): `backends` are this node's only.
+    pub external_local: bool,
+    /// `loadBalancerSourceRanges` (LoadBalancer scope); empty: every client.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 impl State {
@@ -335,41 +392,45 @@ pub fn service_frontends(
 ) -> Vec<Frontend> {
     let mut out = Vec::new();
     for sp in &svc.ports {
-        let mut ready = Vec::new();
-        let mut terminating = Vec::new();
-        for slice in slices {
-            let Some(ep_port) = slice
-                .ports
-                .iter()
-                .find(|p| p.name == sp.name && p.protocol == sp.protocol)
-            else {
-                continue;
-            };
-            for ep in &slice.endpoints {
-                if svc.internal_local && node.is_some() && ep.node_name.as_deref() != node {
+        // `only_local`: keep this node's endpoints (when the node is known).
+        let backends = |only_local: bool| {
+            let mut ready = Vec::new();
+            let mut terminating = Vec::new();
+            for slice in slices {
+                let Some(ep_port) = slice
+                    .ports
+                    .iter()
+                    .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+                else {
                     continue;
-                }
-                let b = Backend {
-                    addr: ep.addr,
-                    port: ep_port.port,
-                    terminating: false,
                 };
-                match ep.state {
-                    EndpointState::Ready => ready.push(b),
-                    EndpointState::ServingTerminating => terminating.push(Backend {
-                        terminating: true,
-                        ..b
-                    }),
-                    EndpointState::NotServing => {}
+                for ep in &slice.endpoints {
+                    if only_local && node.is_some() && ep.node_name.as_deref() != node {
+                        continue;
+                    }
+                    let b = Backend {
+                        addr: ep.addr,
+                        port: ep_port.port,
+                        terminating: false,
+                    };
+                    match ep.state {
+                        EndpointState::Ready => ready.push(b),
+                        EndpointState::ServingTerminating => terminating.push(Backend {
+                            terminating: true,
+                            ..b
+                        }),
+                        EndpointState::NotServing => {}
+                    }
                 }
             }
-        }
-        ready.sort();
-        ready.dedup();
-        terminating.sort();
-        terminating.dedup();
-        terminating.retain(|t| !ready.iter().any(|r| r.addr == t.addr && r.port == t.port));
-        out.push(Frontend {
+            ready.sort();
+            ready.dedup();
+            terminating.sort();
+            terminating.dedup();
+            terminating.retain(|t| !ready.iter().any(|r| r.addr == t.addr && r.port == t.port));
+            ready.into_iter().chain(terminating).collect::<Vec<_>>()
+        };
+        let cluster = Frontend {
             service: svc.id.clone(),
             port_name: sp.name.clone(),
             vip: svc.cluster_ip,
@@ -379,8 +440,52 @@ pub fn service_frontends(
             l7: sp.is_l7(svc.mode),
             h2: sp.is_h2(),
             detection: svc.detection,
-            backends: ready.into_iter().chain(terminating).collect(),
-        });
+            backends: backends(svc.internal_local),
+            scope: Scope::ClusterIp,
+            external_local: false,
+            source_ranges: Vec::new(),
+        };
+        let ns = &svc.north_south;
+        let mut external = Vec::new();
+        if let Some(np) = sp.node_port {
+            external.push((Scope::NodePort, Ipv4Addr::UNSPECIFIED, np));
+        }
+        external.extend(
+            ns.lb_ips
+                .iter()
+                .map(|ip| (Scope::LoadBalancer, *ip, sp.port)),
+        );
+        external.extend(
+            ns.external_ips
+                .iter()
+                .map(|ip| (Scope::ExternalIp, *ip, sp.port)),
+        );
+        if !external.is_empty() {
+            let ext_backends = if ns.local {
+                backends(true)
+            } else {
+                backends(false)
+            };
+            for (scope, vip, port) in external {
+                out.push(Frontend {
+                    vip,
+                    port,
+                    // North-south traffic is balanced in the kernel (no L7 redirect at tc).
+                    l7: false,
+                    h2: false,
+                    backends: ext_backends.clone(),
+                    scope,
+                    external_local: ns.local,
+                    source_ranges: if scope == Scope::LoadBalancer {
+                        ns.source_ranges.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    ..cluster.clone()
+                });
+            }
+        }
+        out.push(cluster);
     }
     out
 }
@@ -456,11 +561,13 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
                 app_protocol: None,
+                node_port: None,
             }],
             affinity_timeout_s: None,
             mode: None,
             detection: Default::default(),
             internal_local: false,
+            north_south: Default::default(),
         }
     }
 
@@ -484,6 +591,54 @@ mod tests {
                 .collect(),
             trigger_time: None,
         }
+    }
+
+    #[test]
+    fn north_south_frontends_follow_the_external_policy() {
+        let mut svc = svc();
+        svc.ports[0].node_port = Some(30080);
+        svc.north_south = NorthSouth {
+            lb_ips: vec![Ipv4Addr::new(198, 19, 250, 10)],
+            external_ips: vec![Ipv4Addr::new(198, 19, 250, 20)],
+            local: true,
+            health_check_node_port: Some(32100),
+            source_ranges: vec![(Ipv4Addr::new(198, 19, 201, 0), 24)],
+        };
+        let mut sl = slice(
+            "web-a",
+            &[(2, EndpointState::Ready), (3, EndpointState::Ready)],
+        );
+        sl.endpoints[0].node_name = Some("node1".into());
+        sl.endpoints[1].node_name = Some("node2".into());
+        let fes = service_frontends(&svc, &[&sl], Some("node1"));
+        let by_scope = |scope| fes.iter().find(|f| f.scope == scope).unwrap();
+        assert_eq!(fes.len(), 4);
+        let cluster = by_scope(Scope::ClusterIp);
+        assert_eq!(
+            cluster.backends.len(),
+            2,
+            "the ClusterIP keeps every endpoint"
+        );
+        let np = by_scope(Scope::NodePort);
+        assert_eq!((np.vip, np.port), (Ipv4Addr::UNSPECIFIED, 30080));
+        assert_eq!(np.backends.len(), 1, "Local: this node's endpoint only");
+        assert_eq!(np.backends[0].addr, Ipv4Addr::new(198, 18, 0, 2));
+        assert!(np.external_local && !np.l7);
+        assert!(
+            np.source_ranges.is_empty(),
+            "ranges are for LoadBalancer IPs"
+        );
+        let lb = by_scope(Scope::LoadBalancer);
+        assert_eq!((lb.vip, lb.port), (Ipv4Addr::new(198, 19, 250, 10), 80));
+        assert_eq!(lb.source_ranges.len(), 1);
+        let ext = by_scope(Scope::ExternalIp);
+        assert_eq!(ext.vip, Ipv4Addr::new(198, 19, 250, 20));
+        svc.north_south.local = false;
+        let fes = service_frontends(&svc, &[&sl], Some("node1"));
+        assert!(
+            fes.iter().all(|f| f.backends.len() == 2),
+            "Cluster: every endpoint"
+        );
     }
 
     #[test]
@@ -538,6 +693,7 @@ mod tests {
             port: 80,
             protocol: Protocol::Tcp,
             app_protocol: app.map(String::from),
+            node_port: None,
         };
         assert!(port("http", None).is_l7(None));
         assert!(port("http-web", None).is_l7(None));

@@ -54,6 +54,16 @@ pub const AFFINITY_MATCH_MAX_ENTRIES: u32 = 65_536;
 pub const SVC_F_AFFINITY: u16 = 1 << 0;
 /// Service flag: an HTTP/gRPC port; TCP connects go to the node proxy while it runs.
 pub const SVC_F_L7: u16 = 1 << 1;
+/// Service flag: a north-south frontend (NodePort, LoadBalancer ingress IP or externalIP) that
+/// the tc programs on the node's devices serve for traffic arriving from outside. A NodePort
+/// entry is keyed by address 0 (any node address, see [`MAP_NODE_ADDRS`]).
+pub const SVC_F_EXTERNAL: u16 = 1 << 2;
+/// Service flag: `externalTrafficPolicy: Local`; the entry holds this node's endpoints only and
+/// the client's address is kept (no SNAT).
+pub const SVC_F_EXT_LOCAL: u16 = 1 << 3;
+/// Service flag: `loadBalancerSourceRanges` apply; a client outside [`MAP_SRC_RANGES`] for the
+/// service id is dropped.
+pub const SVC_F_SRC_RANGES: u16 = 1 << 4;
 
 /// Backend state: ready, takes new connections.
 pub const BACKEND_ACTIVE: u8 = 0;
@@ -238,7 +248,7 @@ pub struct OrigKey {
 const _: () = assert!(size_of::<OrigKey>() == 8);
 
 /// Name of the per-CPU counter array of the programs (indices `STAT_*`, [`STATS_COUNT`] slots).
-pub const MAP_STATS: &str = "PXA_STATS_V1";
+pub const MAP_STATS: &str = "PXA_STATS_V2";
 /// Name of the monitor switch (one `u32` at index 0): events are written to [`MAP_EVENTS`] only
 /// while it is non-zero, i.e. while a `proxy-agent monitor` reader is attached.
 pub const MAP_MONITOR: &str = "PXA_MONITOR_V1";
@@ -277,11 +287,30 @@ pub const STAT_EVENTS: u32 = 12;
 pub const STAT_EVENTS_LOST: u32 = 13;
 /// Counter: original destinations published by sock_ops for the proxy.
 pub const STAT_ORIG_DST: u32 = 14;
+/// Counter: a packet from outside to a north-south frontend was sent to a backend on this node
+/// (destination translated only).
+pub const STAT_NS_LOCAL: u32 = 15;
+/// Counter: a packet from outside was sent to a backend on another node (destination translated
+/// and source NATed to the node's address).
+pub const STAT_NS_REMOTE: u32 = 16;
+/// Counter: a reply packet was translated back to the north-south frontend.
+pub const STAT_NS_REPLY: u32 = 17;
+/// Counter: dropped, the north-south frontend had no usable backend (on this node, for
+/// `externalTrafficPolicy: Local`).
+pub const STAT_NS_NO_BACKEND: u32 = 18;
+/// Counter: dropped, the client is outside `loadBalancerSourceRanges`.
+pub const STAT_NS_SRC_RANGE: u32 = 19;
+/// Counter: dropped, no free SNAT port for the backend.
+pub const STAT_NS_NO_PORT: u32 = 20;
+/// Counter: dropped, no route (FIB lookup failed) for a translated packet.
+pub const STAT_NS_NO_ROUTE: u32 = 21;
+/// Counter: new connection-tracking entries (one per north-south connection).
+pub const STAT_CT_NEW: u32 = 22;
 // Translation counters are indexed by hook: `STAT_CONNECT4 + HOOK_*`.
 const _: () = assert!(STAT_GETPEERNAME6 == STAT_CONNECT4 + HOOK_GETPEERNAME6 as u32);
 const _: () = assert!(STAT_SENDMSG6 == STAT_CONNECT4 + HOOK_SENDMSG6 as u32);
 /// Number of counters in [`MAP_STATS`].
-pub const STATS_COUNT: u32 = 16;
+pub const STATS_COUNT: u32 = 32;
 
 /// Hook of a [`TraceEvent`]: connect4.
 pub const HOOK_CONNECT4: u8 = 0;
@@ -352,6 +381,124 @@ pub struct TraceEvent {
 }
 const _: () = assert!(size_of::<TraceEvent>() == 72);
 
+/// Name of the north-south connection-tracking LRU map (see [`CtKey`]).
+pub const MAP_CT: &str = "PXA_CT4_V1";
+/// Capacity of the connection-tracking map: two entries per connection (the original direction
+/// and one reply direction), so 131k concurrent north-south connections; an LRU map, so the
+/// least recently used entries go first when it is full.
+pub const CT_MAX_ENTRIES: u32 = 262_144;
+/// Name of the node address set (IPv4 address, network order → 1): the addresses a NodePort
+/// answers on, for the socket hooks (local clients) and the tc programs.
+pub const MAP_NODE_ADDRS: &str = "PXA_NODEADDR_V1";
+/// Capacity of the node address set.
+pub const NODE_ADDRS_MAX_ENTRIES: u32 = 256;
+/// Name of the north-south device map (ifindex → [`DeviceValue`]).
+pub const MAP_DEVICES: &str = "PXA_NSDEV_V1";
+/// Capacity of the device map.
+pub const DEVICES_MAX_ENTRIES: u32 = 64;
+/// Name of the `loadBalancerSourceRanges` LPM trie (see [`SourceRangeKey`]).
+pub const MAP_SRC_RANGES: &str = "PXA_SRCRANGE_V1";
+/// Capacity of the source range trie.
+pub const SRC_RANGES_MAX_ENTRIES: u32 = 16_384;
+/// First port used to SNAT connections to backends on other nodes (above Linux's default
+/// ephemeral range 32768-60999, so the node's own connections never collide).
+pub const SNAT_PORT_MIN: u16 = 61_000;
+/// Number of SNAT ports (61000-65535), per backend address and port.
+pub const SNAT_PORT_COUNT: u16 = 4_536;
+
+/// Connection-tracking direction: the client's packets to a frontend as they arrive on a
+/// device; the value says where they go (backend, and the SNAT source if any).
+pub const CT_DIR_ORIG: u8 = 0;
+/// Connection-tracking direction: a reply of a backend on another node to the SNAT address and
+/// port, arriving on a device; the value restores the client as destination and the frontend
+/// as source.
+pub const CT_DIR_REPLY_IN: u8 = 1;
+/// Connection-tracking direction: a reply of a backend on this node to the client, leaving on a
+/// device; the value restores the frontend as source.
+pub const CT_DIR_REPLY_OUT: u8 = 2;
+
+/// Lifetime of a TCP connection-tracking entry before the handshake completed, in seconds.
+pub const CT_LIFETIME_SYN_S: u32 = 60;
+/// Lifetime of an established TCP entry without traffic (Cilium's default), in seconds.
+pub const CT_LIFETIME_TCP_S: u32 = 21_600;
+/// Lifetime of a TCP entry after a FIN or RST, in seconds.
+pub const CT_LIFETIME_CLOSE_S: u32 = 10;
+/// Lifetime of a UDP entry without traffic, in seconds.
+pub const CT_LIFETIME_UDP_S: u32 = 60;
+
+/// Key of the connection-tracking map: a packet's 5-tuple as seen on the device, and the
+/// direction it stands for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// Source address, network byte order.
+    pub saddr_be: u32,
+    /// Destination address, network byte order.
+    pub daddr_be: u32,
+    /// Source port, network byte order.
+    pub sport_be: u16,
+    /// Destination port, network byte order.
+    pub dport_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// `CT_DIR_*`.
+    pub dir: u8,
+    /// Explicit padding; always 0.
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<CtKey>() == 16);
+
+/// Value of the connection-tracking map: how to rewrite a matching packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns` of the last packet that refreshed the entry.
+    pub last_seen_ns: u64,
+    /// Backend id chosen for the connection.
+    pub backend_id: u32,
+    /// Service id of the frontend.
+    pub service_id: u32,
+    /// New destination address (0: unchanged), network byte order.
+    pub dst_addr_be: u32,
+    /// New source address (0: unchanged), network byte order.
+    pub src_addr_be: u32,
+    /// New destination port, network byte order (with `dst_addr_be`).
+    pub dst_port_be: u16,
+    /// New source port, network byte order (with `src_addr_be`).
+    pub src_port_be: u16,
+    /// Seconds without traffic after which the entry is void (`CT_LIFETIME_*`).
+    pub lifetime_s: u32,
+}
+const _: () = assert!(size_of::<CtValue>() == 32);
+
+/// Value of the device map: a device whose traffic from outside the tc programs serve.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct DeviceValue {
+    /// The device's IPv4 address, used as the SNAT source, network byte order.
+    pub addr_be: u32,
+}
+const _: () = assert!(size_of::<DeviceValue>() == 4);
+
+/// Data of the source-range LPM trie key: the service id, then the client prefix. The trie's
+/// prefix length counts 32 bits for the service id plus the CIDR's length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    /// [`ServiceValue::service_id`], network byte order (LPM tries compare bytes in order).
+    pub service_id_be: u32,
+    /// Client prefix, network byte order.
+    pub addr_be: u32,
+}
+const _: () = assert!(size_of::<SourceRangeKey>() == 8);
+
+/// The [`AffinityKey::netns_cookie`] of a north-south client: its address with the top bit
+/// set, apart from the netns cookies of pods (the kernel counts those up from 1).
+#[inline(always)]
+pub const fn external_affinity_id(addr_be: u32) -> u64 {
+    (1u64 << 63) | addr_be as u64
+}
+
 /// Picks a backend slot in `1..=count` from a 32-bit random or hash value without a division.
 ///
 /// Returns 0 when `count` is 0 (no backend).
@@ -401,6 +548,10 @@ mod pod {
     unsafe impl aya::Pod for L7Config {}
     unsafe impl aya::Pod for OrigKey {}
     unsafe impl aya::Pod for TraceEvent {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for DeviceValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 #[cfg(test)]

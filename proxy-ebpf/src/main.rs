@@ -6,7 +6,7 @@
 //! applications (DNS resolvers in particular) see the address they asked for. IPv6 sockets are
 //! handled for IPv4-mapped addresses (`::ffff:a.b.c.d`).
 //!
-//! Every decision is counted in a per-CPU array (`PXA_STATS_V1`), and while a monitor reader is
+//! Every decision is counted in a per-CPU array (`PXA_STATS_V2`), and while a monitor reader is
 //! attached (the `PXA_MONITOR_V1` switch) each one is also written to a ring buffer as a
 //! [`TraceEvent`]; with the switch off nothing is written. Debug logs (aya-log) are compiled
 //! in but off unless the agent loads the programs with a log level (`--bpf-log`).
@@ -29,12 +29,13 @@ use proxy_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
     BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, EVENTS_RING_BYTES, HOOK_CONNECT4,
     HOOK_CONNECT6, HOOK_GETPEERNAME4, HOOK_GETPEERNAME6, HOOK_RECVMSG4, HOOK_RECVMSG6,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, L7Config, ORIG_DST_MAX_ENTRIES, OrigKey, PROTO_TCP, PROTO_UDP,
-    REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES, STAT_CONNECT4, STAT_EVENTS,
-    STAT_EVENTS_LOST, STAT_L7_FALLBACK, STAT_L7_REDIRECT, STAT_ORIG_DST, STAT_PROXY_PORT_REFUSED,
-    STAT_REFUSED, STATS_COUNT, SVC_F_AFFINITY, SVC_F_L7, ServiceKey, ServiceValue, TraceEvent,
-    VERDICT_L7_FALLBACK, VERDICT_L7_REDIRECT, VERDICT_PROXY_PORT, VERDICT_REFUSED,
-    VERDICT_REVERSED, VERDICT_TRANSLATED, mix64, pick_slot, usable_slots,
+    HOOK_SENDMSG4, HOOK_SENDMSG6, L7Config, NODE_ADDRS_MAX_ENTRIES, ORIG_DST_MAX_ENTRIES, OrigKey,
+    PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES,
+    STAT_CONNECT4, STAT_EVENTS, STAT_EVENTS_LOST, STAT_L7_FALLBACK, STAT_L7_REDIRECT,
+    STAT_ORIG_DST, STAT_PROXY_PORT_REFUSED, STAT_REFUSED, STATS_COUNT, SVC_F_AFFINITY,
+    SVC_F_EXTERNAL, SVC_F_L7, ServiceKey, ServiceValue, TraceEvent, VERDICT_L7_FALLBACK,
+    VERDICT_L7_REDIRECT, VERDICT_PROXY_PORT, VERDICT_REFUSED, VERDICT_REVERSED, VERDICT_TRANSLATED,
+    mix64, pick_slot, usable_slots,
 };
 
 /// Allow the syscall.
@@ -42,6 +43,8 @@ const SYS_PROCEED: i32 = 1;
 /// Fail the syscall (with the errno set by `bpf_set_retval`).
 const SYS_REJECT: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+
+mod nodeport;
 
 #[map(name = "PXA_SVC_V1")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, 0);
@@ -71,7 +74,7 @@ static PROXY_SOCK: SockMap = SockMap::pinned(1, 0);
 #[map(name = "PXA_ORIGDST_V1")]
 static ORIG_DST: LruHashMap<OrigKey, RevValue> = LruHashMap::pinned(ORIG_DST_MAX_ENTRIES, 0);
 
-#[map(name = "PXA_STATS_V1")]
+#[map(name = "PXA_STATS_V2")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_COUNT, 0);
 
 /// Non-zero while a monitor reader is attached; the agent sets and clears it.
@@ -80,6 +83,50 @@ static MONITOR: Array<u32> = Array::pinned(1, 0);
 
 #[map(name = "PXA_EVENTS_V1")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+/// The addresses a NodePort answers on (the agent writes the node's device addresses).
+#[map(name = "PXA_NODEADDR_V1")]
+static NODE_ADDRS: HashMap<u32, u32> = HashMap::pinned(NODE_ADDRS_MAX_ENTRIES, 0);
+
+/// Whether `addr_be` is one of this node's addresses, or loopback (`127.0.0.0/8`: a NodePort
+/// answers on localhost for host processes, as with kube-proxy).
+#[inline(always)]
+fn is_node_addr(addr_be: u32) -> bool {
+    u32::from_be(addr_be) >> 24 == 127 || unsafe { NODE_ADDRS.get(&addr_be) }.is_some()
+}
+
+/// The master entry for a destination, with the address its entries are keyed by: the address
+/// itself (ClusterIP, LoadBalancer ingress IP, externalIP) or 0 for a NodePort on a node
+/// address.
+#[inline(always)]
+fn master_of(addr_be: u32, port_be: u16, proto: u8) -> Option<(u32, ServiceValue)> {
+    let key = ServiceKey {
+        addr_be,
+        port_be,
+        proto,
+        _pad0: 0,
+        slot: 0,
+        _pad1: 0,
+    };
+    // Values are copied with volatile reads inside the non-null branches: LLVM must not merge
+    // the branches into one that reads a field of a null result (the verifier rejects that).
+    if let Some(p) = SERVICES.get_ptr(&key) {
+        // SAFETY: a non-null map value pointer, valid during the program.
+        return Some((addr_be, unsafe { core::ptr::read_volatile(p) }));
+    }
+    if !is_node_addr(addr_be) {
+        return None;
+    }
+    let key = ServiceKey { addr_be: 0, ..key };
+    if let Some(p) = SERVICES.get_ptr(&key) {
+        // SAFETY: as above.
+        let m = unsafe { core::ptr::read_volatile(p) };
+        if m.flags & SVC_F_EXTERNAL != 0 {
+            return Some((0, m));
+        }
+    }
+    None
+}
 
 /// Adds one to counter `i` of this CPU.
 #[inline(always)]
@@ -202,17 +249,16 @@ fn proto_of(ctx: &SockAddrContext) -> Option<u8> {
 /// Chooses the backend for a connection to `addr_be:port_be` and records the reverse entry.
 #[inline(always)]
 fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd {
+    let Some((addr_key, master)) = master_of(addr_be, port_be, proto) else {
+        return Fwd::Pass;
+    };
     let mut key = ServiceKey {
-        addr_be,
+        addr_be: addr_key,
         port_be,
         proto,
         _pad0: 0,
         slot: 0,
         _pad1: 0,
-    };
-    // SAFETY: map values are plain integers; we copy them out at once.
-    let Some(master) = (unsafe { SERVICES.get(&key) }).copied() else {
-        return Fwd::Pass;
     };
     let ctx_ptr = ctx.as_ptr();
     // SAFETY: helpers called with the program's own context.
@@ -348,15 +394,7 @@ fn reverse(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Opti
     };
     let rv = unsafe { REVERSE.get(&rk) }.copied()?;
     // Stale if the service was removed or re-created since the translation.
-    let key = ServiceKey {
-        addr_be: rv.addr_be,
-        port_be: rv.port_be,
-        proto,
-        _pad0: 0,
-        slot: 0,
-        _pad1: 0,
-    };
-    let master = unsafe { SERVICES.get(&key) }.copied()?;
+    let (_, master) = master_of(rv.addr_be, rv.port_be, proto)?;
     (master.service_id == rv.service_id).then_some(rv)
 }
 

@@ -162,6 +162,20 @@ impl SimCluster {
         &mut self.nodes[k as usize - 1]
     }
 
+    /// Routes `prefix` (LoadBalancer or external IPs) from the external client to node `k`, as a
+    /// cloud load balancer or a BGP announcement would.
+    pub fn route_external(&self, prefix: &str, k: u8) {
+        ip(&[
+            "-n",
+            &self.external_ns,
+            "route",
+            "replace",
+            prefix,
+            "via",
+            &underlay_ip(k).to_string(),
+        ]);
+    }
+
     /// Writes the same manifest into every node's manifests directory.
     pub fn write_manifest(&self, file: &str, yaml: &str) {
         for n in &self.nodes {

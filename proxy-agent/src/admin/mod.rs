@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod explain;
+pub mod healthcheck;
 pub mod metrics;
 pub mod monitor;
 pub mod render;
@@ -179,6 +180,8 @@ pub struct Hub {
     /// Map occupancy, walked at most once per [`OCCUPANCY_TTL`] (a walk of a large map costs
     /// one syscall per entry).
     occupancy: Mutex<Option<Reading>>,
+    /// The generation last published, for readers that follow every change.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 /// A map occupancy reading and when it was taken.
@@ -214,6 +217,7 @@ impl Hub {
             datapath: OnceLock::new(),
             heartbeat_ms: AtomicU64::new(0),
             occupancy: Mutex::new(None),
+            generation: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -224,7 +228,14 @@ impl Hub {
 
     /// Publishes a generation.
     pub fn publish(&self, s: Snapshot) {
+        let generation = s.generation;
         self.snapshot.store(Arc::new(s));
+        self.generation.send_replace(generation);
+    }
+
+    /// Follows the published generations.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Registers the running proxy (its listener is published to the datapath).

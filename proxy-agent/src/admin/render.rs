@@ -169,9 +169,13 @@ pub fn services(v: &Value) -> String {
             vec![
                 text(&s["namespace"]),
                 text(&s["name"]),
-                text(&s["cluster_ip"]),
+                match s["type"].as_str() {
+                    Some("NodePort") => "*".to_string(),
+                    _ => text(&s["cluster_ip"]),
+                },
                 text(&s["port"]),
                 text(&s["protocol"]),
+                s["type"].as_str().unwrap_or("ClusterIP").to_string(),
                 text(&s["mode"]),
                 format!("{}/{}", text(&s["ready"]), text(&s["terminating"])),
                 text(&s["affinity"]),
@@ -182,9 +186,10 @@ pub fn services(v: &Value) -> String {
         &[
             "NAMESPACE",
             "NAME",
-            "CLUSTER-IP",
+            "ADDRESS",
             "PORT",
             "PROTO",
+            "TYPE",
             "MODE",
             "READY/TERMINATING",
             "AFFINITY",

@@ -30,7 +30,7 @@ use super::views;
 use crate::proxy::body::BoxError;
 
 /// The admin plane's response body.
-type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+pub(crate) type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// The agent loop counts as stuck (`/healthz` 503) when it has not beaten for this long.
 pub const HEALTHZ_STALE: Duration = Duration::from_secs(60);
@@ -65,6 +65,17 @@ fn kube_proxy_healthy(
     }) && since_heartbeat < HEALTHZ_STALE
 }
 
+/// Whether the node's proxy is healthy as `/healthz` says it (for the Service health checks).
+pub(crate) fn proxy_healthy(hub: &Hub) -> bool {
+    let s = hub.snapshot();
+    kube_proxy_healthy(
+        s.synced_at,
+        s.apply.ok,
+        hub.since_heartbeat(),
+        std::time::SystemTime::now(),
+    )
+}
+
 /// `/healthz` as kube-proxy answers it: 200 when the datapath synced and is current (or the
 /// last failure is recent), 503 before the first sync or when stale; a JSON body with
 /// `lastUpdated` and `currentTime`.
@@ -90,7 +101,11 @@ fn kube_proxy_healthz(hub: &Hub) -> Response<Body> {
     )
 }
 
-fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+pub(crate) fn full(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
     let mut r = Response::new(
         Full::new(body.into())
             .map_err(|never| match never {})
@@ -453,6 +468,7 @@ pub fn start(hub: &Arc<Hub>, cfg: &AdminConfig, rt: &tokio::runtime::Handle) -> 
             }
         });
     }
+    rt.spawn(super::healthcheck::serve(hub.clone()));
     info!(admin = %cfg.admin_addr, metrics = %cfg.metrics_addr, healthz = ?cfg.healthz_addr, "admin API and metrics listening");
     Ok(())
 }

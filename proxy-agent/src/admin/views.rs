@@ -98,6 +98,7 @@ pub fn services(hub: &Hub) -> Value {
             "namespace": f.service.namespace,
             "name": f.service.name,
             "cluster_ip": f.vip.to_string(),
+            "type": f.scope.as_str(),
             "port": f.port,
             "port_name": f.port_name,
             "protocol": f.protocol.to_string(),

@@ -3,7 +3,9 @@
 //!
 //! Pin layout under `--bpffs DIR`:
 //! - `DIR/maps/<MAP>`: the maps (reused on restart, so the datapath state survives the agent);
-//! - `DIR/links/<program>-<object hash>`: one cgroup link per program.
+//! - `DIR/links/<program>-<object hash>`: one cgroup link per program;
+//! - `DIR/links/<program>@<device>-<object hash>`: the tcx links of the north-south programs on
+//!   each device.
 //!
 //! On start, a link pinned by an agent with the same object is adopted as is (no detach, no
 //! re-attach: traffic is never unprotected). A link of another object version is replaced
@@ -16,10 +18,14 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, PerCpuArray, RingBuf, SockMap};
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink, links::PinnedLink};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType, links::FdLink,
+    links::PinnedLink,
+};
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
 
+use super::devices::{self, Device};
 use super::l7::L7Maps;
 use super::maps::AyaMaps;
 use super::telemetry::{Counters, Monitor};
@@ -38,6 +44,12 @@ pub const PROGRAMS: [&str; 9] = [
     "pxa_recvmsg6",
     "pxa_getpeername4",
     "pxa_getpeername6",
+];
+
+/// The north-south programs, attached with tcx to each device: (program, direction).
+pub const TC_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("pxa_ns_ingress", TcAttachType::Ingress),
+    ("pxa_ns_egress", TcAttachType::Egress),
 ];
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -90,6 +102,9 @@ pub enum DatapathError {
     /// A map is missing from the object or has an unexpected type.
     #[error("map {0}: {1}")]
     Map(&'static str, String),
+    /// `--devices` could not be resolved.
+    #[error("north-south devices: {0}")]
+    Devices(String),
     /// The process lacks capabilities the datapath needs.
     #[error(
         "missing capabilities {0}: the agent loads eBPF programs and maps (CAP_BPF), attaches them to the cgroup and publishes the proxy's socket (CAP_NET_ADMIN) and its programs use tracing helpers (CAP_PERFMON); CAP_SYS_ADMIN covers the first and the last. Add them to the container's securityContext.capabilities (deploy/daemonset.yaml does) or run as root"
@@ -234,7 +249,13 @@ pub struct Datapath {
 impl Datapath {
     /// Loads the object with its maps pinned under `bpffs/maps`, and attaches (or adopts) one
     /// link per program on `cgroup`. Returns the datapath and its maps.
-    pub fn open(cgroup: &Path, bpffs: &Path, bpf_log: BpfLog) -> Result<Opened, DatapathError> {
+    pub fn open(
+        cgroup: &Path,
+        bpffs: &Path,
+        bpf_log: BpfLog,
+        devices: &[Device],
+        node_ip: Option<std::net::Ipv4Addr>,
+    ) -> Result<Opened, DatapathError> {
         check_capabilities()?;
         if !cgroup.exists() {
             return Err(DatapathError::NotCgroup2(cgroup.to_path_buf()));
@@ -260,41 +281,31 @@ impl Datapath {
         let cgroup_fd = File::open(cgroup).map_err(io("open", cgroup))?;
         let mut adopted_all = true;
         for name in PROGRAMS {
-            let pin = links_dir.join(format!("{name}-{hash}"));
-            let stale: Vec<PathBuf> = fs::read_dir(&links_dir)
-                .map_err(io("list", &links_dir))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                        n.rsplit_once('-')
-                            .is_some_and(|(prog, h)| prog == name && h != hash)
-                    })
-                })
-                .collect();
-            if pin.exists() {
-                // Same object already attached by an earlier agent: keep it.
-                PinnedLink::from_pin(&pin).map_err(|e| DatapathError::Link {
-                    path: pin.clone(),
-                    detail: e.to_string(),
-                })?;
-            } else {
-                adopted_all = false;
-                let fd_link = attach(&mut ebpf, name, &cgroup_fd, &pin)?;
-                fd_link.pin(&pin).map_err(|e| DatapathError::Link {
-                    path: pin.clone(),
-                    detail: e.to_string(),
+            adopted_all &= ensure_link(&links_dir, name, &hash, || {
+                attach(&mut ebpf, name, &cgroup_fd)
+            })?;
+        }
+        for (name, dir) in TC_PROGRAMS {
+            let mut loaded = false;
+            for dev in devices {
+                let pin_name = format!("{name}@{}", dev.name);
+                adopted_all &= ensure_link(&links_dir, &pin_name, &hash, || {
+                    attach_tc(&mut ebpf, name, dir, dev, &mut loaded)
                 })?;
             }
-            for old in stale {
-                // The new link is in place; releasing the old pin detaches the old program.
-                match PinnedLink::from_pin(&old).map(PinnedLink::unpin) {
-                    Ok(Ok(_fd_link)) => {
-                        info!(pin = %old.display(), "replaced a link of another agent version")
-                    }
-                    Ok(Err(e)) => {
-                        warn!(pin = %old.display(), error = %e, "cannot unpin an old link")
-                    }
-                    Err(e) => warn!(pin = %old.display(), error = %e, "cannot open an old link"),
+            // Devices no longer named: their links go.
+            for entry in fs::read_dir(&links_dir).map_err(io("list", &links_dir))? {
+                let path = entry.map_err(io("list", &links_dir))?.path();
+                let Some(file) = path.file_name().and_then(|n| n.to_str()) else {
+                    continue;
+                };
+                let Some(rest) = file.strip_prefix(&format!("{name}@")) else {
+                    continue;
+                };
+                let dev = rest.rsplit_once('-').map_or(rest, |(d, _)| d);
+                if !devices.iter().any(|d| d.name == dev) {
+                    fs::remove_file(&path).map_err(io("remove", &path))?;
+                    info!(pin = %path.display(), "detached from a device no longer in --devices");
                 }
             }
         }
@@ -313,7 +324,18 @@ impl Datapath {
             services: take_hash(&mut ebpf, proxy_common::MAP_SERVICES)?,
             backends: take_hash(&mut ebpf, proxy_common::MAP_BACKENDS)?,
             affinity_match: take_hash(&mut ebpf, proxy_common::MAP_AFFINITY_MATCH)?,
+            source_ranges: aya::maps::lpm_trie::LpmTrie::try_from(take(
+                &mut ebpf,
+                proxy_common::MAP_SRC_RANGES,
+            )?)
+            .map_err(|e| DatapathError::Map(proxy_common::MAP_SRC_RANGES, e.to_string()))?,
         };
+        devices::program(
+            devices,
+            node_ip,
+            &mut take_hash(&mut ebpf, proxy_common::MAP_DEVICES)?,
+            &mut take_hash(&mut ebpf, proxy_common::MAP_NODE_ADDRS)?,
+        )?;
         let map_err = |name: &'static str| {
             move |e: aya::maps::MapError| DatapathError::Map(name, e.to_string())
         };
@@ -371,16 +393,86 @@ impl Datapath {
     }
 }
 
-/// Loads program `name` and attaches it to the cgroup, returning its link.
-fn attach(
+/// Keeps link `name` pinned for object `hash`: adopts the pin of an earlier agent with the same
+/// object, or attaches with `attach` and pins it, then releases the pins of other object
+/// versions. Returns whether the link was adopted.
+fn ensure_link(
+    links_dir: &Path,
+    name: &str,
+    hash: &str,
+    attach: impl FnOnce() -> Result<FdLink, DatapathError>,
+) -> Result<bool, DatapathError> {
+    let pin = links_dir.join(format!("{name}-{hash}"));
+    let stale: Vec<PathBuf> = fs::read_dir(links_dir)
+        .map_err(io("list", links_dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.rsplit_once('-')
+                    .is_some_and(|(prog, h)| prog == name && h != hash)
+            })
+        })
+        .collect();
+    let adopted = pin.exists();
+    if adopted {
+        // Same object already attached by an earlier agent: keep it.
+        PinnedLink::from_pin(&pin).map_err(|e| DatapathError::Link {
+            path: pin.clone(),
+            detail: e.to_string(),
+        })?;
+    } else {
+        let fd_link = attach()?;
+        fd_link.pin(&pin).map_err(|e| DatapathError::Link {
+            path: pin.clone(),
+            detail: e.to_string(),
+        })?;
+    }
+    for old in stale {
+        // The new link is in place; releasing the old pin detaches the old program.
+        match PinnedLink::from_pin(&old).map(PinnedLink::unpin) {
+            Ok(Ok(_fd_link)) => {
+                info!(pin = %old.display(), "replaced a link of another agent version")
+            }
+            Ok(Err(e)) => warn!(pin = %old.display(), error = %e, "cannot unpin an old link"),
+            Err(e) => warn!(pin = %old.display(), error = %e, "cannot open an old link"),
+        }
+    }
+    Ok(adopted)
+}
+
+/// Loads tc program `name` (once) and attaches it with tcx to `dev` in direction `dir`.
+fn attach_tc(
     ebpf: &mut Ebpf,
     name: &'static str,
-    cgroup_fd: &File,
-    pin: &Path,
+    dir: TcAttachType,
+    dev: &Device,
+    loaded: &mut bool,
 ) -> Result<FdLink, DatapathError> {
     let prog_err = |source| DatapathError::Program { name, source };
+    let program = ebpf.program_mut(name).ok_or(DatapathError::Map(
+        name,
+        "program missing from the object".into(),
+    ))?;
+    let prog: &mut SchedClassifier = program.try_into().map_err(prog_err)?;
+    if !*loaded {
+        prog.load().map_err(prog_err)?;
+        *loaded = true;
+    }
+    // tcx (kernel >= 6.6): links compose with other programs on the device and can be pinned.
+    let id = prog.attach(&dev.name, dir).map_err(prog_err)?;
+    prog.take_link(id).map_err(prog_err)?.try_into().map_err(
+        |e: aya::programs::links::LinkError| DatapathError::Link {
+            path: PathBuf::from(format!("{name}@{}", dev.name)),
+            detail: e.to_string(),
+        },
+    )
+}
+
+/// Loads program `name` and attaches it to the cgroup, returning its link.
+fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup_fd: &File) -> Result<FdLink, DatapathError> {
+    let prog_err = |source| DatapathError::Program { name, source };
     let link_err = |e: aya::programs::links::LinkError| DatapathError::Link {
-        path: pin.to_path_buf(),
+        path: PathBuf::from(name),
         detail: e.to_string(),
     };
     let program = ebpf.program_mut(name).ok_or(DatapathError::Map(
@@ -437,10 +529,23 @@ pub fn open_pinned_maps(bpffs: &Path) -> Result<AyaMaps, DatapathError> {
             .map_err(|e| DatapathError::Map(name, e.to_string()))
     }
     let dir = bpffs.join("maps");
+    let ranges = dir.join(proxy_common::MAP_SRC_RANGES);
+    let source_ranges = MapData::from_pin(&ranges)
+        .map_err(|e| {
+            DatapathError::Map(
+                proxy_common::MAP_SRC_RANGES,
+                format!("{}: {e}", ranges.display()),
+            )
+        })
+        .and_then(|d| {
+            aya::maps::lpm_trie::LpmTrie::try_from(Map::LpmTrie(d))
+                .map_err(|e| DatapathError::Map(proxy_common::MAP_SRC_RANGES, e.to_string()))
+        })?;
     Ok(AyaMaps {
         services: open(&dir, proxy_common::MAP_SERVICES)?,
         backends: open(&dir, proxy_common::MAP_BACKENDS)?,
         affinity_match: open(&dir, proxy_common::MAP_AFFINITY_MATCH)?,
+        source_ranges,
     })
 }
 

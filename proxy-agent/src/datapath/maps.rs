@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
-use proxy_common::{AffinityMatchKey, BackendValue, ServiceKey, ServiceValue};
+use proxy_common::{AffinityMatchKey, BackendValue, ServiceKey, ServiceValue, SourceRangeKey};
+
+/// One `loadBalancerSourceRanges` prefix of a service: (service id, network address, length).
+pub type SourceRange = (u32, Ipv4Addr, u8);
 
 /// A failed map operation.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,12 @@ pub trait LbMaps {
     fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError>;
     /// Removes an affinity membership entry (absent is fine).
     fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError>;
+    /// All source-range prefixes.
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, MapError>;
+    /// Inserts a source-range prefix.
+    fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
+    /// Removes a source-range prefix (absent is fine).
+    fn del_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
 }
 
 /// In-memory maps for unit tests; `fail_after` makes the n-th next write fail.
@@ -52,6 +61,8 @@ pub struct MemMaps {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     /// Affinity membership map.
     pub affinity_match: BTreeMap<AffinityMatchKey, ()>,
+    /// Source-range trie.
+    pub source_ranges: std::collections::BTreeSet<SourceRange>,
     /// Number of writes that succeed before every further write fails (`None`: never fail).
     pub fail_after: Option<usize>,
     /// Every write in order, for tests of the write order.
@@ -127,6 +138,19 @@ impl LbMaps for MemMaps {
         self.affinity_match.remove(key);
         Ok(())
     }
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, MapError> {
+        Ok(self.source_ranges.iter().copied().collect())
+    }
+    fn put_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
+        self.write(format!("put range {} {}/{}", r.0, r.1, r.2), "ranges")?;
+        self.source_ranges.insert(r);
+        Ok(())
+    }
+    fn del_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
+        self.write(format!("del range {} {}/{}", r.0, r.1, r.2), "ranges")?;
+        self.source_ranges.remove(&r);
+        Ok(())
+    }
 }
 
 /// The pinned kernel maps, opened by the loader.
@@ -137,6 +161,18 @@ pub struct AyaMaps {
     pub services: aya::maps::HashMap<aya::maps::MapData, ServiceKey, ServiceValue>,
     /// Affinity membership map.
     pub affinity_match: aya::maps::HashMap<aya::maps::MapData, AffinityMatchKey, u32>,
+    /// `loadBalancerSourceRanges` trie.
+    pub source_ranges: aya::maps::lpm_trie::LpmTrie<aya::maps::MapData, SourceRangeKey, u32>,
+}
+
+fn range_key(r: SourceRange) -> aya::maps::lpm_trie::Key<SourceRangeKey> {
+    aya::maps::lpm_trie::Key::new(
+        32 + r.2 as u32,
+        SourceRangeKey {
+            service_id_be: r.0.to_be(),
+            addr_be: u32::from(r.1).to_be(),
+        },
+    )
 }
 
 fn kerr(op: &'static str, map: &'static str, e: aya::maps::MapError) -> MapError {
@@ -204,6 +240,31 @@ impl LbMaps for AyaMaps {
     fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError> {
         ignore_missing(self.affinity_match.remove(key))
             .map_err(|e| kerr("remove", proxy_common::MAP_AFFINITY_MATCH, e))
+    }
+    fn source_ranges(&self) -> Result<Vec<SourceRange>, MapError> {
+        self.source_ranges
+            .keys()
+            .map(|k| {
+                k.map(|k| {
+                    let d = k.data();
+                    (
+                        u32::from_be(d.service_id_be),
+                        Ipv4Addr::from(u32::from_be(d.addr_be)),
+                        k.prefix_len().saturating_sub(32) as u8,
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| kerr("iterate", proxy_common::MAP_SRC_RANGES, e))
+    }
+    fn put_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&range_key(r), 1, 0)
+            .map_err(|e| kerr("insert", proxy_common::MAP_SRC_RANGES, e))
+    }
+    fn del_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
+        ignore_missing(self.source_ranges.remove(&range_key(r)))
+            .map_err(|e| kerr("remove", proxy_common::MAP_SRC_RANGES, e))
     }
 }
 

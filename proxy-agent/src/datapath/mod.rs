@@ -1,6 +1,7 @@
 //! The kernel datapath: loading the eBPF object, pinning maps and links, keeping the maps in
 //! sync with the desired state, the L7 redirect maps, and the datapath's own telemetry.
 
+pub mod devices;
 pub mod l7;
 pub mod loader;
 pub mod maps;

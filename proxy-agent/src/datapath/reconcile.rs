@@ -13,12 +13,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use proxy_common::{
-    AffinityMatchKey, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, SVC_F_AFFINITY, SVC_F_L7,
-    ServiceKey, ServiceValue,
+    AffinityMatchKey, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, SVC_F_AFFINITY,
+    SVC_F_EXT_LOCAL, SVC_F_EXTERNAL, SVC_F_L7, SVC_F_SRC_RANGES, ServiceKey, ServiceValue,
 };
 use tracing::warn;
 
-use super::maps::{LbMaps, MapError};
+use super::maps::{LbMaps, MapError, SourceRange};
 use crate::model::Frontend;
 
 /// (ClusterIP, port, protocol number).
@@ -35,6 +35,8 @@ struct Applied {
     extra_slots: BTreeSet<u16>,
     /// Affinity membership entries written.
     members: BTreeSet<u32>,
+    /// Source-range prefixes written.
+    ranges: BTreeSet<(Ipv4Addr, u8)>,
     /// The frontend as last applied completely; an equal one is skipped.
     last: Option<Frontend>,
 }
@@ -61,6 +63,7 @@ pub struct Reconciler<M: LbMaps> {
     /// Entries found at restore that belong to no frontend (interrupted create or delete).
     orphan_slots: Vec<ServiceKey>,
     orphan_members: Vec<AffinityMatchKey>,
+    orphan_ranges: Vec<SourceRange>,
     writes: usize,
     /// How many slots reference each backend id.
     refs: HashMap<u32, u32>,
@@ -71,6 +74,10 @@ pub struct Reconciler<M: LbMaps> {
     /// Whether the kernel backend map still has to be scanned for entries of no address we
     /// know (duplicates left by an interrupted write before a restart). Done once.
     scan_orphan_backends: bool,
+}
+
+fn flag(on: bool, f: u16) -> u16 {
+    if on { f } else { 0 }
 }
 
 fn inc(refs: &mut HashMap<u32, u32>, id: u32) {
@@ -113,6 +120,7 @@ impl<M: LbMaps> Reconciler<M> {
             next_service_id: 1,
             orphan_slots: Vec::new(),
             orphan_members: Vec::new(),
+            orphan_ranges: Vec::new(),
             writes: 0,
             scan_orphan_backends: true,
             refs: HashMap::new(),
@@ -196,6 +204,17 @@ impl<M: LbMaps> Reconciler<M> {
                 None => r.orphan_members.push(m),
             }
         }
+        for range in r.maps.source_ranges()? {
+            match by_service_id
+                .get(&range.0)
+                .and_then(|k| r.frontends.get_mut(k))
+            {
+                Some(a) => {
+                    a.ranges.insert((range.1, range.2));
+                }
+                None => r.orphan_ranges.push(range),
+            }
+        }
         Ok(r)
     }
 
@@ -254,6 +273,13 @@ impl<M: LbMaps> Reconciler<M> {
         while let Some(m) = self.orphan_members.pop() {
             if let Err(e) = self.maps.del_affinity_match(&m) {
                 self.orphan_members.push(m);
+                return Err(e);
+            }
+            self.writes += 1;
+        }
+        while let Some(m) = self.orphan_ranges.pop() {
+            if let Err(e) = self.maps.del_source_range(m) {
+                self.orphan_ranges.push(m);
                 return Err(e);
             }
             self.writes += 1;
@@ -332,11 +358,11 @@ impl<M: LbMaps> Reconciler<M> {
             affinity_timeout_s: fe.affinity_timeout_s.unwrap_or(0),
             count: active,
             terminating_count: ids.len() as u16 - active,
-            flags: if fe.affinity_timeout_s.is_some() {
-                SVC_F_AFFINITY
-            } else {
-                0
-            } | if fe.l7 { SVC_F_L7 } else { 0 },
+            flags: flag(fe.affinity_timeout_s.is_some(), SVC_F_AFFINITY)
+                | flag(fe.l7, SVC_F_L7)
+                | flag(fe.scope.is_external(), SVC_F_EXTERNAL)
+                | flag(fe.external_local, SVC_F_EXT_LOCAL)
+                | flag(!fe.source_ranges.is_empty(), SVC_F_SRC_RANGES),
             _pad: 0,
         };
         let applied = self.frontends.entry(key).or_default();
@@ -376,6 +402,14 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
         }
+        // 3b. Source ranges before the master turns their check on.
+        for &(addr, len) in &fe.source_ranges {
+            if !applied.ranges.contains(&(addr, len)) {
+                self.maps.put_source_range((service_id, addr, len))?;
+                self.writes += 1;
+                applied.ranges.insert((addr, len));
+            }
+        }
         // 4. The master entry.
         if applied.master != Some(master) {
             self.maps.put_service(&skey(key, 0), &master)?;
@@ -411,6 +445,13 @@ impl<M: LbMaps> Reconciler<M> {
             })?;
             self.writes += 1;
             applied.members.remove(&id);
+        }
+        let keep: BTreeSet<(Ipv4Addr, u8)> = fe.source_ranges.iter().copied().collect();
+        let stale: Vec<(Ipv4Addr, u8)> = applied.ranges.difference(&keep).copied().collect();
+        for (addr, len) in stale {
+            self.maps.del_source_range((service_id, addr, len))?;
+            self.writes += 1;
+            applied.ranges.remove(&(addr, len));
         }
         applied.last = Some(fe.clone());
         Ok(())
@@ -451,6 +492,13 @@ impl<M: LbMaps> Reconciler<M> {
                     backend_id: id,
                 }) {
                     applied.members.insert(id);
+                    return Err(e);
+                }
+                self.writes += 1;
+            }
+            while let Some((addr, len)) = applied.ranges.pop_last() {
+                if let Err(e) = self.maps.del_source_range((service_id, addr, len)) {
+                    applied.ranges.insert((addr, len));
                     return Err(e);
                 }
                 self.writes += 1;
@@ -528,7 +576,45 @@ mod tests {
                     terminating,
                 })
                 .collect(),
+            scope: Default::default(),
+            external_local: false,
+            source_ranges: Vec::new(),
         }
+    }
+
+    #[test]
+    fn source_ranges_are_written_before_the_master_and_follow_it() {
+        let mut r = Reconciler::restore(MemMaps::default()).unwrap();
+        let mut f = fe(10, 80, &[(2, false)]);
+        f.scope = crate::model::Scope::LoadBalancer;
+        f.source_ranges = vec![(Ipv4Addr::new(198, 19, 201, 0), 24)];
+        r.apply(&[f.clone()]).unwrap();
+        let j = &r.maps().journal;
+        let range = j.iter().position(|w| w.starts_with("put range")).unwrap();
+        let master = j.iter().position(|w| w.ends_with("slot 0")).unwrap();
+        assert!(range < master, "{j:?}");
+        let m = r.maps().services[&ServiceKey::new(0xc613_000a, 80, 6, 0)];
+        assert_eq!(
+            m.flags & (SVC_F_EXTERNAL | SVC_F_SRC_RANGES),
+            SVC_F_EXTERNAL | SVC_F_SRC_RANGES
+        );
+        // A restart reads them back and writes nothing.
+        let mut again = Reconciler::restore(r.maps().clone()).unwrap();
+        assert_eq!(again.apply(&[f.clone()]).unwrap().writes, 0);
+        // Changed ranges: the new one in, the old one out.
+        f.source_ranges = vec![(Ipv4Addr::new(198, 19, 202, 0), 24)];
+        again.apply(&[f.clone()]).unwrap();
+        assert_eq!(again.maps().source_ranges.len(), 1);
+        assert!(
+            again
+                .maps()
+                .source_ranges
+                .iter()
+                .all(|r| r.1 == Ipv4Addr::new(198, 19, 202, 0))
+        );
+        again.apply::<Frontend>(&[]).unwrap();
+        assert!(again.maps().source_ranges.is_empty());
+        assert!(again.maps().services.is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::maps::MapError;
 
 /// Names of the decision counters, by index (`proxy_common::STAT_*`).
-pub const COUNTER_NAMES: [&str; 15] = [
+pub const COUNTER_NAMES: [&str; 23] = [
     "connect4",
     "connect6",
     "sendmsg4",
@@ -28,10 +28,18 @@ pub const COUNTER_NAMES: [&str; 15] = [
     "monitor_events",
     "monitor_events_lost",
     "orig_dst_published",
+    "nodeport_local",
+    "nodeport_remote_snat",
+    "nodeport_reply",
+    "nodeport_drop_no_backend",
+    "nodeport_drop_source_range",
+    "nodeport_drop_no_snat_port",
+    "nodeport_drop_no_route",
+    "conntrack_new",
 ];
 
 /// The maps whose occupancy is reported, with what they hold.
-pub const SIZED_MAPS: [(&str, &str); 6] = [
+pub const SIZED_MAPS: [(&str, &str); 8] = [
     (
         proxy_common::MAP_SERVICES,
         "service entries (masters and slots)",
@@ -46,6 +54,14 @@ pub const SIZED_MAPS: [(&str, &str); 6] = [
     (
         proxy_common::MAP_ORIG_DST,
         "original destinations for the proxy (LRU)",
+    ),
+    (
+        proxy_common::MAP_CT,
+        "north-south connection tracking (LRU)",
+    ),
+    (
+        proxy_common::MAP_SRC_RANGES,
+        "loadBalancerSourceRanges prefixes",
     ),
 ];
 

@@ -1264,11 +1264,13 @@ pub fn bench_select(requests: u32, rules: usize) -> (f64, f64) {
                 port: 80,
                 protocol: Protocol::Tcp,
                 app_protocol: None,
+                node_port: None,
             }],
             affinity_timeout_s: None,
             mode: None,
             detection: Default::default(),
             internal_local: false,
+            north_south: Default::default(),
         }),
     );
     let slice = ObjectRef::new("default", "web-1");
@@ -1351,11 +1353,13 @@ mod tests {
                 port: 80,
                 protocol: Protocol::Tcp,
                 app_protocol: None,
+                node_port: None,
             }],
             affinity_timeout_s: None,
             mode: None,
             detection: Default::default(),
             internal_local: false,
+            north_south: Default::default(),
         };
         let sl = EndpointSlice {
             id: ObjectRef::new("default", format!("{name}-1")),

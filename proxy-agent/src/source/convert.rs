@@ -15,9 +15,40 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{
     DETECT_TIMEOUT_ANNOTATION, Endpoint, EndpointPort, EndpointSlice, EndpointState,
-    MODE_ANNOTATION, Mode, ObjectRef, PROTOCOL_ANNOTATION, PodInfo, Protocol, ProtocolHint,
-    Service, ServicePort,
+    MODE_ANNOTATION, Mode, NorthSouth, ObjectRef, PROTOCOL_ANNOTATION, PodInfo, Protocol,
+    ProtocolHint, Service, ServicePort,
 };
+
+/// The NodePort range this node serves (the API server's `--service-node-port-range`); set
+/// once from `--node-port-range` at start, Kubernetes' default otherwise.
+pub static NODE_PORT_RANGE: std::sync::OnceLock<(u16, u16)> = std::sync::OnceLock::new();
+
+/// Kubernetes' default NodePort range.
+pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30_000, 32_767);
+
+/// The legacy annotation for `spec.loadBalancerSourceRanges` (comma-separated CIDRs), honoured
+/// when the field is empty, as kube-proxy does.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// Parses `a.b.c.d/n` (IPv4; `None` for an IPv6 prefix) into its network address and length.
+pub fn ipv4_cidr(field: &str, cidr: &str) -> FieldResult<Option<(Ipv4Addr, u8)>> {
+    let cidr = cidr.trim();
+    let bad = |why: &str| FieldError::new(field, format!("{cidr:?} is not a CIDR: {why}"));
+    let (addr, len) = cidr
+        .split_once('/')
+        .ok_or_else(|| bad("no /prefix-length"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| bad("bad address"))?;
+    let IpAddr::V4(addr) = addr else {
+        return Ok(None);
+    };
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| *l <= 32)
+        .ok_or_else(|| bad("prefix length out of 0-32"))?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Ok(Some((Ipv4Addr::from(u32::from(addr) & mask), len)))
+}
 
 /// Default sessionAffinity ClientIP timeout (Kubernetes' default, 3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -281,11 +312,48 @@ pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
                 format!("{port}/{proto} is listed twice"),
             ));
         }
+        let node_port = match (p.node_port, spec.type_.as_deref()) {
+            (None | Some(0), Some("NodePort")) => {
+                return Err(FieldError::new(
+                    format!("spec.ports[{i}].nodePort"),
+                    "required in manifests mode for type NodePort (no API server allocates one)",
+                ));
+            }
+            (None | Some(0), _) => None,
+            (Some(np), Some("NodePort" | "LoadBalancer")) => {
+                let (lo, hi) = *NODE_PORT_RANGE.get_or_init(|| DEFAULT_NODE_PORT_RANGE);
+                let field = format!("spec.ports[{i}].nodePort");
+                let np = port_number(field.clone(), np)?;
+                if !(lo..=hi).contains(&np) {
+                    return Err(FieldError::new(
+                        field,
+                        format!("{np} is outside the NodePort range {lo}-{hi} (--node-port-range)"),
+                    ));
+                }
+                if ports
+                    .iter()
+                    .any(|q: &ServicePort| q.node_port == Some(np) && q.protocol == proto)
+                {
+                    return Err(FieldError::new(
+                        field,
+                        format!("{np}/{proto} is listed twice"),
+                    ));
+                }
+                Some(np)
+            }
+            (Some(_), _) => {
+                return Err(FieldError::new(
+                    format!("spec.ports[{i}].nodePort"),
+                    "only Services of type NodePort or LoadBalancer have node ports",
+                ));
+            }
+        };
         ports.push(ServicePort {
             name,
             port,
             protocol: proto,
             app_protocol: p.app_protocol.clone(),
+            node_port,
         });
     }
     let affinity_timeout_s = match spec.session_affinity.as_deref() {
@@ -350,6 +418,7 @@ pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
         }
     };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let north_south = north_south(s, spec)?;
     Ok(Ok(Service {
         id,
         cluster_ip,
@@ -361,7 +430,106 @@ pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
             detect_timeout,
         },
         internal_local,
+        north_south,
     }))
+}
+
+/// The north-south part of a Service: LoadBalancer ingress IPs, externalIPs and their policies.
+fn north_south(s: &core::Service, spec: &core::ServiceSpec) -> FieldResult<NorthSouth> {
+    let lb = spec.type_.as_deref() == Some("LoadBalancer");
+    let mut ns = NorthSouth::default();
+    for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) if !v4.is_unspecified() && !v4.is_loopback() => {
+                ns.external_ips.push(v4)
+            }
+            Ok(IpAddr::V6(_)) => {} // an IPv4 datapath serves the IPv4 addresses
+            _ => {
+                return Err(FieldError::new(
+                    format!("spec.externalIPs[{i}]"),
+                    format!("{ip:?} is not a usable IPv4 address"),
+                ));
+            }
+        }
+    }
+    if lb {
+        let ingress = s
+            .status
+            .as_ref()
+            .and_then(|st| st.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        for (i, ing) in ingress.into_iter().flatten().enumerate() {
+            // ipMode Proxy (KEP-1860): the load balancer proxies, nodes must not take the
+            // address over.
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue;
+            }
+            let Some(ip) = ing.ip.as_deref() else {
+                continue;
+            };
+            match ip.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) if !v4.is_unspecified() => ns.lb_ips.push(v4),
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(FieldError::new(
+                        format!("status.loadBalancer.ingress[{i}].ip"),
+                        format!("{ip:?} is not an IP address"),
+                    ));
+                }
+            }
+        }
+        ns.lb_ips.sort();
+        ns.lb_ips.dedup();
+        let ranges: Vec<(String, String)> = match &spec.load_balancer_source_ranges {
+            Some(r) if !r.is_empty() => r
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("spec.loadBalancerSourceRanges[{i}]"), c.clone()))
+                .collect(),
+            _ => annotation(&s.metadata, SOURCE_RANGES_ANNOTATION)
+                .map(|a| {
+                    a.split(',')
+                        .filter(|c| !c.trim().is_empty())
+                        .map(|c| {
+                            (
+                                format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"),
+                                c.to_string(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        for (field, c) in &ranges {
+            if let Some(r) = ipv4_cidr(field, c)? {
+                ns.source_ranges.push(r);
+            }
+        }
+        ns.source_ranges.sort();
+        ns.source_ranges.dedup();
+    }
+    ns.external_ips.sort();
+    ns.external_ips.dedup();
+    ns.local = match spec.external_traffic_policy.as_deref() {
+        None | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(FieldError::new(
+                "spec.externalTrafficPolicy",
+                format!("{other:?}: expected Cluster or Local"),
+            ));
+        }
+    };
+    if let Some(hc) = spec.health_check_node_port.filter(|p| *p != 0) {
+        if !(lb && ns.local) {
+            return Err(FieldError::new(
+                "spec.healthCheckNodePort",
+                "only a LoadBalancer Service with externalTrafficPolicy: Local has one",
+            ));
+        }
+        ns.health_check_node_port = Some(port_number("spec.healthCheckNodePort".into(), hc)?);
+    }
+    Ok(ns)
 }
 
 /// Validates a discovery.k8s.io/v1 EndpointSlice into the model.
@@ -474,6 +642,68 @@ mod tests {
         assert!(check_name("web.v1", Dns1123Subdomain).is_ok());
         assert!(check_name("web..v1", Dns1123Subdomain).is_err());
         assert!(check_name("web_1", Dns1123Subdomain).is_err());
+    }
+
+    fn lb(spec: &str, status: &str) -> FieldResult<Service> {
+        let s: core::Service = serde_yaml::from_str(&format!(
+            "metadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 198.19.0.10\n{spec}{status}"
+        ))
+        .unwrap();
+        service(&s).map(|r| r.unwrap())
+    }
+
+    #[test]
+    fn load_balancer_services_carry_their_north_south_fields() {
+        let s = lb(
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n  externalIPs: [198.19.250.20, \"2001:2::1\"]\n  loadBalancerSourceRanges: [198.19.201.7/24, \"2001:2::/64\"]\n  ports: [{port: 80, nodePort: 30080}]\n",
+            "status:\n  loadBalancer: {ingress: [{ip: 198.19.250.10}, {ip: 198.19.250.11, ipMode: Proxy}, {hostname: lb.example}]}\n",
+        )
+        .unwrap();
+        assert_eq!(s.ports[0].node_port, Some(30080));
+        let ns = &s.north_south;
+        assert_eq!(
+            ns.lb_ips,
+            [Ipv4Addr::new(198, 19, 250, 10)],
+            "ipMode Proxy is the LB's"
+        );
+        assert_eq!(ns.external_ips, [Ipv4Addr::new(198, 19, 250, 20)]);
+        assert!(ns.local);
+        assert_eq!(ns.health_check_node_port, Some(32100));
+        assert_eq!(
+            ns.source_ranges,
+            [(Ipv4Addr::new(198, 19, 201, 0), 24)],
+            "masked"
+        );
+        // The legacy annotation, when the field is empty.
+        let s: core::Service = serde_yaml::from_str("metadata:\n  name: web\n  annotations: {service.beta.kubernetes.io/load-balancer-source-ranges: \"10.0.0.0/8, 198.18.0.0/15\"}\nspec:\n  type: LoadBalancer\n  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n").unwrap();
+        let s = service(&s).unwrap().unwrap();
+        assert_eq!(s.north_south.source_ranges.len(), 2);
+    }
+
+    #[test]
+    fn node_port_mistakes_name_the_field() {
+        let err = |spec: &str| lb(spec, "").unwrap_err();
+        let e = err("  type: NodePort\n  ports: [{port: 80}]\n");
+        assert_eq!(e.field, "spec.ports[0].nodePort");
+        assert!(e.message.contains("required"), "{e}");
+        let e = err("  type: NodePort\n  ports: [{port: 80, nodePort: 22}]\n");
+        assert!(e.message.contains("30000-32767"), "{e}");
+        let e = err("  ports: [{port: 80, nodePort: 30080}]\n");
+        assert!(e.message.contains("NodePort or LoadBalancer"), "{e}");
+        let e = err(
+            "  type: NodePort\n  externalTrafficPolicy: Locale\n  ports: [{port: 80, nodePort: 30080}]\n",
+        );
+        assert_eq!(e.field, "spec.externalTrafficPolicy");
+        let e = err("  type: LoadBalancer\n  healthCheckNodePort: 32100\n  ports: [{port: 80}]\n");
+        assert_eq!(e.field, "spec.healthCheckNodePort");
+        let e = err(
+            "  type: LoadBalancer\n  loadBalancerSourceRanges: [198.19.0.0]\n  ports: [{port: 80}]\n",
+        );
+        assert_eq!(e.field, "spec.loadBalancerSourceRanges[0]");
+        let e = err(
+            "  type: NodePort\n  ports: [{name: a, port: 80, nodePort: 30080}, {name: b, port: 81, nodePort: 30080}]\n",
+        );
+        assert_eq!(e.field, "spec.ports[1].nodePort");
     }
 
     #[test]

@@ -274,45 +274,50 @@ impl ManifestDir {
                 .map_or("-".to_string(), |(p, _)| p.display().to_string())
         };
         let mut owners: HashMap<(Ipv4Addr, u16, Protocol), ObjectRef> = HashMap::new();
-        let mut refused: BTreeMap<ObjectRef, String> = BTreeMap::new();
+        let mut refused: BTreeMap<ObjectRef, (&'static str, String)> = BTreeMap::new();
         // Previous owners claim first, then the others in name order.
         let mut order: Vec<&Arc<Service>> = st.services.values().collect();
         order.sort_by_key(|s| {
-            let had = s
-                .ports
+            let had = claims(s)
                 .iter()
-                .any(|p| self.owners.get(&(s.cluster_ip, p.port, p.protocol)) == Some(&s.id));
+                .any(|c| self.owners.get(&c.0) == Some(&s.id));
             (!had, s.id.clone())
         });
         for svc in order {
-            let clash = svc.ports.iter().find_map(|p| {
-                owners
-                    .get(&(svc.cluster_ip, p.port, p.protocol))
-                    .map(|o| (p, o.clone()))
-            });
+            let mine = claims(svc);
+            let clash = mine
+                .iter()
+                .find_map(|c| owners.get(&c.0).map(|o| (c, o.clone())));
             match clash {
-                Some((p, owner)) => {
+                Some(((k, what), owner)) => {
+                    let at = if k.0.is_unspecified() {
+                        format!("NodePort {}/{}", k.1, k.2)
+                    } else {
+                        format!("{}:{}/{}", k.0, k.1, k.2)
+                    };
                     refused.insert(
                         svc.id.clone(),
-                        format!(
-                            "{}:{}/{} already belongs to Service {owner}; this Service is not served until it has an address of its own",
-                            svc.cluster_ip, p.port, p.protocol
+                        (
+                            what,
+                            format!(
+                                "{at} already belongs to Service {owner}; this Service is not served until it has an address of its own"
+                            ),
                         ),
                     );
                 }
                 None => {
-                    for p in &svc.ports {
-                        owners.insert((svc.cluster_ip, p.port, p.protocol), svc.id.clone());
+                    for (k, _) in mine {
+                        owners.insert(k, svc.id.clone());
                     }
                 }
             }
         }
         let errors = refused
             .iter()
-            .map(|(id, message)| ManifestError {
+            .map(|(id, (field, message))| ManifestError {
                 file: file_of(id),
                 object: format!("Service {id}"),
-                field: "spec.clusterIP".into(),
+                field: field.to_string(),
                 message: message.clone(),
             })
             .collect();
@@ -322,6 +327,28 @@ impl ManifestDir {
         self.owners = owners;
         errors
     }
+}
+
+/// Every (address, port, protocol) a Service answers on, with the field that claims it: its
+/// ClusterIP ports, NodePorts (address 0.0.0.0), LoadBalancer ingress IPs and externalIPs.
+fn claims(s: &Service) -> Vec<((Ipv4Addr, u16, Protocol), &'static str)> {
+    let mut out = Vec::new();
+    for p in &s.ports {
+        out.push(((s.cluster_ip, p.port, p.protocol), "spec.clusterIP"));
+        if let Some(np) = p.node_port {
+            out.push((
+                (Ipv4Addr::UNSPECIFIED, np, p.protocol),
+                "spec.ports[].nodePort",
+            ));
+        }
+        for ip in &s.north_south.lb_ips {
+            out.push(((*ip, p.port, p.protocol), "status.loadBalancer.ingress"));
+        }
+        for ip in &s.north_south.external_ips {
+            out.push(((*ip, p.port, p.protocol), "spec.externalIPs"));
+        }
+    }
+    out
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
