@@ -41,6 +41,10 @@ pub struct RunConfig {
     pub proxy_port: u16,
     /// `--devices`: the north-south interfaces (empty: the one holding `node_ip`).
     pub devices: Vec<String>,
+    /// This node's zone (`--zone`), for PreferClose.
+    pub zone: Option<String>,
+    /// Destroy connected UDP sockets pinned to a removed backend (`--terminate-stale-udp`).
+    pub terminate_stale_udp: bool,
     /// The L7 proxy's limits and timeouts.
     pub proxy: ProxyConfig,
     /// The proxy's worker runtimes, apart from the agent's own (configuration parsing and map
@@ -122,6 +126,8 @@ fn route_problem(p: ConfigProblem) -> Problem {
 /// and route building never run on an async worker.
 struct Syncer {
     reconciler: Reconciler<AyaMaps>,
+    /// Where stale connected UDP sockets are looked for (the attached cgroup), if enabled.
+    terminate_udp: Option<(PathBuf, PathBuf)>,
     registry: Registry,
     cache: FrontendCache,
     node_name: Option<String>,
@@ -170,6 +176,7 @@ impl Syncer {
                 report.frontends = stats.frontends;
                 report.backends = stats.backends;
                 report.writes = stats.writes;
+                self.terminate_stale_udp();
                 hub.sync.duration.observe(t0.elapsed().as_secs_f64());
                 self.network_programming(&state, hub);
                 self.synced_at = Some(SystemTime::now());
@@ -206,6 +213,39 @@ impl Syncer {
             self.last = Some(state);
         }
         ok
+    }
+
+    /// Destroys connected UDP sockets pinned (by our translation) to backends just removed.
+    fn terminate_stale_udp(&mut self) {
+        let removed = self.reconciler.take_removed();
+        let Some((cgroup, bpffs)) = &self.terminate_udp else {
+            return;
+        };
+        let gone: std::collections::BTreeSet<(Ipv4Addr, u16)> = removed
+            .into_iter()
+            .filter(|b| b.2 == proxy_common::PROTO_UDP)
+            .map(|b| (b.0, b.1))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let reverse = match crate::datapath::loader::open_reverse_map(bpffs) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot read the reverse map; stale UDP sockets stay");
+                return;
+            }
+        };
+        let translated = |cookie: u64, addr: Ipv4Addr, port: u16| {
+            let key = proxy_common::RevKey {
+                cookie,
+                addr_be: u32::from(addr).to_be(),
+                port_be: port.to_be(),
+                _pad: 0,
+            };
+            reverse.get(&key, 0).is_ok()
+        };
+        crate::datapath::sockets::terminate_udp(cgroup, &gone, &translated);
     }
 
     /// Observes, for every EndpointSlice that changed since the last applied state, the time
@@ -314,8 +354,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
 
     let mut syncer = Some(Syncer {
         reconciler,
+        terminate_udp: cfg
+            .terminate_stale_udp
+            .then(|| (cfg.cgroup.clone(), cfg.bpffs.clone())),
         registry,
-        cache: FrontendCache::default(),
+        cache: FrontendCache::in_zone(cfg.zone.clone()),
         node_name: cfg.node_name.clone(),
         generation: 0,
         synced_at: None,

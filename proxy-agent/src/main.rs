@@ -170,6 +170,15 @@ struct RunArgs {
     /// programs (default: the interface holding --node-ip; neither: no north-south datapath).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for Services with
+    /// `trafficDistribution: PreferClose`: endpoints hinted for the zone are preferred.
+    #[arg(long, env = "NODE_ZONE")]
+    zone: Option<String>,
+    /// Destroy connected UDP sockets (in the pods and host processes under --cgroup) that our
+    /// translation pinned to a backend once it is removed, so DNS clients that keep one socket
+    /// reconnect to a live backend (sock_diag SOCK_DESTROY).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    terminate_stale_udp: bool,
     /// The NodePort range (the API server's --service-node-port-range).
     #[arg(long, default_value = "30000-32767", value_parser = port_range)]
     node_port_range: (u16, u16),
@@ -326,6 +335,8 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         node_ip,
         proxy_port,
         devices,
+        zone,
+        terminate_stale_udp,
         node_port_range,
         proxy_workers,
         limits,
@@ -424,6 +435,8 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         node_ip,
         proxy_port,
         devices,
+        zone,
+        terminate_stale_udp,
         proxy: limits.into(),
         proxy_workers: proxy_workers.handles().to_vec(),
         hub,

@@ -193,6 +193,9 @@ pub struct Service {
     pub detection: ProtocolHint,
     /// `internalTrafficPolicy: Local`: only endpoints on this node are used.
     pub internal_local: bool,
+    /// `trafficDistribution: PreferClose` (or `PreferSameZone`, or the `topology-mode: Auto`
+    /// annotation): endpoints hinted for this node's zone are preferred.
+    pub prefer_close: bool,
     /// How it is reached from outside the cluster.
     pub north_south: NorthSouth,
 }
@@ -266,6 +269,8 @@ pub struct Endpoint {
     pub node_name: Option<String>,
     /// The Pod behind it (`targetRef` of kind Pod), if known.
     pub pod: Option<String>,
+    /// `hints.forZones[].name`: the zones whose clients should use it (topology-aware routing).
+    pub hint_zones: Option<Vec<String>>,
 }
 
 /// A port of an EndpointSlice.
@@ -390,6 +395,38 @@ pub fn service_frontends(
     slices: &[&EndpointSlice],
     node: Option<&str>,
 ) -> Vec<Frontend> {
+    service_frontends_in(svc, slices, node, None)
+}
+
+/// Whether topology-aware routing applies (kube-proxy's rule): the Service asks for it, the
+/// zone is known, every ready endpoint carries zone hints and one of them is for this zone.
+fn use_zone_hints(svc: &Service, slices: &[&EndpointSlice], zone: Option<&str>) -> bool {
+    let Some(zone) = zone else { return false };
+    if !svc.prefer_close {
+        return false;
+    }
+    let ready = || {
+        slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.state == EndpointState::Ready)
+    };
+    ready().all(|e| e.hint_zones.is_some())
+        && ready().any(|e| {
+            e.hint_zones
+                .as_ref()
+                .is_some_and(|z| z.iter().any(|z| z == zone))
+        })
+}
+
+/// The frontends of one Service from its slices, on `node` in `zone`.
+pub fn service_frontends_in(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: Option<&str>,
+    zone: Option<&str>,
+) -> Vec<Frontend> {
+    let hinted = use_zone_hints(svc, slices, zone);
     let mut out = Vec::new();
     for sp in &svc.ports {
         // `only_local`: keep this node's endpoints (when the node is known).
@@ -406,6 +443,16 @@ pub fn service_frontends(
                 };
                 for ep in &slice.endpoints {
                     if only_local && node.is_some() && ep.node_name.as_deref() != node {
+                        continue;
+                    }
+                    // PreferClose: a cluster-wide set keeps the endpoints hinted for our zone.
+                    if !only_local
+                        && hinted
+                        && !ep
+                            .hint_zones
+                            .as_ref()
+                            .is_some_and(|z| z.iter().any(|z| Some(z.as_str()) == zone))
+                    {
                         continue;
                     }
                     let b = Backend {
@@ -502,9 +549,19 @@ struct CacheEntry {
 #[derive(Default)]
 pub struct FrontendCache {
     entries: HashMap<ObjectRef, CacheEntry>,
+    /// This node's zone (`topology.kubernetes.io/zone`), for PreferClose.
+    zone: Option<String>,
 }
 
 impl FrontendCache {
+    /// A cache for a node in `zone` (PreferClose prefers endpoints hinted for it).
+    pub fn in_zone(zone: Option<String>) -> Self {
+        Self {
+            entries: HashMap::new(),
+            zone,
+        }
+    }
+
     /// All frontends of `state` on node `node` (or `state.node_name`), sorted by
     /// (vip, port, protocol).
     pub fn frontends(&mut self, state: &State, node: Option<&str>) -> Vec<Arc<Frontend>> {
@@ -532,7 +589,7 @@ impl FrontendCache {
                         svc: svc.clone(),
                         slices: slices.iter().map(|s| Arc::clone(s)).collect(),
                         node: node.map(String::from),
-                        out: service_frontends(svc, &plain, node)
+                        out: service_frontends_in(svc, &plain, node, self.zone.as_deref())
                             .into_iter()
                             .map(Arc::new)
                             .collect(),
@@ -567,6 +624,7 @@ mod tests {
             mode: None,
             detection: Default::default(),
             internal_local: false,
+            prefer_close: false,
             north_south: Default::default(),
         }
     }
@@ -587,10 +645,61 @@ mod tests {
                     state,
                     node_name: None,
                     pod: None,
+                    hint_zones: None,
                 })
                 .collect(),
             trigger_time: None,
         }
+    }
+
+    #[test]
+    fn prefer_close_keeps_the_endpoints_hinted_for_this_zone() {
+        let mut svc = svc();
+        svc.prefer_close = true;
+        let mut sl = slice(
+            "web-a",
+            &[
+                (2, EndpointState::Ready),
+                (3, EndpointState::Ready),
+                (4, EndpointState::Ready),
+            ],
+        );
+        for (ep, z) in sl.endpoints.iter_mut().zip(["a", "b", "b"]) {
+            ep.hint_zones = Some(vec![z.to_string()]);
+        }
+        let addrs = |fes: Vec<Frontend>| -> Vec<u8> {
+            fes[0].backends.iter().map(|b| b.addr.octets()[3]).collect()
+        };
+        assert_eq!(
+            addrs(service_frontends_in(&svc, &[&sl], None, Some("b"))),
+            [3, 4]
+        );
+        assert_eq!(
+            addrs(service_frontends_in(&svc, &[&sl], None, Some("a"))),
+            [2]
+        );
+        // No endpoint for the zone, or no zone known: every endpoint.
+        assert_eq!(
+            addrs(service_frontends_in(&svc, &[&sl], None, Some("c"))).len(),
+            3
+        );
+        assert_eq!(
+            addrs(service_frontends_in(&svc, &[&sl], None, None)).len(),
+            3
+        );
+        // One ready endpoint without hints: hints are not trusted (kube-proxy's rule).
+        sl.endpoints[2].hint_zones = None;
+        assert_eq!(
+            addrs(service_frontends_in(&svc, &[&sl], None, Some("b"))).len(),
+            3
+        );
+        // Without PreferClose the hints are ignored.
+        sl.endpoints[2].hint_zones = Some(vec!["b".into()]);
+        svc.prefer_close = false;
+        assert_eq!(
+            addrs(service_frontends_in(&svc, &[&sl], None, Some("b"))).len(),
+            3
+        );
     }
 
     #[test]

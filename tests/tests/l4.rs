@@ -522,3 +522,138 @@ fn clusterip_crosses_nodes_over_the_underlay_and_internal_local_stays_on_the_nod
     let out = tcp(&c.external, &format!("{}:8080", a.ip), 1);
     assert_eq!(out["ok"], 0, "pod IPs are not routed from outside: {out}");
 }
+
+/// One run of the stale-UDP scenario: a resolver keeping one connected socket to the DNS
+/// ClusterIP, pinned to dns1; dns1 is deleted (server gone, interface gone) and the
+/// EndpointSlice moves to dns2. Returns the resolver's events after the change and its socket
+/// count, with the change time.
+fn stale_udp_run(terminate: bool) -> (Vec<(u64, String)>, u64) {
+    let mut node = SimNode::new();
+    let dns1 = node.add_pod("dns1");
+    let dns2 = node.add_pod("dns2");
+    let client = node.add_pod("client");
+    let server1 = dns1.fixture_server("udp-echo", &["--listen", "0.0.0.0:5353"]);
+    let _server2 = dns2.fixture_server("udp-echo", &["--listen", "0.0.0.0:5353"]);
+    let svc =
+        |ip: Ipv4Addr| k8s::service_with_endpoints("dns", "198.19.0.53", 53, "UDP", 5353, &[ip]);
+    node.write_manifest("dns.yaml", &svc(dns1.ip));
+    let flag = terminate.to_string();
+    let _agent = node.start_agent(&["--terminate-stale-udp", &flag]);
+    let resolver = client.spawn_probe(
+        "udp-resolver",
+        &["--to", "198.19.0.53:53", "--duration-ms", "4000"],
+    );
+    // The resolver's socket is connected (and pinned to dns1) once connect4 counted it.
+    tests::sys::poll("the resolver to connect", T, || {
+        let c = node.status()["datapath_counters"]["connect4"]
+            .as_u64()
+            .unwrap_or(0);
+        (c >= 1).then_some(())
+    });
+    // The pod is deleted: its server and its interface go, and its endpoint with it.
+    drop(server1);
+    let ns = dns1
+        .place
+        .netns
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("netns name")
+        .to_string();
+    let st = std::process::Command::new("ip")
+        .args(["-n", &ns, "link", "del", "eth0"])
+        .status()
+        .expect("ip link del");
+    assert!(st.success());
+    let changed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    node.write_manifest("dns.yaml", &svc(dns2.ip));
+    let out = Pod::finish_probe(resolver, T);
+    let before: Vec<&Value> = out["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["at_unix_ms"].as_u64().unwrap_or(0) < changed)
+        .collect();
+    assert!(
+        before.iter().any(|e| e["outcome"] == "dns1"),
+        "dns1 answered before the change: {out}"
+    );
+    let after = out["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| {
+            let t = e["at_unix_ms"].as_u64()?;
+            (t >= changed).then(|| (t - changed, e["outcome"].as_str().unwrap_or("").to_string()))
+        })
+        .collect();
+    (after, out["sockets"].as_u64().unwrap_or(0))
+}
+
+/// Cilium's most reported socket-LB problem (cilium/cilium#12859, #27300, #35773): a DNS
+/// client that keeps one connected UDP socket stays pinned to a deleted CoreDNS pod. With
+/// `--terminate-stale-udp false` we reproduce it (no answer for seconds after the change); with
+/// it on (the default) the agent destroys the socket, the resolver reconnects and reaches the
+/// new pod within 1 s of the EndpointSlice change.
+#[test]
+fn a_resolver_pinned_to_a_deleted_dns_pod_reconnects_to_the_new_one_within_a_second() {
+    let (after, sockets) = stale_udp_run(false);
+    let first_dns2 = after.iter().find(|(_, o)| o == "dns2").map(|(t, _)| *t);
+    assert!(
+        first_dns2.is_none_or(|t| t >= 2000),
+        "without termination the socket stays on the deleted pod (the failure reproduced): first dns2 answer at {first_dns2:?} ms, {sockets} sockets: {after:?}"
+    );
+    let (after, sockets) = stale_udp_run(true);
+    let first_dns2 = after.iter().find(|(_, o)| o == "dns2").map(|(t, _)| *t);
+    assert!(
+        first_dns2.is_some_and(|t| t < 1000),
+        "the resolver reaches dns2 within 1 s: first answer at {first_dns2:?} ms: {after:?}"
+    );
+    assert!(
+        sockets >= 2,
+        "it reconnected after its socket was destroyed: {after:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|(_, o)| o.contains("ConnectionAborted") || o.contains("103")),
+        "the destroyed socket reported ECONNABORTED: {after:?}"
+    );
+}
+
+/// A hostNetwork client (a process in the node's network namespace, in a cgroup under the
+/// attached subtree, as kubelet puts hostNetwork pods) is served like a pod: ClusterIP
+/// translated, the peer shown as the ClusterIP, a NodePort on localhost translated as well.
+#[test]
+fn a_host_network_client_is_served_like_a_pod() {
+    let (node, webs, _client, _servers) = web_node(2);
+    let node_port = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: np, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 198.19.0.11\n  ports: [{{name: p, port: 80, protocol: TCP, nodePort: 30080}}]\n---\n{}",
+        k8s::slice("np-1", "np", 8080, "TCP", &[(webs[0].ip, Cond::Ready)])
+    );
+    node.write_manifest("np.yaml", &node_port);
+    let _agent = node.start_agent(&[]);
+    node.wait_status("3 frontends", T, |s| s["frontends"] == 3);
+    let host = Pod {
+        name: "host".into(),
+        ip: node.node_ip,
+        place: node.host_place(),
+    };
+    let out = tcp(&host, "198.19.0.10:80", 40);
+    assert_eq!(out["ok"], 40, "{out}");
+    assert_eq!(tally(&out, "reads").len(), 2, "both backends: {out}");
+    assert_eq!(
+        tally(&out, "peers").keys().collect::<Vec<_>>(),
+        ["198.19.0.10:80"],
+        "{out}"
+    );
+    let out = tcp(&host, "127.0.0.1:30080", 10);
+    assert_eq!(out["ok"], 10, "NodePort on localhost: {out}");
+    assert_eq!(
+        tally(&out, "peers").keys().collect::<Vec<_>>(),
+        ["127.0.0.1:30080"],
+        "{out}"
+    );
+}

@@ -1,6 +1,7 @@
 //! `cargo xtask bench l4`: short-connection connects/s and connect latency from a pod, directly to a
 //! pod IP, through our ClusterIP datapath, and through kube-proxy-shaped iptables DNAT rules, with
-//! 10, 1,000 and 10,000 Services present; ratios against direct measured in the same run.
+//! 10, 1,000 and 10,000 Services present; ratios against direct measured in the same run. The
+//! north-south rows (a client outside the cluster to a NodePort) are [`crate::nsbench`].
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -290,16 +291,19 @@ pub fn l4() -> Result<()> {
             r.iptables_load.as_secs_f64()
         );
     }
-    Ok(())
+    crate::nsbench::run()
 }
 
 /// Dispatches `cargo xtask bench NAME`.
 pub fn run(name: &str) -> Result<()> {
     match name {
         "l4" => l4(),
+        "l4-ns" => crate::nsbench::run(),
         "seed" => crate::seed::compare(),
         "l7" => crate::l7bench::run(),
         "sync" => crate::syncbench::run(),
-        other => bail!("unknown benchmark {other:?}; available: l4, l7, seed, sync"),
+        other => bail!(
+            "unknown benchmark {other:?}; available: l4 (l4-ns: only its north-south rows), l7, seed, sync"
+        ),
     }
 }

@@ -6,6 +6,7 @@ mod demo;
 mod image;
 mod kind;
 mod l7bench;
+mod nsbench;
 mod seed;
 mod setup;
 mod syncbench;

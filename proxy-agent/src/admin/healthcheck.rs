@@ -169,6 +169,7 @@ mod tests {
                 mode: None,
                 detection: Default::default(),
                 internal_local: false,
+                prefer_close: false,
                 north_south: NorthSouth {
                     local: true,
                     health_check_node_port: Some(32000),
@@ -181,6 +182,7 @@ mod tests {
             state,
             node_name: Some(node.into()),
             pod: None,
+            hint_zones: None,
         };
         st.slices.insert(
             ObjectRef::new("default", "web-a"),

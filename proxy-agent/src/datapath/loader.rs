@@ -549,6 +549,17 @@ pub fn open_pinned_maps(bpffs: &Path) -> Result<AyaMaps, DatapathError> {
     })
 }
 
+/// The pinned reverse-translation map, read-only use (which sockets we translated).
+pub fn open_reverse_map(
+    bpffs: &Path,
+) -> Result<AyaHashMap<MapData, proxy_common::RevKey, proxy_common::RevValue>, DatapathError> {
+    let name = proxy_common::MAP_REVERSE;
+    let path = bpffs.join("maps").join(name);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| DatapathError::Map(name, format!("{}: {e}", path.display())))?;
+    AyaHashMap::try_from(Map::LruHashMap(data)).map_err(|e| DatapathError::Map(name, e.to_string()))
+}
+
 /// Detaches and removes everything pinned under `bpffs` (links first, then maps).
 ///
 /// Returns the number of pins removed. Safe to run when nothing is pinned.

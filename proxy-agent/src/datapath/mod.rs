@@ -6,6 +6,7 @@ pub mod l7;
 pub mod loader;
 pub mod maps;
 pub mod reconcile;
+pub mod sockets;
 pub mod telemetry;
 
 pub use l7::{L7Maps, MapOrigDst};

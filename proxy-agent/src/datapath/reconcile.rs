@@ -71,6 +71,8 @@ pub struct Reconciler<M: LbMaps> {
     freed: Vec<u32>,
     /// Address of each backend id.
     addr_of: HashMap<u32, BackendAddr>,
+    /// Backend addresses deleted from the map since the last [`Reconciler::take_removed`].
+    removed: Vec<BackendAddr>,
     /// Whether the kernel backend map still has to be scanned for entries of no address we
     /// know (duplicates left by an interrupted write before a restart). Done once.
     scan_orphan_backends: bool,
@@ -126,6 +128,7 @@ impl<M: LbMaps> Reconciler<M> {
             refs: HashMap::new(),
             freed: Vec::new(),
             addr_of: HashMap::new(),
+            removed: Vec::new(),
             maps,
         };
         for (id, v) in r.maps.backends()? {
@@ -221,6 +224,12 @@ impl<M: LbMaps> Reconciler<M> {
     /// The maps, for dumps.
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    /// The backends (pod address, port, protocol number) deleted from the maps since the last
+    /// call: no service balances to them any more.
+    pub fn take_removed(&mut self) -> Vec<(Ipv4Addr, u16, u8)> {
+        std::mem::take(&mut self.removed)
     }
 
     /// Number of frontends programmed.
@@ -529,6 +538,7 @@ impl<M: LbMaps> Reconciler<M> {
             self.writes += 1;
             self.addr_of.remove(&id);
             self.backends.remove(&addr);
+            self.removed.push(addr);
         }
         // Duplicates of an address seen at restore are not in `self.backends`; find them once
         // (a full scan of the kernel map costs two syscalls per entry).

@@ -1270,6 +1270,7 @@ pub fn bench_select(requests: u32, rules: usize) -> (f64, f64) {
             mode: None,
             detection: Default::default(),
             internal_local: false,
+            prefer_close: false,
             north_south: Default::default(),
         }),
     );
@@ -1289,6 +1290,7 @@ pub fn bench_select(requests: u32, rules: usize) -> (f64, f64) {
                 state: EndpointState::Ready,
                 node_name: None,
                 pod: None,
+                hint_zones: None,
             }],
             trigger_time: None,
         }),
@@ -1359,6 +1361,7 @@ mod tests {
             mode: None,
             detection: Default::default(),
             internal_local: false,
+            prefer_close: false,
             north_south: Default::default(),
         };
         let sl = EndpointSlice {
@@ -1374,6 +1377,7 @@ mod tests {
                 state: EndpointState::Ready,
                 node_name: None,
                 pod: None,
+                hint_zones: None,
             }],
             trigger_time: None,
         };

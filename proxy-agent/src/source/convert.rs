@@ -30,6 +30,9 @@ pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30_000, 32_767);
 /// when the field is empty, as kube-proxy does.
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
+/// The annotation of topology-aware hints before `trafficDistribution` (`Auto`).
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+
 /// Parses `a.b.c.d/n` (IPv4; `None` for an IPv6 prefix) into its network address and length.
 pub fn ipv4_cidr(field: &str, cidr: &str) -> FieldResult<Option<(Ipv4Addr, u8)>> {
     let cidr = cidr.trim();
@@ -419,6 +422,11 @@ pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
     };
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let north_south = north_south(s, spec)?;
+    let prefer_close = matches!(
+        spec.traffic_distribution.as_deref(),
+        Some("PreferClose" | "PreferSameZone")
+    ) || annotation(&s.metadata, TOPOLOGY_MODE_ANNOTATION)
+        .is_some_and(|m| m.eq_ignore_ascii_case("auto"));
     Ok(Ok(Service {
         id,
         cluster_ip,
@@ -430,6 +438,7 @@ pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
             detect_timeout,
         },
         internal_local,
+        prefer_close,
         north_south,
     }))
 }
@@ -606,11 +615,17 @@ pub fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))
             .and_then(|r| r.name.clone());
+        let hint_zones = ep
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|z| z.iter().map(|z| z.name.clone()).collect());
         endpoints.push(Endpoint {
             addr,
             state,
             node_name: ep.node_name.clone(),
             pod,
+            hint_zones,
         });
     }
     Ok(EndpointSlice {
