@@ -41,6 +41,8 @@ pub struct RunConfig {
     pub proxy_port: u16,
     /// `--devices`: the north-south interfaces (empty: the one holding `node_ip`).
     pub devices: Vec<String>,
+    /// The socket hooks serve host-network processes only (`--socket-lb-hostns-only`).
+    pub socket_lb_hostns_only: bool,
     /// This node's zone (`--zone`), for PreferClose.
     pub zone: Option<String>,
     /// Destroy connected UDP sockets pinned to a removed backend (`--terminate-stale-udp`).
@@ -287,9 +289,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 "no --devices and no --node-ip: NodePort, LoadBalancer and externalIP traffic from outside the node is not served"
             );
         }
-        Datapath::open(&cfg.cgroup, &cfg.bpffs, cfg.bpf_log, &devices, cfg.node_ip).with_context(
-            || format!("setting up the datapath on cgroup {}", cfg.cgroup.display()),
-        )?
+        Datapath::open(
+            &cfg.cgroup,
+            &cfg.bpffs,
+            cfg.bpf_log,
+            &devices,
+            cfg.node_ip,
+            cfg.socket_lb_hostns_only,
+        )
+        .with_context(|| format!("setting up the datapath on cgroup {}", cfg.cgroup.display()))?
     };
     if let Some(l) = logger {
         l.spawn();

@@ -170,6 +170,12 @@ struct RunArgs {
     /// programs (default: the interface holding --node-ip; neither: no north-south datapath).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
+    /// Translate Service addresses at the socket level only for host-network processes, not in
+    /// pods (Cilium's socketLB.hostNamespaceOnly): for clusters whose pods carry their own proxy
+    /// (Istio sidecars: the sidecar must see the ClusterIP) or are VMs (KubeVirt, Kata). Pods
+    /// then reach Services only through that proxy.
+    #[arg(long)]
+    socket_lb_hostns_only: bool,
     /// This node's zone (its `topology.kubernetes.io/zone` label), for Services with
     /// `trafficDistribution: PreferClose`: endpoints hinted for the zone are preferred.
     #[arg(long, env = "NODE_ZONE")]
@@ -335,6 +341,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         node_ip,
         proxy_port,
         devices,
+        socket_lb_hostns_only,
         zone,
         terminate_stale_udp,
         node_port_range,
@@ -435,6 +442,7 @@ fn run(args: RunArgs, log: admin::LogControl) -> anyhow::Result<()> {
         node_ip,
         proxy_port,
         devices,
+        socket_lb_hostns_only,
         zone,
         terminate_stale_udp,
         proxy: limits.into(),

@@ -381,6 +381,25 @@ pub struct TraceEvent {
 }
 const _: () = assert!(size_of::<TraceEvent>() == 72);
 
+/// Name of the socket hooks' configuration array (one [`SockConfig`] at index 0).
+pub const MAP_SOCK_CONFIG: &str = "PXA_SOCKCFG_V1";
+/// [`SockConfig::flags`]: the socket hooks serve only sockets of the host network namespace
+/// (`--socket-lb-hostns-only`), leaving pods to a per-pod proxy such as an Istio sidecar.
+pub const SOCK_F_HOSTNS_ONLY: u32 = 1;
+
+/// How the socket hooks behave.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockConfig {
+    /// `SO_NETNS_COOKIE` of the node's (the agent's) network namespace.
+    pub host_netns_cookie: u64,
+    /// `SOCK_F_*`.
+    pub flags: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SockConfig>() == 16);
+
 /// Name of the north-south connection-tracking LRU map (see [`CtKey`]).
 pub const MAP_CT: &str = "PXA_CT4_V1";
 /// Capacity of the connection-tracking map: two entries per connection (the original direction
@@ -548,6 +567,7 @@ mod pod {
     unsafe impl aya::Pod for L7Config {}
     unsafe impl aya::Pod for OrigKey {}
     unsafe impl aya::Pod for TraceEvent {}
+    unsafe impl aya::Pod for SockConfig {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for DeviceValue {}

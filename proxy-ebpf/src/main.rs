@@ -31,11 +31,11 @@ use proxy_common::{
     HOOK_CONNECT6, HOOK_GETPEERNAME4, HOOK_GETPEERNAME6, HOOK_RECVMSG4, HOOK_RECVMSG6,
     HOOK_SENDMSG4, HOOK_SENDMSG6, L7Config, NODE_ADDRS_MAX_ENTRIES, ORIG_DST_MAX_ENTRIES, OrigKey,
     PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES,
-    STAT_CONNECT4, STAT_EVENTS, STAT_EVENTS_LOST, STAT_L7_FALLBACK, STAT_L7_REDIRECT,
-    STAT_ORIG_DST, STAT_PROXY_PORT_REFUSED, STAT_REFUSED, STATS_COUNT, SVC_F_AFFINITY,
-    SVC_F_EXTERNAL, SVC_F_L7, ServiceKey, ServiceValue, TraceEvent, VERDICT_L7_FALLBACK,
-    VERDICT_L7_REDIRECT, VERDICT_PROXY_PORT, VERDICT_REFUSED, VERDICT_REVERSED, VERDICT_TRANSLATED,
-    mix64, pick_slot, usable_slots,
+    SOCK_F_HOSTNS_ONLY, STAT_CONNECT4, STAT_EVENTS, STAT_EVENTS_LOST, STAT_L7_FALLBACK,
+    STAT_L7_REDIRECT, STAT_ORIG_DST, STAT_PROXY_PORT_REFUSED, STAT_REFUSED, STATS_COUNT,
+    SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_L7, ServiceKey, ServiceValue, SockConfig, TraceEvent,
+    VERDICT_L7_FALLBACK, VERDICT_L7_REDIRECT, VERDICT_PROXY_PORT, VERDICT_REFUSED,
+    VERDICT_REVERSED, VERDICT_TRANSLATED, mix64, pick_slot, usable_slots,
 };
 
 /// Allow the syscall.
@@ -83,6 +83,24 @@ static MONITOR: Array<u32> = Array::pinned(1, 0);
 
 #[map(name = "PXA_EVENTS_V1")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+/// How the socket hooks behave (`--socket-lb-hostns-only`).
+#[map(name = "PXA_SOCKCFG_V1")]
+static SOCK_CONFIG: Array<SockConfig> = Array::pinned(1, 0);
+
+/// Whether the socket hooks leave this socket alone: with `SOCK_F_HOSTNS_ONLY`, sockets outside
+/// the host network namespace (pods, whose sidecar proxies need the ClusterIP) are not served.
+#[inline(always)]
+fn skipped(ctx: &SockAddrContext) -> bool {
+    let Some(cfg) = SOCK_CONFIG.get(0).copied() else {
+        return false;
+    };
+    if cfg.flags & SOCK_F_HOSTNS_ONLY == 0 {
+        return false;
+    }
+    // SAFETY: helper called with the program's own context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) != cfg.host_netns_cookie }
+}
 
 /// The addresses a NodePort answers on (the agent writes the node's device addresses).
 #[map(name = "PXA_NODEADDR_V1")]
@@ -530,6 +548,9 @@ fn proxy_port_refused(
 
 #[inline(always)]
 fn fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
+    if skipped(ctx) {
+        return SYS_PROCEED;
+    }
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
@@ -549,6 +570,9 @@ fn fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
 
 #[inline(always)]
 fn fwd6(ctx: &SockAddrContext, hook: u8) -> i32 {
+    if skipped(ctx) {
+        return SYS_PROCEED;
+    }
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
@@ -603,6 +627,9 @@ fn reversed(ctx: &SockAddrContext, hook: u8, proto: u8, addr_be: u32, port_be: u
 
 #[inline(always)]
 fn rev4(ctx: &SockAddrContext, hook: u8) -> i32 {
+    if skipped(ctx) {
+        return SYS_PROCEED;
+    }
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
@@ -617,6 +644,9 @@ fn rev4(ctx: &SockAddrContext, hook: u8) -> i32 {
 
 #[inline(always)]
 fn rev6(ctx: &SockAddrContext, hook: u8) -> i32 {
+    if skipped(ctx) {
+        return SYS_PROCEED;
+    }
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };

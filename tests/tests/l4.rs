@@ -659,3 +659,35 @@ fn a_host_network_client_is_served_like_a_pod() {
         "{out}"
     );
 }
+
+/// `--socket-lb-hostns-only` (for pods with sidecar proxies): the socket hooks leave pods alone
+/// (their connect to the ClusterIP is not translated) and still serve host-network processes.
+#[test]
+fn socket_lb_hostns_only_serves_the_host_and_leaves_pods_alone() {
+    let (node, _webs, client, _servers) = web_node(2);
+    let _agent = node.start_agent(&["--socket-lb-hostns-only"]);
+    let host = Pod {
+        name: "host".into(),
+        ip: node.node_ip,
+        place: node.host_place(),
+    };
+    let out = tcp(&host, "198.19.0.10:80", 20);
+    assert_eq!(out["ok"], 20, "host-network processes are served: {out}");
+    let out = client.probe(
+        "tcp-probe",
+        &[
+            "--to",
+            "198.19.0.10:80",
+            "--count",
+            "3",
+            "--read",
+            "--timeout-ms",
+            "500",
+        ],
+        T,
+    );
+    assert_eq!(
+        out["ok"], 0,
+        "a pod's connect is left to its own proxy: {out}"
+    );
+}

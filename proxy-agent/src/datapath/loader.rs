@@ -255,6 +255,7 @@ impl Datapath {
         bpf_log: BpfLog,
         devices: &[Device],
         node_ip: Option<std::net::Ipv4Addr>,
+        hostns_only: bool,
     ) -> Result<Opened, DatapathError> {
         check_capabilities()?;
         if !cgroup.exists() {
@@ -330,6 +331,26 @@ impl Datapath {
             )?)
             .map_err(|e| DatapathError::Map(proxy_common::MAP_SRC_RANGES, e.to_string()))?,
         };
+        let mut sock_cfg: Array<MapData, proxy_common::SockConfig> =
+            Array::try_from(take(&mut ebpf, proxy_common::MAP_SOCK_CONFIG)?)
+                .map_err(|e| DatapathError::Map(proxy_common::MAP_SOCK_CONFIG, e.to_string()))?;
+        let cfg = proxy_common::SockConfig {
+            host_netns_cookie: own_netns_cookie().map_err(|e| {
+                DatapathError::Map(
+                    proxy_common::MAP_SOCK_CONFIG,
+                    format!("SO_NETNS_COOKIE: {e}"),
+                )
+            })?,
+            flags: if hostns_only {
+                proxy_common::SOCK_F_HOSTNS_ONLY
+            } else {
+                0
+            },
+            _pad: 0,
+        };
+        sock_cfg
+            .set(0, cfg, 0)
+            .map_err(|e| DatapathError::Map(proxy_common::MAP_SOCK_CONFIG, e.to_string()))?;
         devices::program(
             devices,
             node_ip,
@@ -547,6 +568,28 @@ pub fn open_pinned_maps(bpffs: &Path) -> Result<AyaMaps, DatapathError> {
         affinity_match: open(&dir, proxy_common::MAP_AFFINITY_MATCH)?,
         source_ranges,
     })
+}
+
+/// `SO_NETNS_COOKIE` of this process's network namespace (Linux >= 5.14).
+fn own_netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the length passed, on a socket we own.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// The pinned reverse-translation map, read-only use (which sockets we translated).
