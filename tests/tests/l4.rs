@@ -691,3 +691,61 @@ fn socket_lb_hostns_only_serves_the_host_and_leaves_pods_alone() {
         "a pod's connect is left to its own proxy: {out}"
     );
 }
+
+/// `trafficDistribution: PreferClose`: with zone hints on every endpoint, each node's clients
+/// use the endpoints hinted for its zone (`--zone`); the hints are ignored without it.
+#[test]
+fn prefer_close_keeps_clients_in_their_zone() {
+    let mut c = tests::SimCluster::new(2);
+    let a = c.node_mut(1).add_pod("a");
+    let b = c.node_mut(2).add_pod("b");
+    let client1 = c.node_mut(1).add_pod("client");
+    let client2 = c.node_mut(2).add_pod("client");
+    let _servers = [
+        a.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080"]),
+        b.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080"]),
+    ];
+    let web = |distribution: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: {VIP}\n{distribution}  ports: [{{name: p, port: 80, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node1, zone: z1, hints: {{forZones: [{{name: z1}}]}}}}\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node2, zone: z2, hints: {{forZones: [{{name: z2}}]}}}}\n",
+            a.ip, b.ip
+        )
+    };
+    c.write_manifest("web.yaml", &web("  trafficDistribution: PreferClose\n"));
+    let _agents: Vec<_> = (1..=2u8)
+        .map(|k| {
+            c.node(k).start_agent(&[
+                "--node-name",
+                &format!("node{k}"),
+                "--zone",
+                &format!("z{k}"),
+            ])
+        })
+        .collect();
+    for (client, own) in [(&client1, "a"), (&client2, "b")] {
+        let out = tcp(client, "198.19.0.10:80", 30);
+        assert_eq!(out["ok"], 30, "{out}");
+        assert_eq!(
+            tally(&out, "reads").keys().cloned().collect::<Vec<_>>(),
+            [own],
+            "{}: its zone's endpoint only: {out}",
+            client.name
+        );
+    }
+    let before = c.node(1).status()["last_apply"]["generation"]
+        .as_u64()
+        .unwrap_or(0);
+    c.write_manifest("web.yaml", &web(""));
+    tests::sys::poll("node1 to apply the change", T, || {
+        let g = c.node(1).status()["last_apply"]["generation"]
+            .as_u64()
+            .unwrap_or(0);
+        (g > before).then_some(())
+    });
+    let out = tcp(&client1, "198.19.0.10:80", 40);
+    assert_eq!(
+        tally(&out, "reads").keys().cloned().collect::<Vec<_>>(),
+        ["a", "b"],
+        "without PreferClose both zones: {out}"
+    );
+}

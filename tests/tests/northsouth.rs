@@ -302,3 +302,70 @@ fn load_balancer_source_ranges_drop_clients_outside_them() {
     let out = tcp(&c.external, &format!("{LB_IP}:80"), 20, 2000);
     assert_eq!(out["ok"], 20, "inside the ranges: {out}");
 }
+
+/// UDP NodePorts work like TCP ones (replies come from the NodePort; one socket's datagrams stay
+/// on one pod), and `sessionAffinity: ClientIP` keeps an outside client on one pod.
+#[test]
+fn udp_node_ports_and_client_ip_affinity_from_outside() {
+    let mut c = SimCluster::new(2);
+    let a = c.node_mut(1).add_pod("a");
+    let b = c.node_mut(2).add_pod("b");
+    let mut procs = Vec::new();
+    for p in [&a, &b] {
+        procs.push(p.fixture_server("tcp-id", &["--listen", "0.0.0.0:8080", "--with-peer"]));
+        procs.push(p.fixture_server("udp-echo", &["--listen", "0.0.0.0:5353"]));
+    }
+    let eps = format!(
+        "endpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node1}}\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, nodeName: node2}}\n",
+        a.ip, b.ip
+    );
+    c.write_manifest(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 198.19.0.11\n  sessionAffinity: ClientIP\n  ports: [{{name: p, port: 80, protocol: TCP, nodePort: 30081}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: sticky-1, namespace: default, labels: {{kubernetes.io/service-name: sticky}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\n{eps}---\napiVersion: v1\nkind: Service\nmetadata: {{name: dns, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 198.19.0.53\n  ports: [{{name: dns, port: 53, protocol: UDP, nodePort: 30053}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: dns-1, namespace: default, labels: {{kubernetes.io/service-name: dns}}}}\naddressType: IPv4\nports: [{{name: dns, port: 5353, protocol: UDP}}]\n{eps}"
+        ),
+    );
+    for k in 1..=2u8 {
+        let n = c.node(k);
+        procs.push(n.start_agent(&["--node-name", &format!("node{k}"), "--devices", "ul0"]));
+    }
+    let out = tcp(&c.external, &format!("{}:30081", underlay_ip(1)), 40, 2000);
+    assert_eq!(out["ok"], 40, "{out}");
+    assert_eq!(
+        answers(&out).len(),
+        1,
+        "ClientIP affinity: one pod for the client: {out}"
+    );
+
+    let dns = format!("{}:30053", underlay_ip(1));
+    let out = c.external.probe(
+        "udp-probe",
+        &["--to", &dns, "--count", "20", "--connected"],
+        T,
+    );
+    assert_eq!(out["ok"], 20, "{out}");
+    assert_eq!(
+        tally(&out, "sources")
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from([dns.clone()]),
+        "replies come from the NodePort: {out}"
+    );
+    assert_eq!(tally(&out, "ids").len(), 1, "one flow, one pod: {out}");
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        let out = c
+            .external
+            .probe("udp-probe", &["--to", &dns, "--count", "1"], T);
+        seen.extend(tally(&out, "ids").into_keys());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "flows spread over both nodes' pods: {seen:?}"
+    );
+}
