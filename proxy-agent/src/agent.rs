@@ -328,6 +328,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     // `None` until the source has spoken: an empty map must never be applied before it has,
     // or a restarted agent would flush the pinned state it just adopted.
     let (tx, mut rx) = watch::channel(None::<Arc<State>>);
+    // `--zone`, else (with the API server) this node's topology.kubernetes.io/zone label.
+    let mut zone = cfg.zone.clone();
     match &cfg.source {
         Source::Manifests(path) => {
             let dcfg = dir::DirConfig {
@@ -344,6 +346,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         }
         Source::Kubernetes(kubeconfig) => {
             let client = kube_client(kubeconfig.as_deref()).await?;
+            if zone.is_none()
+                && let Some(name) = &cfg.node_name
+            {
+                zone = kube::node_zone(&client, name).await;
+            }
             let kc = kube::KubeConfig {
                 node_name: cfg.node_name.clone(),
                 optional_wait: Duration::from_secs(10),
@@ -366,7 +373,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             .terminate_stale_udp
             .then(|| (cfg.cgroup.clone(), cfg.bpffs.clone())),
         registry,
-        cache: FrontendCache::in_zone(cfg.zone.clone()),
+        cache: FrontendCache::in_zone(zone),
         node_name: cfg.node_name.clone(),
         generation: 0,
         synced_at: None,

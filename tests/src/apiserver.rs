@@ -138,6 +138,13 @@ const KINDS: &[Kind] = &[
     Kind {
         group: "",
         versions: &["v1"],
+        plural: "nodes",
+        kind: "Node",
+        namespaced: false,
+    },
+    Kind {
+        group: "",
+        versions: &["v1"],
         plural: "serviceaccounts",
         kind: "ServiceAccount",
         namespaced: true,

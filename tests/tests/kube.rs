@@ -428,3 +428,28 @@ fn headless_external_name_and_other_proxies_services_are_not_programmed_and_recr
         "stale frontend: {services}"
     );
 }
+
+/// With the API server as the source, the agent reads its Node's `topology.kubernetes.io/zone`
+/// (RBAC `get nodes`) and keeps a PreferClose Service's clients on the endpoints hinted for it.
+#[test]
+fn prefer_close_uses_the_zone_label_of_this_node() {
+    let (mut node, api, kubeconfig) = cluster();
+    let webs: Vec<Pod> = (1..=2).map(|i| node.add_pod(&format!("web{i}"))).collect();
+    let client = node.add_pod("client");
+    let _s = servers(&webs, "tcp-id");
+    api.apply_yaml(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node1\n  labels: {topology.kubernetes.io/zone: z2}\n",
+    );
+    api.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 198.19.0.10\n  trafficDistribution: PreferClose\n  ports: [{{name: p, port: 80, protocol: TCP}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, zone: z1, hints: {{forZones: [{{name: z1}}]}}}}\n- {{addresses: [\"{}\"], conditions: {{ready: true}}, zone: z2, hints: {{forZones: [{{name: z2}}]}}}}\n",
+        webs[0].ip, webs[1].ip
+    ));
+    let _agent = node.start_agent_kube(&kubeconfig, &[]);
+    let out = tcp(&client, 30);
+    assert_eq!(out["ok"], 30, "{out}");
+    assert_eq!(
+        tally(&out, "reads").keys().cloned().collect::<Vec<_>>(),
+        ["web2"],
+        "the endpoint hinted for zone z2 only: {out}"
+    );
+}

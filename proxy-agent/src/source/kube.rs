@@ -251,6 +251,33 @@ fn dynamic_spec(o: &DynamicObject) -> Result<serde_yaml::Value, FieldError> {
     serde_yaml::to_value(spec).map_err(|e| FieldError::new("spec", e.to_string()))
 }
 
+/// This node's `topology.kubernetes.io/zone` label (for PreferClose), if the Node can be read
+/// within 10 s; failures are logged and leave topology-aware routing off.
+pub async fn node_zone(client: &Client, node: &str) -> Option<String> {
+    let api = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    match tokio::time::timeout(std::time::Duration::from_secs(10), api.get(node)).await {
+        Ok(Ok(n)) => {
+            let zone = n
+                .metadata
+                .labels
+                .and_then(|l| l.get("topology.kubernetes.io/zone").cloned());
+            tracing::info!(node, zone = ?zone, "this node's zone (PreferClose)");
+            zone
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(node, error = %e, "cannot read this Node (RBAC: get nodes); trafficDistribution: PreferClose stays off, pass --zone to set the zone");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                node,
+                "reading this Node timed out; trafficDistribution: PreferClose stays off"
+            );
+            None
+        }
+    }
+}
+
 /// Starts the watchers; publishes the desired state on `tx`. Every problem `reporter` receives
 /// from now on (from this source or from the route builder) becomes an Event on its object.
 pub async fn start(
