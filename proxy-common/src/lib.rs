@@ -328,6 +328,10 @@ pub const HOOK_RECVMSG6: u8 = 5;
 pub const HOOK_GETPEERNAME4: u8 = 6;
 /// Hook: getpeername6.
 pub const HOOK_GETPEERNAME6: u8 = 7;
+/// Hook: the tc program on a north-south device's ingress.
+pub const HOOK_NS_INGRESS: u8 = 8;
+/// Hook: the tc program on a north-south device's egress.
+pub const HOOK_NS_EGRESS: u8 = 9;
 
 /// Verdict of a [`TraceEvent`]: translated to a backend in the kernel.
 pub const VERDICT_TRANSLATED: u8 = 0;
@@ -341,6 +345,14 @@ pub const VERDICT_REFUSED: u8 = 3;
 pub const VERDICT_PROXY_PORT: u8 = 4;
 /// Verdict: a backend address reversed to the ClusterIP (recvmsg, getpeername).
 pub const VERDICT_REVERSED: u8 = 5;
+/// Verdict: a new north-south connection sent to a backend on this node.
+pub const VERDICT_NS_LOCAL: u8 = 6;
+/// Verdict: a new north-south connection sent to a backend on another node, SNATed.
+pub const VERDICT_NS_SNAT: u8 = 7;
+/// Verdict: a north-south packet dropped: no usable backend (on this node, for Local).
+pub const VERDICT_NS_NO_BACKEND: u8 = 8;
+/// Verdict: a north-south packet dropped: the client is outside `loadBalancerSourceRanges`.
+pub const VERDICT_NS_SRC_RANGE: u8 = 9;
 
 /// One socket translation, written to [`MAP_EVENTS`] while a monitor is attached.
 #[repr(C)]
@@ -374,10 +386,10 @@ pub struct TraceEvent {
     pub _pad: u8,
     /// Backend id chosen (0 when none).
     pub backend_id: u32,
-    /// The caller's command name (`bpf_get_current_comm`), NUL-padded.
+    /// The caller's command name (`bpf_get_current_comm`), NUL-padded (empty for north-south).
     pub comm: [u8; 16],
-    /// Explicit padding; always 0.
-    pub _pad2: u32,
+    /// North-south events: the client's address, network byte order; 0 for socket events.
+    pub client_addr_be: u32,
 }
 const _: () = assert!(size_of::<TraceEvent>() == 72);
 

@@ -169,6 +169,12 @@ struct Decision {
     backend_id: u32,
 }
 
+/// Whether a monitor reader is attached.
+#[inline(always)]
+fn monitoring() -> bool {
+    MONITOR.get(0).copied().unwrap_or(0) != 0
+}
+
 /// Writes `d` to the ring buffer if a monitor reader is attached.
 #[inline(always)]
 fn trace(ctx: &SockAddrContext, d: &Decision) {
@@ -204,7 +210,7 @@ fn trace(ctx: &SockAddrContext, d: &Decision) {
         _pad: 0,
         backend_id: d.backend_id,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        _pad2: 0,
+        client_addr_be: 0,
     };
     entry.write(ev);
     entry.submit(0);

@@ -38,8 +38,12 @@ use proxy_common::{
     STAT_NS_SRC_RANGE, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_SRC_RANGES, ServiceKey, ServiceValue,
     SourceRangeKey, external_affinity_id, pick_slot, usable_slots,
 };
+use proxy_common::{
+    HOOK_NS_INGRESS, STAT_EVENTS, STAT_EVENTS_LOST, TraceEvent, VERDICT_NS_LOCAL,
+    VERDICT_NS_NO_BACKEND, VERDICT_NS_SNAT, VERDICT_NS_SRC_RANGE,
+};
 
-use crate::{AFFINITY, AFFINITY_MATCH, BACKENDS, SERVICES, count, master_of};
+use crate::{AFFINITY, AFFINITY_MATCH, BACKENDS, EVENTS, SERVICES, count, master_of, monitoring};
 
 #[map(name = "PXA_CT4_V1")]
 static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
@@ -197,6 +201,39 @@ fn set_dst(ctx: &TcContext, p: &Pkt, addr: u32, port: u16) -> Option<()> {
 #[inline(always)]
 fn set_src(ctx: &TcContext, p: &Pkt, addr: u32, port: u16) -> Option<()> {
     rewrite(ctx, p, IP_SRC_OFF, p.saddr, addr, p.l4, p.sport, port)
+}
+
+/// Writes a north-south decision about a new connection to the monitor ring buffer, while a
+/// reader is attached: the frontend the client used, where it went, and the client.
+#[inline(always)]
+fn trace(p: &Pkt, verdict: u8, service_id: u32, backend_id: u32, to: (u32, u16), now: u64) {
+    if !monitoring() {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<TraceEvent>(0) else {
+        count(STAT_EVENTS_LOST);
+        return;
+    };
+    entry.write(TraceEvent {
+        ts_ns: now,
+        cookie: 0,
+        netns_cookie: 0,
+        pid: 0,
+        service_id,
+        orig_addr_be: p.daddr,
+        new_addr_be: to.0,
+        orig_port_be: p.dport,
+        new_port_be: to.1,
+        hook: HOOK_NS_INGRESS,
+        verdict,
+        proto: p.proto,
+        _pad: 0,
+        backend_id,
+        comm: [0; 16],
+        client_addr_be: p.saddr,
+    });
+    entry.submit(0);
+    count(STAT_EVENTS);
 }
 
 /// Whether an entry is still in force at `now`.
@@ -489,6 +526,7 @@ fn ingress(ctx: &TcContext) -> i32 {
     };
     if !source_allowed(&master, p.saddr) {
         count(STAT_NS_SRC_RANGE);
+        trace(&p, VERDICT_NS_SRC_RANGE, master.service_id, 0, (0, 0), now);
         return TC_ACT_SHOT as i32;
     }
     let key = p.key(CT_DIR_ORIG);
@@ -520,6 +558,7 @@ fn ingress(ctx: &TcContext) -> i32 {
         None => {
             let Some((backend_id, b)) = choose(&p, addr_key, &master, now) else {
                 count(STAT_NS_NO_BACKEND);
+                trace(&p, VERDICT_NS_NO_BACKEND, master.service_id, 0, (0, 0), now);
                 return TC_ACT_SHOT as i32;
             };
             let mut v = CtValue {
@@ -551,6 +590,18 @@ fn ingress(ctx: &TcContext) -> i32 {
             }
             let _ = CT.insert(&key, &v, 0);
             count(STAT_CT_NEW);
+            trace(
+                &p,
+                if v.src_addr_be == 0 {
+                    VERDICT_NS_LOCAL
+                } else {
+                    VERDICT_NS_SNAT
+                },
+                master.service_id,
+                backend_id,
+                (v.dst_addr_be, v.dst_port_be),
+                now,
+            );
             v
         }
     };

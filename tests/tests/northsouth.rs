@@ -274,6 +274,36 @@ fn load_balancer_source_ranges_drop_clients_outside_them() {
     let before = generation(&c, 1);
     c.write_manifest("web.yaml", &web("Cluster", &["198.19.201.0/24"], &eps));
     applied_after(&c, 1, before);
+    // The monitor shows the drop, with the client.
+    let node1 = c.node(1);
+    let mut mon = Proc::spawn(
+        "monitor",
+        node1.host_place().command(
+            tests::sys::bin("proxy-agent"),
+            &["monitor", "-t", "drop", "-o", "json", "--count", "1"],
+        ),
+        node1.dir.join("logs/monitor.log"),
+    );
+    tests::sys::poll("the monitor to show the drop", T, || {
+        let _ = tcp(&c.external, &format!("{LB_IP}:80"), 1, 300);
+        (!mon.running()).then_some(())
+    });
+    let line = mon.all_stdout(T).join("\n");
+    let ev: Value = serde_json::from_str(line.trim()).unwrap_or(Value::Null);
+    assert_eq!(
+        (
+            ev["hook"].as_str(),
+            ev["verdict"].as_str(),
+            ev["client"].as_str()
+        ),
+        (
+            Some("tc-ingress"),
+            Some("nodeport-refused-source-range"),
+            Some("198.19.200.100")
+        ),
+        "{line}"
+    );
+    assert_eq!(ev["service"], "default/web", "{ev}");
     let out = tcp(&c.external, &format!("{LB_IP}:80"), 3, 1000);
     assert_eq!(out["ok"], 0, "outside the ranges: dropped: {out}");
     let out = tcp(

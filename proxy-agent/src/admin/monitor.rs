@@ -175,9 +175,12 @@ pub struct KernelEvent {
     pub cookie: u64,
     /// Network namespace cookie (one per pod).
     pub netns_cookie: u64,
+    /// North-south events: the client outside the node.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub client: String,
 }
 
-const HOOKS: [&str; 8] = [
+const HOOKS: [&str; 10] = [
     "connect4",
     "connect6",
     "sendmsg4",
@@ -186,14 +189,20 @@ const HOOKS: [&str; 8] = [
     "recvmsg6",
     "getpeername4",
     "getpeername6",
+    "tc-ingress",
+    "tc-egress",
 ];
-const VERDICTS: [&str; 6] = [
+const VERDICTS: [&str; 10] = [
     "translated",
     "l7-redirect",
     "l7-fallback",
     "refused",
     "proxy-port-refused",
     "reversed",
+    "nodeport-local",
+    "nodeport-snat",
+    "nodeport-refused-no-backend",
+    "nodeport-refused-source-range",
 ];
 
 fn addr(a_be: u32, p_be: u16) -> String {
@@ -237,6 +246,11 @@ pub fn kernel_event(ev: &TraceEvent, service: impl Fn(&str) -> Option<String>) -
         comm: String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned(),
         cookie: ev.cookie,
         netns_cookie: ev.netns_cookie,
+        client: if ev.client_addr_be == 0 {
+            String::new()
+        } else {
+            std::net::Ipv4Addr::from(u32::from_be(ev.client_addr_be)).to_string()
+        },
     }
 }
 

@@ -587,8 +587,16 @@ pub fn monitor_line(v: &Value) -> String {
             text(&v["from"]),
             text(&v["to"]),
             text(&v["service"]),
-            text(&v["comm"]),
-            text(&v["pid"]),
+            if v["client"].is_string() {
+                format!("client={}", text(&v["client"]))
+            } else {
+                text(&v["comm"])
+            },
+            if v["client"].is_string() {
+                "-".to_string()
+            } else {
+                text(&v["pid"])
+            },
         ),
         Some("l7") => format!(
             "{} L7    {} {} -> {} {} {}{} route={} subset={} backend={} status={} flags={} attempts={} {:.1}ms",

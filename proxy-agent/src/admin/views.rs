@@ -80,9 +80,14 @@ fn counters(hub: &Hub) -> Value {
 /// The Service that owns a ClusterIP:port, for monitor lines.
 pub fn service_of_vip(s: &Snapshot, vip: &str) -> Option<String> {
     let addr: std::net::SocketAddrV4 = vip.parse().ok()?;
-    s.frontends
-        .iter()
-        .find(|f| f.vip == *addr.ip() && f.port == addr.port())
+    let at = |ip: &Ipv4Addr| {
+        s.frontends
+            .iter()
+            .find(|f| f.vip == *ip && f.port == addr.port())
+    };
+    // A NodePort is keyed by 0.0.0.0: any node address.
+    at(addr.ip())
+        .or_else(|| at(&Ipv4Addr::UNSPECIFIED))
         .map(|f| f.service.to_string())
 }
 
