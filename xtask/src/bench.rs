@@ -14,12 +14,13 @@ use tests::k8s::{self, Cond};
 use tests::{Pod, SimNode};
 
 const SIZES: [u32; 3] = [10, 1_000, 10_000];
-const CONNECTS: &str = "10000";
+/// Sequential connects per round.
+pub const CONNECTS: &str = "10000";
 const ROUNDS: usize = 5;
 const T: Duration = Duration::from_secs(300);
 
 /// The ClusterIP of Service number `i` (0 is the measured one).
-fn vip(i: u32) -> String {
+pub fn vip(i: u32) -> String {
     format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250)
 }
 
@@ -96,8 +97,13 @@ fn iptables_rules(n: u32, target: u32, real: &[Ipv4Addr]) -> String {
 
 /// Loads iptables rules into a pod's network namespace with iptables-restore.
 pub fn iptables_restore(pod: &Pod, rules: &str) -> Result<()> {
+    iptables_restore_in(&pod.place.netns, rules)
+}
+
+/// Loads iptables rules into the network namespace at `netns` with iptables-restore.
+pub fn iptables_restore_in(netns: &std::path::Path, rules: &str) -> Result<()> {
     let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", pod.place.netns.display()))
+        .arg(format!("--net={}", netns.display()))
         .args(["iptables-restore"])
         .stdin(Stdio::piped())
         .spawn()
@@ -108,15 +114,21 @@ pub fn iptables_restore(pod: &Pod, rules: &str) -> Result<()> {
     Ok(())
 }
 
+/// One round of short connections: rate, connect latency percentiles, failures.
 #[derive(Clone, Copy, Default)]
-struct Sample {
-    rate: f64,
-    p50: f64,
-    p99: f64,
-    failed: u64,
+pub struct Sample {
+    /// Connects per second.
+    pub rate: f64,
+    /// Median connect latency, microseconds.
+    pub p50: f64,
+    /// 99th percentile connect latency, microseconds.
+    pub p99: f64,
+    /// Connects that failed.
+    pub failed: u64,
 }
 
-fn measure(client: &Pod, to: &[String]) -> Result<Sample> {
+/// `CONNECTS` sequential connects (+ read + close) from `client` to the `--to` arguments.
+pub fn measure(client: &Pod, to: &[String]) -> Result<Sample> {
     let mut args: Vec<&str> = to.iter().map(String::as_str).collect();
     args.extend(["--count", CONNECTS, "--read"]);
     let out: Value = client.probe("tcp-probe", &args, T);
@@ -132,7 +144,8 @@ fn measure(client: &Pod, to: &[String]) -> Result<Sample> {
     })
 }
 
-fn median(mut v: Vec<Sample>) -> Sample {
+/// The round with the median rate, with the median latencies and the failures of all rounds.
+pub fn median(mut v: Vec<Sample>) -> Sample {
     v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     let mut s = v[v.len() / 2];
     let mut p50: Vec<f64> = v.iter().map(|s| s.p50).collect();

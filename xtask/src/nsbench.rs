@@ -7,25 +7,69 @@
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::Result;
 use serde_json::Value;
 use tests::cluster::underlay_ip;
 use tests::k8s::{self, Cond};
 use tests::{Pod, Proc, SimCluster};
 
+use crate::bench::{CONNECTS, iptables_restore_in, measure, median, vip};
+
 const SIZES: [u32; 2] = [10, 10_000];
-const CONNECTS: &str = "10000";
+
+/// The sizes to run: [`SIZES`], or `PXT_NS_SIZES=10,1000` for a quicker look.
+fn sizes() -> Vec<u32> {
+    std::env::var("PXT_NS_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<u32>| !v.is_empty())
+        .unwrap_or_else(|| SIZES.to_vec())
+}
+
+/// nf_conntrack's per-CPU statistics in a network namespace, summed (insert_failed, drop,
+/// early_drop, search_restart...), from /proc/net/stat/nf_conntrack.
+fn conntrack_stats(netns: &Path) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(["cat", "/proc/net/stat/nf_conntrack"])
+        .output();
+    let Ok(out) = out else { return "-".into() };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let Some(header) = lines.next() else {
+        return "-".into();
+    };
+    let names: Vec<&str> = header.split_whitespace().collect();
+    let mut sums = vec![0u64; names.len()];
+    for l in lines {
+        for (i, v) in l.split_whitespace().enumerate() {
+            if let (Some(s), Ok(v)) = (sums.get_mut(i), u64::from_str_radix(v, 16)) {
+                *s += v;
+            }
+        }
+    }
+    names
+        .iter()
+        .zip(&sums)
+        .filter(|(n, v)| {
+            **v > 0
+                && !matches!(
+                    **n,
+                    "entries" | "searched" | "found" | "new" | "delete" | "ignore" | "invalid"
+                )
+        })
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 const ROUNDS: usize = 5;
 const T: Duration = Duration::from_secs(300);
 /// NodePorts available in Kubernetes' default range.
 const MAX_NODE_PORTS: u32 = 2_700;
-
-fn vip(i: u32) -> String {
-    format!("198.19.{}.{}", 1 + i / 250, 1 + i % 250)
-}
 
 /// Services with NodePorts: the first `min(n, 2700)` of the `n`.
 fn node_ports(n: u32) -> u32 {
@@ -130,56 +174,6 @@ fn iptables_rules(n: u32, real: &[Ipv4Addr]) -> String {
     chains
 }
 
-fn iptables_restore(netns: &Path, rules: &str) -> Result<()> {
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .args(["iptables-restore"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .context("running iptables-restore (install iptables)")?;
-    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, rules.as_bytes())?;
-    drop(child.stdin.take());
-    ensure!(child.wait()?.success(), "iptables-restore failed");
-    Ok(())
-}
-
-#[derive(Clone, Copy, Default)]
-struct Sample {
-    rate: f64,
-    p50: f64,
-    p99: f64,
-    failed: u64,
-}
-
-fn measure(client: &Pod, to: &[String]) -> Result<Sample> {
-    let mut args: Vec<&str> = to.iter().map(String::as_str).collect();
-    args.extend(["--count", CONNECTS, "--read"]);
-    let out: Value = client.probe("tcp-probe", &args, T);
-    let n: f64 = CONNECTS.parse()?;
-    let ok = out["ok"].as_f64().context("ok")?;
-    ensure!(ok > 0.0, "no connect succeeded towards {to:?}: {out}");
-    let ms = out["elapsed_ms"].as_f64().context("elapsed_ms")?;
-    Ok(Sample {
-        failed: (n - ok) as u64,
-        rate: ok / (ms / 1000.0),
-        p50: out["connect_us"]["p50"].as_f64().unwrap_or(0.0),
-        p99: out["connect_us"]["p99"].as_f64().unwrap_or(0.0),
-    })
-}
-
-fn median(mut v: Vec<Sample>) -> Sample {
-    v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-    let mut s = v[v.len() / 2];
-    let mut p50: Vec<f64> = v.iter().map(|s| s.p50).collect();
-    let mut p99: Vec<f64> = v.iter().map(|s| s.p99).collect();
-    p50.sort_by(f64::total_cmp);
-    p99.sort_by(f64::total_cmp);
-    s.p50 = p50[p50.len() / 2];
-    s.p99 = p99[p99.len() / 2];
-    s.failed = v.iter().map(|s| s.failed).sum();
-    s
-}
-
 /// One node on the underlay with 3 backends and 3 direct pods, the external client routed to
 /// the pod subnet through the node (for the direct baseline), `n` Services in the manifests.
 struct Bench {
@@ -223,18 +217,20 @@ fn bench_cluster(n: u32) -> Bench {
 
 struct Row {
     n: u32,
-    direct_a: Sample,
-    ebpf: Sample,
-    direct_b: Sample,
-    iptables: Sample,
+    direct_a: crate::bench::Sample,
+    ebpf: crate::bench::Sample,
+    direct_b: crate::bench::Sample,
+    iptables: crate::bench::Sample,
     ct_entries: u64,
     ct_capacity: u64,
+    /// nf_conntrack's counters in the iptables run.
+    ct_stats: String,
 }
 
 /// Measures and prints the north-south table.
 pub fn run() -> Result<()> {
     let mut rows = Vec::new();
-    for n in SIZES {
+    for n in sizes() {
         eprintln!("bench l4 north-south: {n} Services, eBPF tc datapath");
         let b = bench_cluster(n);
         let node = b.c.node(1);
@@ -264,12 +260,13 @@ pub fn run() -> Result<()> {
 
         eprintln!("bench l4 north-south: {n} Services, kube-proxy iptables NodePort rules");
         let b = bench_cluster(n);
-        iptables_restore(&b.c.node(1).netns_path(), &iptables_rules(n, &b.real))?;
+        iptables_restore_in(&b.c.node(1).netns_path(), &iptables_rules(n, &b.real))?;
         let (mut d2, mut ipt) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             d2.push(measure(&b.c.external, &b.direct_to)?);
             ipt.push(measure(&b.c.external, &b.node_port_to)?);
         }
+        let ct_stats = conntrack_stats(&b.c.node(1).netns_path());
         drop(b);
         rows.push(Row {
             n,
@@ -277,6 +274,7 @@ pub fn run() -> Result<()> {
             ebpf: median(e),
             direct_b: median(d2),
             iptables: median(ipt),
+            ct_stats,
             ct_entries: ct["entries"].as_u64().unwrap_or(0),
             ct_capacity: ct["capacity"].as_u64().unwrap_or(0),
         });
@@ -314,6 +312,17 @@ pub fn run() -> Result<()> {
                 s.failed
             );
         }
+    }
+    for r in &rows {
+        println!(
+            "nf_conntrack in the iptables run, {} Services: {}",
+            r.n,
+            if r.ct_stats.is_empty() {
+                "no failures"
+            } else {
+                &r.ct_stats
+            }
+        );
     }
     println!(
         "\nconnection tracking (PXA_CT4_V1, LRU) after the eBPF runs: {}",
