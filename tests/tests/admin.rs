@@ -126,7 +126,7 @@ fn every_cli_command_and_admin_endpoint_answers_a_live_agent() {
         "{table}"
     );
     assert!(
-        table.contains("198.19.0.10   80     TCP     L7     3/0"),
+        table.contains("198.19.0.10   80     TCP     ClusterIP   L7     3/0"),
         "{table}"
     );
     let rows = json(&node.cli(&["services", "-o", "json"]));
