@@ -360,10 +360,26 @@ pub struct Frontend {
     pub backends: Vec<Backend>,
     /// Where it answers.
     pub scope: Scope,
-    /// `externalTrafficPolicy: Local` (north-south scopes): `backends` are this node's only.
+    /// `externalTrafficPolicy: Local` (north-south scopes): `backends` are this node's only;
+    /// the tc programs' entry (`SCOPE_EXTERNAL_LOCAL`).
     pub external_local: bool,
+    /// The in-cluster twin of an `externalTrafficPolicy: Local` frontend: every endpoint, for
+    /// pods and host processes reaching the NodePort or external address through the socket
+    /// hooks (kube-proxy sends in-cluster traffic cluster-wide); the tc programs skip it.
+    pub socket_only: bool,
     /// `loadBalancerSourceRanges` (LoadBalancer scope); empty: every client.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
+}
+
+impl Frontend {
+    /// The `ServiceKey::scope` its entries are written under.
+    pub fn map_scope(&self) -> u8 {
+        if self.external_local {
+            proxy_common::SCOPE_EXTERNAL_LOCAL
+        } else {
+            proxy_common::SCOPE_ALL
+        }
+    }
 }
 
 impl State {
@@ -490,6 +506,7 @@ pub fn service_frontends_in(
             backends: backends(svc.internal_local),
             scope: Scope::ClusterIp,
             external_local: false,
+            socket_only: false,
             source_ranges: Vec::new(),
         };
         let ns = &svc.north_south;
@@ -508,12 +525,27 @@ pub fn service_frontends_in(
                 .map(|ip| (Scope::ExternalIp, *ip, sp.port)),
         );
         if !external.is_empty() {
+            let all = backends(false);
             let ext_backends = if ns.local {
                 backends(true)
             } else {
-                backends(false)
+                all.clone()
             };
             for (scope, vip, port) in external {
+                if ns.local {
+                    out.push(Frontend {
+                        vip,
+                        port,
+                        l7: false,
+                        h2: false,
+                        backends: all.clone(),
+                        scope,
+                        external_local: false,
+                        socket_only: true,
+                        source_ranges: Vec::new(),
+                        ..cluster.clone()
+                    });
+                }
                 out.push(Frontend {
                     vip,
                     port,
@@ -523,6 +555,7 @@ pub fn service_frontends_in(
                     backends: ext_backends.clone(),
                     scope,
                     external_local: ns.local,
+                    socket_only: false,
                     source_ranges: if scope == Scope::LoadBalancer {
                         ns.source_ranges.clone()
                     } else {
@@ -600,7 +633,7 @@ impl FrontendCache {
             next.insert(id.clone(), entry);
         }
         self.entries = next;
-        out.sort_by_key(|f| (f.vip, f.port, f.protocol));
+        out.sort_by_key(|f| (f.vip, f.port, f.protocol, f.map_scope()));
         out
     }
 }
@@ -720,8 +753,23 @@ mod tests {
         sl.endpoints[0].node_name = Some("node1".into());
         sl.endpoints[1].node_name = Some("node2".into());
         let fes = service_frontends(&svc, &[&sl], Some("node1"));
-        let by_scope = |scope| fes.iter().find(|f| f.scope == scope).unwrap();
-        assert_eq!(fes.len(), 4);
+        let by_scope = |scope| {
+            fes.iter()
+                .find(|f| f.scope == scope && !f.socket_only)
+                .unwrap()
+        };
+        // The ClusterIP, and per external address the tc entry and its in-cluster twin.
+        assert_eq!(fes.len(), 7);
+        let twin = fes
+            .iter()
+            .find(|f| f.scope == Scope::NodePort && f.socket_only)
+            .unwrap();
+        assert_eq!(
+            twin.backends.len(),
+            2,
+            "in-cluster clients use every endpoint"
+        );
+        assert!(!twin.external_local && twin.map_scope() == proxy_common::SCOPE_ALL);
         let cluster = by_scope(Scope::ClusterIp);
         assert_eq!(
             cluster.backends.len(),
@@ -733,6 +781,7 @@ mod tests {
         assert_eq!(np.backends.len(), 1, "Local: this node's endpoint only");
         assert_eq!(np.backends[0].addr, Ipv4Addr::new(198, 18, 0, 2));
         assert!(np.external_local && !np.l7);
+        assert_eq!(np.map_scope(), proxy_common::SCOPE_EXTERNAL_LOCAL);
         assert!(
             np.source_ranges.is_empty(),
             "ranges are for LoadBalancer IPs"
@@ -744,6 +793,7 @@ mod tests {
         assert_eq!(ext.vip, Ipv4Addr::new(198, 19, 250, 20));
         svc.north_south.local = false;
         let fes = service_frontends(&svc, &[&sl], Some("node1"));
+        assert_eq!(fes.len(), 4, "Cluster: one entry per address");
         assert!(
             fes.iter().all(|f| f.backends.len() == 2),
             "Cluster: every endpoint"

@@ -84,8 +84,9 @@ pub struct ServiceKey {
     pub port_be: u16,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
-    /// Explicit padding; always 0.
-    pub _pad0: u8,
+    /// [`SCOPE_ALL`], or [`SCOPE_EXTERNAL_LOCAL`] for the tc programs' own entry of an
+    /// `externalTrafficPolicy: Local` frontend.
+    pub scope: u8,
     /// 0 for the master entry, 1..=n for backend slots.
     pub slot: u16,
     /// Explicit padding; always 0.
@@ -100,10 +101,25 @@ impl ServiceKey {
             addr_be: addr.to_be(),
             port_be: port.to_be(),
             proto,
-            _pad0: 0,
+            scope: SCOPE_ALL,
             slot,
             _pad1: 0,
         }
+    }
+}
+
+/// [`ServiceKey::scope`]: the entry both the socket hooks and (flagged [`SVC_F_EXTERNAL`]) the
+/// tc programs use.
+pub const SCOPE_ALL: u8 = 0;
+/// [`ServiceKey::scope`]: an `externalTrafficPolicy: Local` frontend as the tc programs serve
+/// traffic from outside (this node's endpoints, no SNAT). Its scope-0 twin holds every endpoint
+/// for clients inside the cluster (pods, host processes), as kube-proxy treats them.
+pub const SCOPE_EXTERNAL_LOCAL: u8 = 1;
+
+impl ServiceKey {
+    /// The same key in another scope.
+    pub const fn in_scope(self, scope: u8) -> Self {
+        Self { scope, ..self }
     }
 }
 

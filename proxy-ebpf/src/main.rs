@@ -30,10 +30,10 @@ use proxy_common::{
     BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, EVENTS_RING_BYTES, HOOK_CONNECT4,
     HOOK_CONNECT6, HOOK_GETPEERNAME4, HOOK_GETPEERNAME6, HOOK_RECVMSG4, HOOK_RECVMSG6,
     HOOK_SENDMSG4, HOOK_SENDMSG6, L7Config, NODE_ADDRS_MAX_ENTRIES, ORIG_DST_MAX_ENTRIES, OrigKey,
-    PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES, RevKey, RevValue, SERVICES_MAX_ENTRIES,
+    PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES, RevKey, RevValue, SCOPE_ALL, SERVICES_MAX_ENTRIES,
     SOCK_F_HOSTNS_ONLY, STAT_CONNECT4, STAT_EVENTS, STAT_EVENTS_LOST, STAT_L7_FALLBACK,
     STAT_L7_REDIRECT, STAT_ORIG_DST, STAT_PROXY_PORT_REFUSED, STAT_REFUSED, STATS_COUNT,
-    SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_L7, ServiceKey, ServiceValue, SockConfig, TraceEvent,
+    SVC_F_AFFINITY, SVC_F_L7, ServiceKey, ServiceValue, SockConfig, TraceEvent,
     VERDICT_L7_FALLBACK, VERDICT_L7_REDIRECT, VERDICT_PROXY_PORT, VERDICT_REFUSED,
     VERDICT_REVERSED, VERDICT_TRANSLATED, mix64, pick_slot, usable_slots,
 };
@@ -84,6 +84,12 @@ static MONITOR: Array<u32> = Array::pinned(1, 0);
 #[map(name = "PXA_EVENTS_V1")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
+/// The master entry the socket hooks use for a destination (scope 0), with its key address.
+#[inline(always)]
+fn master_of(addr_be: u32, port_be: u16, proto: u8) -> Option<(u32, ServiceValue)> {
+    master_in(addr_be, port_be, proto, SCOPE_ALL)
+}
+
 /// How the socket hooks behave (`--socket-lb-hostns-only`).
 #[map(name = "PXA_SOCKCFG_V1")]
 static SOCK_CONFIG: Array<SockConfig> = Array::pinned(1, 0);
@@ -115,14 +121,14 @@ fn is_node_addr(addr_be: u32) -> bool {
 
 /// The master entry for a destination, with the address its entries are keyed by: the address
 /// itself (ClusterIP, LoadBalancer ingress IP, externalIP) or 0 for a NodePort on a node
-/// address.
+/// address; in `scope` (see `ServiceKey::scope`).
 #[inline(always)]
-fn master_of(addr_be: u32, port_be: u16, proto: u8) -> Option<(u32, ServiceValue)> {
+fn master_in(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option<(u32, ServiceValue)> {
     let key = ServiceKey {
         addr_be,
         port_be,
         proto,
-        _pad0: 0,
+        scope,
         slot: 0,
         _pad1: 0,
     };
@@ -137,11 +143,8 @@ fn master_of(addr_be: u32, port_be: u16, proto: u8) -> Option<(u32, ServiceValue
     }
     let key = ServiceKey { addr_be: 0, ..key };
     if let Some(p) = SERVICES.get_ptr(&key) {
-        // SAFETY: as above.
-        let m = unsafe { core::ptr::read_volatile(p) };
-        if m.flags & SVC_F_EXTERNAL != 0 {
-            return Some((0, m));
-        }
+        // SAFETY: as above. Only NodePorts sit under address 0.
+        return Some((0, unsafe { core::ptr::read_volatile(p) }));
     }
     None
 }
@@ -280,7 +283,7 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
         addr_be: addr_key,
         port_be,
         proto,
-        _pad0: 0,
+        scope: SCOPE_ALL,
         slot: 0,
         _pad1: 0,
     };

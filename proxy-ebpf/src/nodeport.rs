@@ -39,11 +39,11 @@ use proxy_common::{
     SourceRangeKey, external_affinity_id, pick_slot, usable_slots,
 };
 use proxy_common::{
-    HOOK_NS_INGRESS, STAT_EVENTS, STAT_EVENTS_LOST, TraceEvent, VERDICT_NS_LOCAL,
-    VERDICT_NS_NO_BACKEND, VERDICT_NS_SNAT, VERDICT_NS_SRC_RANGE,
+    HOOK_NS_INGRESS, SCOPE_ALL, SCOPE_EXTERNAL_LOCAL, STAT_EVENTS, STAT_EVENTS_LOST, TraceEvent,
+    VERDICT_NS_LOCAL, VERDICT_NS_NO_BACKEND, VERDICT_NS_SNAT, VERDICT_NS_SRC_RANGE,
 };
 
-use crate::{AFFINITY, AFFINITY_MATCH, BACKENDS, EVENTS, SERVICES, count, master_of, monitoring};
+use crate::{AFFINITY, AFFINITY_MATCH, BACKENDS, EVENTS, SERVICES, count, master_in, monitoring};
 
 #[map(name = "PXA_CT4_V1")]
 static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX_ENTRIES, 0);
@@ -349,17 +349,26 @@ fn egress_device(ctx: &TcContext, src: u32, dst: u32, p: &Pkt) -> Option<(u32, O
     Some((fib.ifindex, snat))
 }
 
-/// The north-south frontend a packet from outside is addressed to, with the address its
-/// entries are keyed by (0 for a NodePort).
+/// The north-south frontend a packet from outside is addressed to, with the address and scope
+/// its entries are keyed by (address 0 for a NodePort; the Local policy's own scope first).
 #[inline(always)]
-fn frontend(p: &Pkt) -> Option<(u32, ServiceValue)> {
-    let (addr_key, m) = master_of(p.daddr, p.dport, p.proto)?;
-    (m.flags & SVC_F_EXTERNAL != 0).then_some((addr_key, m))
+fn frontend(p: &Pkt) -> Option<(u32, u8, ServiceValue)> {
+    if let Some((addr_key, m)) = master_in(p.daddr, p.dport, p.proto, SCOPE_EXTERNAL_LOCAL) {
+        return Some((addr_key, SCOPE_EXTERNAL_LOCAL, m));
+    }
+    let (addr_key, m) = master_in(p.daddr, p.dport, p.proto, SCOPE_ALL)?;
+    (m.flags & SVC_F_EXTERNAL != 0).then_some((addr_key, SCOPE_ALL, m))
 }
 
 /// Chooses a backend for a new north-south connection.
 #[inline(always)]
-fn choose(p: &Pkt, addr_be: u32, master: &ServiceValue, now: u64) -> Option<(u32, BackendValue)> {
+fn choose(
+    p: &Pkt,
+    addr_be: u32,
+    scope: u8,
+    master: &ServiceValue,
+    now: u64,
+) -> Option<(u32, BackendValue)> {
     let (first, len) = usable_slots(master);
     if len == 0 {
         return None;
@@ -398,7 +407,7 @@ fn choose(p: &Pkt, addr_be: u32, master: &ServiceValue, now: u64) -> Option<(u32
         addr_be,
         port_be: p.dport,
         proto: p.proto,
-        _pad0: 0,
+        scope,
         slot: first + pick_slot(r, len) - 1,
         _pad1: 0,
     };
@@ -521,7 +530,7 @@ fn ingress(ctx: &TcContext) -> i32 {
     }
 
     // 2. A packet from outside to a north-south frontend.
-    let Some((addr_key, master)) = frontend(&p) else {
+    let Some((addr_key, scope, master)) = frontend(&p) else {
         return TC_ACT_UNSPEC;
     };
     if !source_allowed(&master, p.saddr) {
@@ -556,7 +565,7 @@ fn ingress(ctx: &TcContext) -> i32 {
             v
         }
         None => {
-            let Some((backend_id, b)) = choose(&p, addr_key, &master, now) else {
+            let Some((backend_id, b)) = choose(&p, addr_key, scope, &master, now) else {
                 count(STAT_NS_NO_BACKEND);
                 trace(&p, VERDICT_NS_NO_BACKEND, master.service_id, 0, (0, 0), now);
                 return TC_ACT_SHOT as i32;

@@ -204,7 +204,8 @@ fn nodeport_lb_and_external_ips_reach_pods_on_both_nodes_with_snat_for_remote_on
 /// the other says 200 with `localEndpoints: 1`.
 #[test]
 fn local_policy_keeps_the_client_ip_and_the_health_check_port_tells_which_nodes_serve() {
-    let (c, a, b, _procs) = cluster();
+    let (mut c, a, b, _procs) = cluster();
+    let pod2 = c.node_mut(2).add_pod("client");
     let ext = EXTERNAL_IP.to_string();
     let before = [generation(&c, 1), generation(&c, 2)];
     c.write_manifest(
@@ -263,6 +264,20 @@ fn local_policy_keeps_the_client_ip_and_the_health_check_port_tells_which_nodes_
     // The LoadBalancer IP lands on node1 (the external route), which serves it locally.
     let out = tcp(&c.external, &format!("{LB_IP}:80"), 20, 2000);
     assert_eq!(answers(&out), set(&[format!("a {ext}")]), "{out}");
+    // Inside the cluster the policy does not apply (kube-proxy sends in-cluster clients
+    // cluster-wide): a pod on node2 reaches node2's NodePort and the LoadBalancer IP.
+    for to in [
+        format!("{}:{NODE_PORT}", underlay_ip(2)),
+        format!("{LB_IP}:80"),
+    ] {
+        let out = tcp(&pod2, &to, 10, 2000);
+        assert_eq!(out["ok"], 10, "{to} from a pod on node2: {out}");
+        assert_eq!(
+            answers(&out),
+            set(&[format!("a {}", pod2.ip)]),
+            "{to}: {out}"
+        );
+    }
 }
 
 /// loadBalancerSourceRanges: a client outside the ranges is dropped at the LoadBalancer IP;

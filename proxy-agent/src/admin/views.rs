@@ -150,8 +150,10 @@ fn kernel_slots(hub: &Hub, f: &Frontend) -> Value {
         Ok(m) => m,
         Err(e) => return json!({"error": e.to_string()}),
     };
-    let key =
-        |slot| proxy_common::ServiceKey::new(u32::from(f.vip), f.port, f.protocol.number(), slot);
+    let key = |slot| {
+        proxy_common::ServiceKey::new(u32::from(f.vip), f.port, f.protocol.number(), slot)
+            .in_scope(f.map_scope())
+    };
     let Ok(master) = maps.services.get(&key(0), 0) else {
         return json!({"present": false});
     };

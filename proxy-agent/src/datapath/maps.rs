@@ -278,10 +278,15 @@ fn proto_text(p: u8) -> String {
 
 fn frontend_text(k: &ServiceKey) -> String {
     format!(
-        "{}:{}/{}",
+        "{}:{}/{}{}",
         Ipv4Addr::from(u32::from_be(k.addr_be)),
         u16::from_be(k.port_be),
-        proto_text(k.proto)
+        proto_text(k.proto),
+        if k.scope == proxy_common::SCOPE_EXTERNAL_LOCAL {
+            " (external, Local)"
+        } else {
+            ""
+        }
     )
 }
 

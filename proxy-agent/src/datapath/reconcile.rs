@@ -21,8 +21,13 @@ use tracing::warn;
 use super::maps::{LbMaps, MapError, SourceRange};
 use crate::model::Frontend;
 
-/// (ClusterIP, port, protocol number).
-type FrontendKey = (Ipv4Addr, u16, u8);
+/// (address, port, protocol number, scope) — see `ServiceKey::scope`.
+type FrontendKey = (Ipv4Addr, u16, u8, u8);
+
+/// The map key of a frontend.
+fn key_of(f: &Frontend) -> FrontendKey {
+    (f.vip, f.port, f.protocol.number(), f.map_scope())
+}
 /// (pod address, port, protocol number).
 type BackendAddr = (Ipv4Addr, u16, u8);
 
@@ -103,11 +108,12 @@ fn fkey(k: &ServiceKey) -> FrontendKey {
         Ipv4Addr::from(u32::from_be(k.addr_be)),
         u16::from_be(k.port_be),
         k.proto,
+        k.scope,
     )
 }
 
 fn skey(k: FrontendKey, slot: u16) -> ServiceKey {
-    ServiceKey::new(u32::from(k.0), k.1, k.2, slot)
+    ServiceKey::new(u32::from(k.0), k.1, k.2, slot).in_scope(k.3)
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -243,13 +249,7 @@ impl<M: LbMaps> Reconciler<M> {
         desired: &[F],
     ) -> Result<ApplyStats, MapError> {
         self.writes = 0;
-        let wanted: BTreeSet<FrontendKey> = desired
-            .iter()
-            .map(|f| {
-                let f = f.borrow();
-                (f.vip, f.port, f.protocol.number())
-            })
-            .collect();
+        let wanted: BTreeSet<FrontendKey> = desired.iter().map(|f| key_of(f.borrow())).collect();
         let gone: Vec<FrontendKey> = self
             .frontends
             .keys()
@@ -261,7 +261,7 @@ impl<M: LbMaps> Reconciler<M> {
         }
         for fe in desired {
             let fe = fe.borrow();
-            let key = (fe.vip, fe.port, fe.protocol.number());
+            let key = key_of(fe);
             // Unchanged since the last complete apply: nothing to compare or write.
             if self
                 .frontends
@@ -341,7 +341,7 @@ impl<M: LbMaps> Reconciler<M> {
 
     fn upsert(&mut self, fe: &Frontend) -> Result<(), MapError> {
         let proto = fe.protocol.number();
-        let key = (fe.vip, fe.port, proto);
+        let key = key_of(fe);
         if fe.backends.len() > u16::MAX as usize - 1 {
             return Err(MapError {
                 op: "insert",
@@ -369,7 +369,7 @@ impl<M: LbMaps> Reconciler<M> {
             terminating_count: ids.len() as u16 - active,
             flags: flag(fe.affinity_timeout_s.is_some(), SVC_F_AFFINITY)
                 | flag(fe.l7, SVC_F_L7)
-                | flag(fe.scope.is_external(), SVC_F_EXTERNAL)
+                | flag(fe.scope.is_external() && !fe.socket_only, SVC_F_EXTERNAL)
                 | flag(fe.external_local, SVC_F_EXT_LOCAL)
                 | flag(!fe.source_ranges.is_empty(), SVC_F_SRC_RANGES),
             _pad: 0,
@@ -588,6 +588,7 @@ mod tests {
                 .collect(),
             scope: Default::default(),
             external_local: false,
+            socket_only: false,
             source_ranges: Vec::new(),
         }
     }
