@@ -284,6 +284,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         logger,
     } = {
         let devices = crate::datapath::devices::resolve(&cfg.devices, cfg.node_ip)?;
+        hub.set_node_addrs(
+            devices
+                .iter()
+                .flat_map(|d| d.addrs.iter().copied())
+                .chain(cfg.node_ip)
+                .collect(),
+        );
         if devices.is_empty() {
             warn!(
                 "no --devices and no --node-ip: NodePort, LoadBalancer and externalIP traffic from outside the node is not served"

@@ -190,6 +190,18 @@ fn nodeport_lb_and_external_ips_reach_pods_on_both_nodes_with_snat_for_remote_on
             "getpeername shows the frontend: {out}"
         );
     }
+    // explain knows NodePorts on the node's addresses.
+    let text = c.node(2).cli(&[
+        "explain",
+        "--from",
+        &client.ip.to_string(),
+        "--to",
+        &format!("{}:{NODE_PORT}", underlay_ip(2)),
+    ]);
+    assert!(
+        text.contains("finds Service default/web NodePort 30080"),
+        "{text}"
+    );
     let status = c.node(1).status();
     let counters = &status["datapath_counters"];
     assert!(

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use super::Hub;
 use super::views::{endpoint_state, pod_names, retry_on_text};
 use crate::istio::LoadBalancer;
-use crate::model::{EndpointState, Frontend, Protocol};
+use crate::model::{EndpointState, Frontend, Protocol, Scope};
 use crate::proxy::cluster::{Cluster, hash_key};
 
 /// The question.
@@ -58,11 +59,22 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
     };
     let from = json!({"ip": q.from.to_string(), "pod": pods.get(&q.from)});
     let mut steps = Vec::new();
-    let Some(fe) = s
+    // What the socket hooks use: scope-0 entries (not the tc programs' Local entries), by
+    // address, or a NodePort on one of this node's addresses.
+    let for_clients =
+        |f: &&Arc<Frontend>| !f.external_local && f.port == q.to.port() && f.protocol == proto;
+    let found = s
         .frontends
         .iter()
-        .find(|f| f.vip == *q.to.ip() && f.port == q.to.port() && f.protocol == proto)
-    else {
+        .filter(for_clients)
+        .find(|f| f.vip == *q.to.ip())
+        .or_else(|| {
+            s.frontends
+                .iter()
+                .filter(for_clients)
+                .find(|f| f.scope == Scope::NodePort && hub.is_node_addr(q.to.ip()))
+        });
+    let Some(fe) = found else {
         let other = s.frontends.iter().any(|f| f.vip == *q.to.ip());
         steps.push(step(
             "hook",
@@ -82,8 +94,14 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
         "hook",
         "service",
         format!(
-            "{hook} finds Service {} port {}/{proto} ({} ready, {terminating} serving-terminating backends in the kernel)",
+            "{hook} finds Service {} {} {}/{proto} ({} ready, {terminating} serving-terminating backends in the kernel)",
             fe.service,
+            match fe.scope {
+                Scope::ClusterIp => "port",
+                Scope::NodePort => "NodePort",
+                Scope::LoadBalancer => "LoadBalancer IP port",
+                Scope::ExternalIp => "externalIP port",
+            },
             fe.port,
             ready.len()
         ),

@@ -175,6 +175,8 @@ pub struct Hub {
     proxy_listening: AtomicBool,
     /// The eBPF object's hash and whether its links were adopted from an earlier agent.
     datapath: OnceLock<(String, bool)>,
+    /// The addresses a NodePort answers on (the north-south devices' and the node IP).
+    node_addrs: OnceLock<Vec<std::net::Ipv4Addr>>,
     /// Milliseconds since `started` of the agent loop's last heartbeat.
     heartbeat_ms: AtomicU64,
     /// Map occupancy, walked at most once per [`OCCUPANCY_TTL`] (a walk of a large map costs
@@ -215,6 +217,7 @@ impl Hub {
             counters: Mutex::new(None),
             proxy_listening: AtomicBool::new(false),
             datapath: OnceLock::new(),
+            node_addrs: OnceLock::new(),
             heartbeat_ms: AtomicU64::new(0),
             occupancy: Mutex::new(None),
             generation: tokio::sync::watch::Sender::new(0),
@@ -247,6 +250,16 @@ impl Hub {
     /// Notes the datapath's object hash and whether it was adopted.
     pub fn set_datapath(&self, object: String, adopted: bool) {
         let _ = self.datapath.set((object, adopted));
+    }
+
+    /// Notes the addresses a NodePort answers on.
+    pub fn set_node_addrs(&self, addrs: Vec<std::net::Ipv4Addr>) {
+        let _ = self.node_addrs.set(addrs);
+    }
+
+    /// Whether `ip` is one this node's NodePorts answer on (loopback included).
+    pub fn is_node_addr(&self, ip: &std::net::Ipv4Addr) -> bool {
+        ip.is_loopback() || self.node_addrs.get().is_some_and(|a| a.contains(ip))
     }
 
     /// The datapath's object hash and whether it was adopted.
