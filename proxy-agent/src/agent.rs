@@ -226,7 +226,11 @@ impl Syncer {
         let gone: std::collections::BTreeSet<(Ipv4Addr, u16)> = removed
             .into_iter()
             .filter(|b| b.2 == proxy_common::PROTO_UDP)
-            .map(|b| (b.0, b.1))
+            .filter_map(|b| match b.0 {
+                // Connected IPv6 UDP sockets are not scanned yet.
+                std::net::IpAddr::V4(ip) => Some((ip, b.1)),
+                std::net::IpAddr::V6(_) => None,
+            })
             .collect();
         if gone.is_empty() {
             return;

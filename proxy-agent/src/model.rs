@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 /// Namespace and name of a Kubernetes object.
@@ -171,7 +171,7 @@ impl ServicePort {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodInfo {
     /// `status.podIP`.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// `metadata.labels`.
     pub labels: BTreeMap<String, String>,
 }
@@ -181,8 +181,8 @@ pub struct PodInfo {
 pub struct Service {
     /// Namespace/name.
     pub id: ObjectRef,
-    /// The ClusterIP (IPv4).
-    pub cluster_ip: Ipv4Addr,
+    /// `spec.clusterIPs` (or `spec.clusterIP`): one address per family, the primary first.
+    pub cluster_ips: Vec<IpAddr>,
     /// Ports.
     pub ports: Vec<ServicePort>,
     /// sessionAffinity ClientIP timeout in seconds, if affinity is on.
@@ -262,7 +262,7 @@ pub enum EndpointState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     /// Pod address.
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Condition.
     pub state: EndpointState,
     /// Name of the node hosting it, if known.
@@ -326,8 +326,8 @@ pub struct State {
 /// A backend of one frontend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
-    /// Pod address.
-    pub addr: Ipv4Addr,
+    /// Pod address (of the frontend's family).
+    pub addr: IpAddr,
     /// Target port.
     pub port: u16,
     /// Whether it only serves while terminating.
@@ -341,8 +341,8 @@ pub struct Frontend {
     pub service: ObjectRef,
     /// Service port name.
     pub port_name: String,
-    /// ClusterIP, LoadBalancer ingress IP or externalIP; 0.0.0.0 for a NodePort.
-    pub vip: Ipv4Addr,
+    /// ClusterIP (IPv4 or IPv6), LoadBalancer ingress IP or externalIP; 0.0.0.0 for a NodePort.
+    pub vip: IpAddr,
     /// Service port.
     pub port: u16,
     /// Protocol.
@@ -445,8 +445,9 @@ pub fn service_frontends_in(
     let hinted = use_zone_hints(svc, slices, zone);
     let mut out = Vec::new();
     for sp in &svc.ports {
-        // `only_local`: keep this node's endpoints (when the node is known).
-        let backends = |only_local: bool| {
+        // `only_local`: keep this node's endpoints (when the node is known); `v6`: the
+        // family of the frontend (an EndpointSlice holds one family).
+        let backends = |only_local: bool, v6: bool| {
             let mut ready = Vec::new();
             let mut terminating = Vec::new();
             for slice in slices {
@@ -458,6 +459,9 @@ pub fn service_frontends_in(
                     continue;
                 };
                 for ep in &slice.endpoints {
+                    if ep.addr.is_ipv6() != v6 {
+                        continue;
+                    }
                     if only_local && node.is_some() && ep.node_name.as_deref() != node {
                         continue;
                     }
@@ -493,41 +497,61 @@ pub fn service_frontends_in(
             terminating.retain(|t| !ready.iter().any(|r| r.addr == t.addr && r.port == t.port));
             ready.into_iter().chain(terminating).collect::<Vec<_>>()
         };
-        let cluster = Frontend {
-            service: svc.id.clone(),
-            port_name: sp.name.clone(),
-            vip: svc.cluster_ip,
-            port: sp.port,
-            protocol: sp.protocol,
-            affinity_timeout_s: svc.affinity_timeout_s,
-            l7: sp.is_l7(svc.mode),
-            h2: sp.is_h2(),
-            detection: svc.detection,
-            backends: backends(svc.internal_local),
-            scope: Scope::ClusterIp,
-            external_local: false,
-            socket_only: false,
-            source_ranges: Vec::new(),
+        // One ClusterIP frontend per family. The node proxy listens on IPv4, so IPv6
+        // frontends are balanced in the kernel.
+        let clusters: Vec<Frontend> = svc
+            .cluster_ips
+            .iter()
+            .map(|&vip| Frontend {
+                service: svc.id.clone(),
+                port_name: sp.name.clone(),
+                vip,
+                port: sp.port,
+                protocol: sp.protocol,
+                affinity_timeout_s: svc.affinity_timeout_s,
+                l7: sp.is_l7(svc.mode) && vip.is_ipv4(),
+                h2: sp.is_h2(),
+                detection: svc.detection,
+                backends: backends(svc.internal_local, vip.is_ipv6()),
+                scope: Scope::ClusterIp,
+                external_local: false,
+                socket_only: false,
+                source_ranges: Vec::new(),
+            })
+            .collect();
+        // North-south frontends are IPv4 (the tc programs serve IPv4) with IPv4 endpoints.
+        let Some(cluster) = clusters
+            .iter()
+            .find(|f| f.vip.is_ipv4())
+            .cloned()
+            .or_else(|| {
+                clusters.first().map(|f| Frontend {
+                    vip: Ipv4Addr::UNSPECIFIED.into(),
+                    ..f.clone()
+                })
+            })
+        else {
+            continue;
         };
         let ns = &svc.north_south;
         let mut external = Vec::new();
         if let Some(np) = sp.node_port {
-            external.push((Scope::NodePort, Ipv4Addr::UNSPECIFIED, np));
+            external.push((Scope::NodePort, IpAddr::from(Ipv4Addr::UNSPECIFIED), np));
         }
         external.extend(
             ns.lb_ips
                 .iter()
-                .map(|ip| (Scope::LoadBalancer, *ip, sp.port)),
+                .map(|ip| (Scope::LoadBalancer, IpAddr::from(*ip), sp.port)),
         );
         external.extend(
             ns.external_ips
                 .iter()
-                .map(|ip| (Scope::ExternalIp, *ip, sp.port)),
+                .map(|ip| (Scope::ExternalIp, IpAddr::from(*ip), sp.port)),
         );
         if !external.is_empty() {
-            let all = backends(false);
+            let all = backends(false, false);
             let ext_backends = if ns.local {
-                backends(true)
+                backends(true, false)
             } else {
                 all.clone()
             };
@@ -565,7 +589,7 @@ pub fn service_frontends_in(
                 });
             }
         }
-        out.push(cluster);
+        out.extend(clusters);
     }
     out
 }
@@ -642,10 +666,17 @@ impl FrontendCache {
 mod tests {
     use super::*;
 
+    fn last_octet(a: IpAddr) -> u8 {
+        match a {
+            IpAddr::V4(a) => a.octets()[3],
+            IpAddr::V6(a) => a.octets()[15],
+        }
+    }
+
     fn svc() -> Service {
         Service {
             id: ObjectRef::new("default", "web"),
-            cluster_ip: Ipv4Addr::new(198, 19, 0, 10),
+            cluster_ips: vec![Ipv4Addr::new(198, 19, 0, 10).into()],
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
@@ -674,7 +705,7 @@ mod tests {
             endpoints: eps
                 .iter()
                 .map(|&(last, state)| Endpoint {
-                    addr: Ipv4Addr::new(198, 18, 0, last),
+                    addr: Ipv4Addr::new(198, 18, 0, last).into(),
                     state,
                     node_name: None,
                     pod: None,
@@ -683,6 +714,23 @@ mod tests {
                 .collect(),
             trigger_time: None,
         }
+    }
+
+    #[test]
+    fn a_dual_stack_service_has_one_frontend_per_family_with_its_own_endpoints() {
+        let mut s = svc();
+        s.cluster_ips.push("2001:2:0:ff::10".parse().unwrap());
+        let mut v6 = slice("web-v6", &[(2, EndpointState::Ready)]);
+        v6.endpoints[0].addr = "2001:2::2".parse().unwrap();
+        let v4 = slice("web-v4", &[(3, EndpointState::Ready)]);
+        let fes = service_frontends(&s, &[&v4, &v6], None);
+        assert_eq!(fes.len(), 2, "{fes:?}");
+        let (a, b) = (&fes[0], &fes[1]);
+        assert!(a.vip.is_ipv4() && b.vip.is_ipv6(), "{fes:?}");
+        assert!(a.backends.iter().all(|x| x.addr.is_ipv4()) && a.backends.len() == 1);
+        assert!(b.backends.iter().all(|x| x.addr.is_ipv6()) && b.backends.len() == 1);
+        // The node proxy listens on IPv4: an HTTP port is L7 on IPv4 only.
+        assert!(a.l7 && !b.l7, "{fes:?}");
     }
 
     #[test]
@@ -701,7 +749,7 @@ mod tests {
             ep.hint_zones = Some(vec![z.to_string()]);
         }
         let addrs = |fes: Vec<Frontend>| -> Vec<u8> {
-            fes[0].backends.iter().map(|b| b.addr.octets()[3]).collect()
+            fes[0].backends.iter().map(|b| last_octet(b.addr)).collect()
         };
         assert_eq!(
             addrs(service_frontends_in(&svc, &[&sl], None, Some("b"))),
@@ -777,7 +825,7 @@ mod tests {
             "the ClusterIP keeps every endpoint"
         );
         let np = by_scope(Scope::NodePort);
-        assert_eq!((np.vip, np.port), (Ipv4Addr::UNSPECIFIED, 30080));
+        assert_eq!((np.vip, np.port), (Ipv4Addr::UNSPECIFIED.into(), 30080));
         assert_eq!(np.backends.len(), 1, "Local: this node's endpoint only");
         assert_eq!(np.backends[0].addr, Ipv4Addr::new(198, 18, 0, 2));
         assert!(np.external_local && !np.l7);
@@ -787,7 +835,10 @@ mod tests {
             "ranges are for LoadBalancer IPs"
         );
         let lb = by_scope(Scope::LoadBalancer);
-        assert_eq!((lb.vip, lb.port), (Ipv4Addr::new(198, 19, 250, 10), 80));
+        assert_eq!(
+            (lb.vip, lb.port),
+            (Ipv4Addr::new(198, 19, 250, 10).into(), 80)
+        );
         assert_eq!(lb.source_ranges.len(), 1);
         let ext = by_scope(Scope::ExternalIp);
         assert_eq!(ext.vip, Ipv4Addr::new(198, 19, 250, 20));
@@ -819,7 +870,7 @@ mod tests {
         let addrs: Vec<_> = fe[0]
             .backends
             .iter()
-            .map(|b| (b.addr.octets()[3], b.terminating))
+            .map(|b| (last_octet(b.addr), b.terminating))
             .collect();
         assert_eq!(addrs, vec![(2, false), (4, false)]);
     }
@@ -840,7 +891,7 @@ mod tests {
         let addrs: Vec<_> = fe[0]
             .backends
             .iter()
-            .map(|b| (b.addr.octets()[3], b.terminating))
+            .map(|b| (last_octet(b.addr), b.terminating))
             .collect();
         assert_eq!(addrs, vec![(2, false), (5, true)]);
     }
@@ -882,7 +933,7 @@ mod tests {
             FrontendCache::default().frontends(&st, node)[0]
                 .backends
                 .iter()
-                .map(|b| b.addr.octets()[3])
+                .map(|b| last_octet(b.addr))
                 .collect::<Vec<_>>()
         };
         assert_eq!(on(Some("node1")), [2]);

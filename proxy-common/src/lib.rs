@@ -29,6 +29,15 @@ pub const MAP_AFFINITY: &str = "PXA_AFFIN_V1";
 /// Name of the affinity membership map (see [`AffinityMatchKey`]).
 pub const MAP_AFFINITY_MATCH: &str = "PXA_AFFMATCH_V1";
 
+/// Name of the IPv6 service map (see [`ServiceKey6`]; values are [`ServiceValue`]s whose backend
+/// ids are keys of [`MAP_BACKENDS6`]).
+pub const MAP_SERVICES6: &str = "PXA_SVC6_V1";
+/// Name of the IPv6 backend map (see [`BackendValue6`]). Backend ids are one id space over both
+/// backend maps: an id lives in exactly one of them.
+pub const MAP_BACKENDS6: &str = "PXA_BACKEND6_V1";
+/// Name of the IPv6 reverse-translation map keyed by socket cookie (see [`RevKey6`]).
+pub const MAP_REVERSE6: &str = "PXA_REVNAT6_V1";
+
 /// Name of the L7 redirect configuration array (one [`L7Config`] at index 0).
 pub const MAP_L7_CONFIG: &str = "PXA_L7CFG_V1";
 /// Name of the sockmap holding the node proxy's listening socket at index 0. The kernel drops the
@@ -122,6 +131,70 @@ impl ServiceKey {
         Self { scope, ..self }
     }
 }
+
+/// Key of the IPv6 service map: [`ServiceKey`] with a 128-bit address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey6 {
+    /// The ClusterIP, network byte order (the 16 bytes of the address in order).
+    pub addr_be: [u32; 4],
+    /// The Service port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// As [`ServiceKey::scope`].
+    pub scope: u8,
+    /// 0 for the master entry, 1..=n for backend slots.
+    pub slot: u16,
+    /// Explicit padding; always 0.
+    pub _pad1: u16,
+}
+const _: () = assert!(size_of::<ServiceKey6>() == 24);
+
+/// Value of the IPv6 backend map, keyed by a `u32` backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct BackendValue6 {
+    /// Pod address, network byte order.
+    pub addr_be: [u32; 4],
+    /// Target port, network byte order.
+    pub port_be: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`BACKEND_ACTIVE`] or [`BACKEND_TERMINATING`].
+    pub state: u8,
+}
+const _: () = assert!(size_of::<BackendValue6>() == 20);
+
+/// Key of the IPv6 reverse-translation map (see [`RevKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RevKey6 {
+    /// Socket cookie (`bpf_get_socket_cookie`).
+    pub cookie: u64,
+    /// Backend address the socket was sent to, network byte order.
+    pub addr_be: [u32; 4],
+    /// Backend port, network byte order.
+    pub port_be: u16,
+    /// Explicit padding; always 0.
+    pub _pad: [u16; 3],
+}
+const _: () = assert!(size_of::<RevKey6>() == 32);
+
+/// Value of the IPv6 reverse-translation map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RevValue6 {
+    /// The ClusterIP the application asked for, network byte order.
+    pub addr_be: [u32; 4],
+    /// The Service port, network byte order.
+    pub port_be: u16,
+    /// Explicit padding; always 0.
+    pub _pad: u16,
+    /// The service id at translation time.
+    pub service_id: u32,
+}
+const _: () = assert!(size_of::<RevValue6>() == 24);
 
 /// Value of the service map.
 #[repr(C)]
@@ -275,7 +348,7 @@ pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 /// Counter: connect4 translated a ClusterIP to a backend in the kernel.
 pub const STAT_CONNECT4: u32 = 0;
-/// Counter: connect6 translated (IPv4-mapped).
+/// Counter: connect6 translated (an IPv6 ClusterIP, or an IPv4-mapped one).
 pub const STAT_CONNECT6: u32 = 1;
 /// Counter: sendmsg4 translated.
 pub const STAT_SENDMSG4: u32 = 2;
@@ -398,16 +471,21 @@ pub struct TraceEvent {
     pub verdict: u8,
     /// [`PROTO_TCP`] or [`PROTO_UDP`].
     pub proto: u8,
-    /// Explicit padding; always 0.
-    pub _pad: u8,
+    /// 4, or 6 for an IPv6 socket event: the addresses are then in `orig_addr6_be` and
+    /// `new_addr6_be`.
+    pub family: u8,
     /// Backend id chosen (0 when none).
     pub backend_id: u32,
     /// The caller's command name (`bpf_get_current_comm`), NUL-padded (empty for north-south).
     pub comm: [u8; 16],
     /// North-south events: the client's address, network byte order; 0 for socket events.
     pub client_addr_be: u32,
+    /// IPv6 events: the address the application used, network byte order.
+    pub orig_addr6_be: [u32; 4],
+    /// IPv6 events: the address after the hook, network byte order.
+    pub new_addr6_be: [u32; 4],
 }
-const _: () = assert!(size_of::<TraceEvent>() == 72);
+const _: () = assert!(size_of::<TraceEvent>() == 104);
 
 /// Name of the socket hooks' configuration array (one [`SockConfig`] at index 0).
 pub const MAP_SOCK_CONFIG: &str = "PXA_SOCKCFG_V1";
@@ -600,6 +678,10 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for DeviceValue {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for ServiceKey6 {}
+    unsafe impl aya::Pod for BackendValue6 {}
+    unsafe impl aya::Pod for RevKey6 {}
+    unsafe impl aya::Pod for RevValue6 {}
 }
 
 #[cfg(test)]

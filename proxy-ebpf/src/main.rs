@@ -4,7 +4,9 @@
 //! service map before the kernel routes anything, so there is no per-packet NAT and no conntrack
 //! entry. `recvmsg4/6` and `getpeername4/6` translate the backend back to the ClusterIP so
 //! applications (DNS resolvers in particular) see the address they asked for. IPv6 sockets are
-//! handled for IPv4-mapped addresses (`::ffff:a.b.c.d`).
+//! served from the IPv6 maps (`PXA_SVC6_V1`, `PXA_BACKEND6_V1`, `PXA_REVNAT6_V1`), and
+//! IPv4-mapped destinations (`::ffff:a.b.c.d`) from the IPv4 ones; one generic path
+//! ([`Family`]) serves both.
 //!
 //! Every decision is counted in a per-CPU array (`PXA_STATS_V2`), and while a monitor reader is
 //! attached (the `PXA_MONITOR_V1` switch) each one is also written to a ring buffer as a
@@ -27,15 +29,16 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, trace};
 use proxy_common::{
     AFFINITY_MATCH_MAX_ENTRIES, AFFINITY_MAX_ENTRIES, AffinityKey, AffinityMatchKey, AffinityValue,
-    BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, EVENTS_RING_BYTES, HOOK_CONNECT4,
-    HOOK_CONNECT6, HOOK_GETPEERNAME4, HOOK_GETPEERNAME6, HOOK_RECVMSG4, HOOK_RECVMSG6,
-    HOOK_SENDMSG4, HOOK_SENDMSG6, L7Config, NODE_ADDRS_MAX_ENTRIES, ORIG_DST_MAX_ENTRIES, OrigKey,
-    PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES, RevKey, RevValue, SCOPE_ALL, SERVICES_MAX_ENTRIES,
-    SOCK_F_HOSTNS_ONLY, STAT_CONNECT4, STAT_EVENTS, STAT_EVENTS_LOST, STAT_L7_FALLBACK,
-    STAT_L7_REDIRECT, STAT_ORIG_DST, STAT_PROXY_PORT_REFUSED, STAT_REFUSED, STATS_COUNT,
-    SVC_F_AFFINITY, SVC_F_L7, ServiceKey, ServiceValue, SockConfig, TraceEvent,
-    VERDICT_L7_FALLBACK, VERDICT_L7_REDIRECT, VERDICT_PROXY_PORT, VERDICT_REFUSED,
-    VERDICT_REVERSED, VERDICT_TRANSLATED, mix64, pick_slot, usable_slots,
+    BACKEND_TERMINATING, BACKENDS_MAX_ENTRIES, BackendValue, BackendValue6, EVENTS_RING_BYTES,
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_GETPEERNAME4, HOOK_GETPEERNAME6, HOOK_RECVMSG4,
+    HOOK_RECVMSG6, HOOK_SENDMSG4, HOOK_SENDMSG6, L7Config, NODE_ADDRS_MAX_ENTRIES,
+    ORIG_DST_MAX_ENTRIES, OrigKey, PROTO_TCP, PROTO_UDP, REVERSE_MAX_ENTRIES, RevKey, RevKey6,
+    RevValue, RevValue6, SCOPE_ALL, SERVICES_MAX_ENTRIES, SOCK_F_HOSTNS_ONLY, STAT_CONNECT4,
+    STAT_EVENTS, STAT_EVENTS_LOST, STAT_L7_FALLBACK, STAT_L7_REDIRECT, STAT_ORIG_DST,
+    STAT_PROXY_PORT_REFUSED, STAT_REFUSED, STATS_COUNT, SVC_F_AFFINITY, SVC_F_L7, ServiceKey,
+    ServiceKey6, ServiceValue, SockConfig, TraceEvent, VERDICT_L7_FALLBACK, VERDICT_L7_REDIRECT,
+    VERDICT_PROXY_PORT, VERDICT_REFUSED, VERDICT_REVERSED, VERDICT_TRANSLATED, mix64, pick_slot,
+    usable_slots,
 };
 
 /// Allow the syscall.
@@ -51,6 +54,15 @@ static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICES_MA
 
 #[map(name = "PXA_BACKEND_V1")]
 static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
+
+#[map(name = "PXA_SVC6_V1")]
+static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::pinned(SERVICES_MAX_ENTRIES, 0);
+
+#[map(name = "PXA_BACKEND6_V1")]
+static BACKENDS6: HashMap<u32, BackendValue6> = HashMap::pinned(BACKENDS_MAX_ENTRIES, 0);
+
+#[map(name = "PXA_REVNAT6_V1")]
+static REVERSE6: LruHashMap<RevKey6, RevValue6> = LruHashMap::pinned(REVERSE_MAX_ENTRIES, 0);
 
 #[map(name = "PXA_REVNAT_V1")]
 static REVERSE: LruHashMap<RevKey, RevValue> = LruHashMap::pinned(REVERSE_MAX_ENTRIES, 0);
@@ -164,12 +176,38 @@ struct Decision {
     hook: u8,
     verdict: u8,
     proto: u8,
+    family: u8,
     orig_addr_be: u32,
     orig_port_be: u16,
     new_addr_be: u32,
     new_port_be: u16,
+    orig_addr6_be: [u32; 4],
+    new_addr6_be: [u32; 4],
     service_id: u32,
     backend_id: u32,
+}
+
+impl Decision {
+    /// A decision of `hook` about `orig:orig_port_be`, nothing chosen yet.
+    #[inline(always)]
+    fn new<F: Family>(hook: u8, verdict: u8, proto: u8, orig: F::Addr, orig_port_be: u16) -> Self {
+        let mut d = Decision {
+            hook,
+            verdict,
+            proto,
+            family: 4,
+            orig_addr_be: 0,
+            orig_port_be,
+            new_addr_be: 0,
+            new_port_be: orig_port_be,
+            orig_addr6_be: [0; 4],
+            new_addr6_be: [0; 4],
+            service_id: 0,
+            backend_id: 0,
+        };
+        F::note(&mut d, orig, orig);
+        d
+    }
 }
 
 /// Whether a monitor reader is attached.
@@ -210,10 +248,12 @@ fn trace(ctx: &SockAddrContext, d: &Decision) {
         hook: d.hook,
         verdict: d.verdict,
         proto: d.proto,
-        _pad: 0,
+        family: d.family,
         backend_id: d.backend_id,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
         client_addr_be: 0,
+        orig_addr6_be: d.orig_addr6_be,
+        new_addr6_be: d.new_addr6_be,
     };
     entry.write(ev);
     entry.submit(0);
@@ -246,14 +286,177 @@ fn l7_target() -> Option<L7Config> {
     (cfg.proxy_addr_be != 0).then_some(cfg)
 }
 
+/// A backend (or the proxy) as the socket hooks use it, in either family.
+#[derive(Clone, Copy)]
+struct Target<A: Copy> {
+    addr: A,
+    port_be: u16,
+    state: u8,
+}
+
 /// Outcome of a forward lookup.
-enum Fwd {
+enum Fwd<A: Copy> {
     /// Not a Service address: leave the socket alone.
     Pass,
     /// Translated to this backend (verdict, service id, backend id).
-    To(BackendValue, u8, u32, u32),
+    To(Target<A>, u8, u32, u32),
     /// A Service with no usable backend: fail fast (service id).
     Refuse(u32),
+}
+
+/// What differs between the IPv4 and the IPv6 socket hooks: the address type and the maps.
+/// IPv4-mapped IPv6 destinations use [`V4`].
+trait Family {
+    /// An address, network byte order.
+    type Addr: Copy;
+    /// The master entry for a destination (scope 0), with the address its entries are keyed by.
+    fn master(addr: Self::Addr, port_be: u16, proto: u8) -> Option<(Self::Addr, ServiceValue)>;
+    /// The backend id in slot `slot` of the frontend keyed by `addr_key`.
+    fn slot(addr_key: Self::Addr, port_be: u16, proto: u8, slot: u16) -> Option<u32>;
+    /// A backend by id.
+    fn backend(id: u32) -> Option<Target<Self::Addr>>;
+    /// Records that the socket `cookie` sent to `to` believes it talks to `vip:port_be`.
+    fn remember(cookie: u64, to: &Target<Self::Addr>, vip: Self::Addr, port_be: u16, sid: u32);
+    /// The VIP, port and service id a socket talking to `addr:port_be` believes it talks to.
+    fn recall(cookie: u64, addr: Self::Addr, port_be: u16) -> Option<(Self::Addr, u16, u32)>;
+    /// Puts the addresses of a decision in the monitor fields of this family.
+    fn note(d: &mut Decision, orig: Self::Addr, new: Self::Addr);
+}
+
+/// IPv4 (and IPv4-mapped IPv6) sockets.
+struct V4;
+/// Native IPv6 sockets.
+struct V6;
+
+impl Family for V4 {
+    type Addr = u32;
+    #[inline(always)]
+    fn master(addr: u32, port_be: u16, proto: u8) -> Option<(u32, ServiceValue)> {
+        master_of(addr, port_be, proto)
+    }
+    #[inline(always)]
+    fn slot(addr_be: u32, port_be: u16, proto: u8, slot: u16) -> Option<u32> {
+        let key = ServiceKey {
+            addr_be,
+            port_be,
+            proto,
+            scope: SCOPE_ALL,
+            slot,
+            _pad1: 0,
+        };
+        unsafe { SERVICES.get(&key) }.map(|v| v.backend_id)
+    }
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Target<u32>> {
+        unsafe { BACKENDS.get(&id) }.map(|b| Target {
+            addr: b.addr_be,
+            port_be: b.port_be,
+            state: b.state,
+        })
+    }
+    #[inline(always)]
+    fn remember(cookie: u64, to: &Target<u32>, vip: u32, port_be: u16, sid: u32) {
+        let rk = RevKey {
+            cookie,
+            addr_be: to.addr,
+            port_be: to.port_be,
+            _pad: 0,
+        };
+        let rv = RevValue {
+            addr_be: vip,
+            port_be,
+            _pad: 0,
+            service_id: sid,
+        };
+        let _ = REVERSE.insert(&rk, &rv, 0);
+    }
+    #[inline(always)]
+    fn recall(cookie: u64, addr_be: u32, port_be: u16) -> Option<(u32, u16, u32)> {
+        let rk = RevKey {
+            cookie,
+            addr_be,
+            port_be,
+            _pad: 0,
+        };
+        unsafe { REVERSE.get(&rk) }.map(|rv| (rv.addr_be, rv.port_be, rv.service_id))
+    }
+    #[inline(always)]
+    fn note(d: &mut Decision, orig: u32, new: u32) {
+        d.family = 4;
+        d.orig_addr_be = orig;
+        d.new_addr_be = new;
+    }
+}
+
+impl Family for V6 {
+    type Addr = [u32; 4];
+    #[inline(always)]
+    fn master(addr_be: [u32; 4], port_be: u16, proto: u8) -> Option<([u32; 4], ServiceValue)> {
+        let key = ServiceKey6 {
+            addr_be,
+            port_be,
+            proto,
+            scope: SCOPE_ALL,
+            slot: 0,
+            _pad1: 0,
+        };
+        // As in `master_in`: a volatile copy inside the non-null branch.
+        let p = SERVICES6.get_ptr(&key)?;
+        // SAFETY: a non-null map value pointer, valid during the program.
+        Some((addr_be, unsafe { core::ptr::read_volatile(p) }))
+    }
+    #[inline(always)]
+    fn slot(addr_be: [u32; 4], port_be: u16, proto: u8, slot: u16) -> Option<u32> {
+        let key = ServiceKey6 {
+            addr_be,
+            port_be,
+            proto,
+            scope: SCOPE_ALL,
+            slot,
+            _pad1: 0,
+        };
+        unsafe { SERVICES6.get(&key) }.map(|v| v.backend_id)
+    }
+    #[inline(always)]
+    fn backend(id: u32) -> Option<Target<[u32; 4]>> {
+        unsafe { BACKENDS6.get(&id) }.map(|b| Target {
+            addr: b.addr_be,
+            port_be: b.port_be,
+            state: b.state,
+        })
+    }
+    #[inline(always)]
+    fn remember(cookie: u64, to: &Target<[u32; 4]>, vip: [u32; 4], port_be: u16, sid: u32) {
+        let rk = RevKey6 {
+            cookie,
+            addr_be: to.addr,
+            port_be: to.port_be,
+            _pad: [0; 3],
+        };
+        let rv = RevValue6 {
+            addr_be: vip,
+            port_be,
+            _pad: 0,
+            service_id: sid,
+        };
+        let _ = REVERSE6.insert(&rk, &rv, 0);
+    }
+    #[inline(always)]
+    fn recall(cookie: u64, addr_be: [u32; 4], port_be: u16) -> Option<([u32; 4], u16, u32)> {
+        let rk = RevKey6 {
+            cookie,
+            addr_be,
+            port_be,
+            _pad: [0; 3],
+        };
+        unsafe { REVERSE6.get(&rk) }.map(|rv| (rv.addr_be, rv.port_be, rv.service_id))
+    }
+    #[inline(always)]
+    fn note(d: &mut Decision, orig: [u32; 4], new: [u32; 4]) {
+        d.family = 6;
+        d.orig_addr6_be = orig;
+        d.new_addr6_be = new;
+    }
 }
 
 /// The IPv4 address inside an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), network order.
@@ -273,23 +476,15 @@ fn proto_of(ctx: &SockAddrContext) -> Option<u8> {
     (proto == PROTO_TCP || proto == PROTO_UDP).then_some(proto)
 }
 
-/// Chooses the backend for a connection to `addr_be:port_be` and records the reverse entry.
+/// Chooses the backend for a connection to the IPv4 `addr_be:port_be` (HTTP/gRPC Services to
+/// the node proxy) and records the reverse entry.
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd {
+fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd<u32> {
     let Some((addr_key, master)) = master_of(addr_be, port_be, proto) else {
         return Fwd::Pass;
     };
-    let mut key = ServiceKey {
-        addr_be: addr_key,
-        port_be,
-        proto,
-        scope: SCOPE_ALL,
-        slot: 0,
-        _pad1: 0,
-    };
-    let ctx_ptr = ctx.as_ptr();
-    // SAFETY: helpers called with the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx_ptr) };
+    // SAFETY: helper called with the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // HTTP/gRPC Services go to the node proxy while it runs; otherwise they are balanced here
     // like any other Service (the fallback that keeps a node working without its proxy).
     let mut verdict = VERDICT_TRANSLATED;
@@ -297,39 +492,64 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
         if let Some(cfg) = l7_target() {
             verdict = VERDICT_L7_FALLBACK;
             if proxy_alive() {
-                let rk = RevKey {
-                    cookie,
-                    addr_be: cfg.proxy_addr_be,
+                let to = Target {
+                    addr: cfg.proxy_addr_be,
                     port_be: cfg.proxy_port_be,
-                    _pad: 0,
+                    state: 0,
                 };
-                let rv = RevValue {
-                    addr_be,
-                    port_be,
-                    _pad: 0,
-                    service_id: master.service_id,
-                };
-                let _ = REVERSE.insert(&rk, &rv, 0);
-                return Fwd::To(
-                    BackendValue {
-                        addr_be: cfg.proxy_addr_be,
-                        port_be: cfg.proxy_port_be,
-                        proto,
-                        state: 0,
-                    },
-                    VERDICT_L7_REDIRECT,
-                    master.service_id,
-                    0,
-                );
+                V4::remember(cookie, &to, addr_be, port_be, master.service_id);
+                return Fwd::To(to, VERDICT_L7_REDIRECT, master.service_id, 0);
             }
         }
     }
-    let (first, len) = usable_slots(&master);
+    balance::<V4>(
+        ctx,
+        cookie,
+        (addr_be, addr_key),
+        port_be,
+        proto,
+        &master,
+        verdict,
+    )
+}
+
+/// Chooses the backend for a connection to the native IPv6 `addr_be:port_be`. IPv6 frontends
+/// are balanced in the kernel (the node proxy listens on IPv4).
+#[inline(always)]
+fn forward6(ctx: &SockAddrContext, addr_be: [u32; 4], port_be: u16, proto: u8) -> Fwd<[u32; 4]> {
+    let Some((addr_key, master)) = V6::master(addr_be, port_be, proto) else {
+        return Fwd::Pass;
+    };
+    // SAFETY: helper called with the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    balance::<V6>(
+        ctx,
+        cookie,
+        (addr_be, addr_key),
+        port_be,
+        proto,
+        &master,
+        VERDICT_TRANSLATED,
+    )
+}
+
+/// Picks a backend of `master` (affinity first, then a random or per-socket choice) for the
+/// destination `vip` (with the address its entries are keyed by) and records the reverse entry.
+#[inline(always)]
+fn balance<F: Family>(
+    ctx: &SockAddrContext,
+    cookie: u64,
+    (vip, addr_key): (F::Addr, F::Addr),
+    port_be: u16,
+    proto: u8,
+    master: &ServiceValue,
+    verdict: u8,
+) -> Fwd<F::Addr> {
+    let (first, len) = usable_slots(master);
     if len == 0 {
         return Fwd::Refuse(master.service_id);
     }
-
-    let mut chosen: Option<(u32, BackendValue)> = None;
+    let mut chosen: Option<(u32, Target<F::Addr>)> = None;
     let affinity = master.flags & SVC_F_AFFINITY != 0;
     let now = if affinity {
         unsafe { bpf_ktime_get_ns() }
@@ -338,7 +558,7 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
     };
     let aff_key = AffinityKey {
         netns_cookie: if affinity {
-            unsafe { bpf_get_netns_cookie(ctx_ptr) }
+            unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
         } else {
             0
         },
@@ -354,7 +574,7 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
                 backend_id: prev.backend_id,
             };
             if fresh && unsafe { AFFINITY_MATCH.get(&member) }.is_some() {
-                if let Some(b) = unsafe { BACKENDS.get(&prev.backend_id) }.copied() {
+                if let Some(b) = F::backend(prev.backend_id) {
                     // A terminating backend keeps no affinity while ready ones exist.
                     if !(b.state == BACKEND_TERMINATING && master.count > 0) {
                         chosen = Some((prev.backend_id, b));
@@ -373,16 +593,16 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
             } else {
                 unsafe { bpf_get_prandom_u32() }
             };
-            key.slot = first + pick_slot(r, len) - 1;
-            let Some(slot) = (unsafe { SERVICES.get(&key) }).copied() else {
-                // The agent is between writes; slots are written before counts, so this is
-                // only a transient inconsistency.
+            let slot = first + pick_slot(r, len) - 1;
+            // The agent writes slots before counts, so a missing slot or backend is only a
+            // transient inconsistency while it is between writes.
+            let Some(id) = F::slot(addr_key, port_be, proto, slot) else {
                 return Fwd::Refuse(master.service_id);
             };
-            let Some(b) = (unsafe { BACKENDS.get(&slot.backend_id) }).copied() else {
+            let Some(b) = F::backend(id) else {
                 return Fwd::Refuse(master.service_id);
             };
-            (slot.backend_id, b)
+            (id, b)
         }
     };
     if affinity {
@@ -393,36 +613,24 @@ fn forward(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Fwd 
         };
         let _ = AFFINITY.insert(&aff_key, &v, 0);
     }
-    let rk = RevKey {
-        cookie,
-        addr_be: backend.addr_be,
-        port_be: backend.port_be,
-        _pad: 0,
-    };
-    let rv = RevValue {
-        addr_be,
-        port_be,
-        _pad: 0,
-        service_id: master.service_id,
-    };
-    let _ = REVERSE.insert(&rk, &rv, 0);
+    F::remember(cookie, &backend, vip, port_be, master.service_id);
     Fwd::To(backend, verdict, master.service_id, backend_id)
 }
 
-/// The VIP a translated socket believes its peer `addr_be:port_be` is, if the entry is current.
+/// The VIP, port and service id a translated socket believes its peer `addr:port_be` is, if
+/// the entry is current.
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Option<RevValue> {
+fn reverse<F: Family>(
+    ctx: &SockAddrContext,
+    addr: F::Addr,
+    port_be: u16,
+    proto: u8,
+) -> Option<(F::Addr, u16, u32)> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rk = RevKey {
-        cookie,
-        addr_be,
-        port_be,
-        _pad: 0,
-    };
-    let rv = unsafe { REVERSE.get(&rk) }.copied()?;
+    let (vip, vport, sid) = F::recall(cookie, addr, port_be)?;
     // Stale if the service was removed or re-created since the translation.
-    let (_, master) = master_of(rv.addr_be, rv.port_be, proto)?;
-    (master.service_id == rv.service_id).then_some(rv)
+    let (_, master) = F::master(vip, vport, proto)?;
+    (master.service_id == sid).then_some((vip, vport, sid))
 }
 
 /// Writes the destination (or source) address of a sock_addr context.
@@ -454,32 +662,57 @@ fn set_addr6_mapped(ctx: &SockAddrContext, addr_be: u32, port_be: u16) {
     }
 }
 
+/// Like [`set_addr4`] for a native IPv6 address (four 4-byte writes).
+#[inline(always)]
+fn set_addr6(ctx: &SockAddrContext, addr_be: [u32; 4], port_be: u16) {
+    // SAFETY: as in `set_addr4`.
+    unsafe {
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[0], addr_be[0]);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[1], addr_be[1]);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[2], addr_be[2]);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], addr_be[3]);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        core::ptr::write_volatile(&raw mut (*sa).user_port, port_be as u32);
+    }
+}
+
+/// Reads the four words of the IPv6 address of a sock_addr context.
+#[inline(always)]
+fn addr6_of(ctx: &SockAddrContext) -> [u32; 4] {
+    // SAFETY: 4-byte reads of context fields the verifier allows for these hooks.
+    unsafe {
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        let a0 = core::ptr::read_volatile(&raw const (*sa).user_ip6[0]);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        let a1 = core::ptr::read_volatile(&raw const (*sa).user_ip6[1]);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        let a2 = core::ptr::read_volatile(&raw const (*sa).user_ip6[2]);
+        let sa = core::ptr::read_volatile(&ctx.sock_addr);
+        let a3 = core::ptr::read_volatile(&raw const (*sa).user_ip6[3]);
+        [a0, a1, a2, a3]
+    }
+}
+
 /// Counts and traces a forward decision, and returns the hook's answer.
 #[inline(always)]
-fn decide(
+fn decide<F: Family>(
     ctx: &SockAddrContext,
     hook: u8,
     proto: u8,
-    addr_be: u32,
+    addr: F::Addr,
     port_be: u16,
-    fwd: Fwd,
-) -> (i32, Option<BackendValue>) {
-    let mut d = Decision {
-        hook,
-        verdict: VERDICT_TRANSLATED,
-        proto,
-        orig_addr_be: addr_be,
-        orig_port_be: port_be,
-        new_addr_be: addr_be,
-        new_port_be: port_be,
-        service_id: 0,
-        backend_id: 0,
-    };
+    fwd: Fwd<F::Addr>,
+) -> (i32, Option<Target<F::Addr>>) {
+    let mut d = Decision::new::<F>(hook, VERDICT_TRANSLATED, proto, addr, port_be);
     let answer = match fwd {
         Fwd::Pass => return (SYS_PROCEED, None),
         Fwd::To(b, verdict, service_id, backend_id) => {
             d.verdict = verdict;
-            d.new_addr_be = b.addr_be;
+            F::note(&mut d, addr, b.addr);
             d.new_port_be = b.port_be;
             d.service_id = service_id;
             d.backend_id = backend_id;
@@ -492,20 +725,18 @@ fn decide(
                 count(STAT_CONNECT4 + hook as u32);
                 debug!(
                     ctx,
-                    "proxy down: {:i}:{} balanced in the kernel to {:i}:{}",
-                    u32::from_be(addr_be),
-                    u16::from_be(port_be),
-                    u32::from_be(b.addr_be),
+                    "proxy down: service {} balanced in the kernel to backend {} port {}",
+                    service_id,
+                    backend_id,
                     u16::from_be(b.port_be)
                 );
             } else {
                 trace!(
                     ctx,
-                    "hook {} {:i}:{} -> {:i}:{}",
+                    "hook {} service {} -> backend {} port {}",
                     hook,
-                    u32::from_be(addr_be),
-                    u16::from_be(port_be),
-                    u32::from_be(b.addr_be),
+                    service_id,
+                    backend_id,
                     u16::from_be(b.port_be)
                 );
             }
@@ -517,8 +748,7 @@ fn decide(
             count(STAT_REFUSED);
             debug!(
                 ctx,
-                "refused {:i}:{}: service {} has no usable backend",
-                u32::from_be(addr_be),
+                "refused port {}: service {} has no usable backend",
                 u16::from_be(port_be),
                 service_id
             );
@@ -540,17 +770,7 @@ fn proxy_port_refused(
     count(STAT_PROXY_PORT_REFUSED);
     trace(
         ctx,
-        &Decision {
-            hook,
-            verdict: VERDICT_PROXY_PORT,
-            proto,
-            orig_addr_be: addr_be,
-            orig_port_be: port_be,
-            new_addr_be: addr_be,
-            new_port_be: port_be,
-            service_id: 0,
-            backend_id: 0,
-        },
+        &Decision::new::<V4>(hook, VERDICT_PROXY_PORT, proto, addr_be, port_be),
     );
     refuse()
 }
@@ -570,9 +790,9 @@ fn fwd4(ctx: &SockAddrContext, hook: u8) -> i32 {
         return proxy_port_refused(ctx, hook, proto, addr_be, port_be);
     }
     let fwd = forward(ctx, addr_be, port_be, proto);
-    let (answer, to) = decide(ctx, hook, proto, addr_be, port_be, fwd);
+    let (answer, to) = decide::<V4>(ctx, hook, proto, addr_be, port_be, fwd);
     if let Some(b) = to {
-        set_addr4(ctx, b.addr_be, b.port_be);
+        set_addr4(ctx, b.addr, b.port_be);
     }
     answer
 }
@@ -585,19 +805,23 @@ fn fwd6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
-    let sa = ctx.sock_addr;
-    let ip6 = unsafe { (*sa).user_ip6 };
+    let ip6 = addr6_of(ctx);
+    let port_be = unsafe { (*ctx.sock_addr).user_port } as u16;
     let Some(addr_be) = mapped_v4(&ip6) else {
-        return SYS_PROCEED;
+        let fwd = forward6(ctx, ip6, port_be, proto);
+        let (answer, to) = decide::<V6>(ctx, hook, proto, ip6, port_be, fwd);
+        if let Some(b) = to {
+            set_addr6(ctx, b.addr, b.port_be);
+        }
+        return answer;
     };
-    let port_be = unsafe { (*sa).user_port } as u16;
     if is_proxy_port(addr_be, port_be) {
         return proxy_port_refused(ctx, hook, proto, addr_be, port_be);
     }
     let fwd = forward(ctx, addr_be, port_be, proto);
-    let (answer, to) = decide(ctx, hook, proto, addr_be, port_be, fwd);
+    let (answer, to) = decide::<V4>(ctx, hook, proto, addr_be, port_be, fwd);
     if let Some(b) = to {
-        set_addr6_mapped(ctx, b.addr_be, b.port_be);
+        set_addr6_mapped(ctx, b.addr, b.port_be);
     }
     answer
 }
@@ -615,23 +839,21 @@ fn refuse() -> i32 {
     SYS_REJECT
 }
 
+/// Counts and traces a backend address reversed to `vip:vport` of service `sid`.
 #[inline(always)]
-fn reversed(ctx: &SockAddrContext, hook: u8, proto: u8, addr_be: u32, port_be: u16, rv: &RevValue) {
+fn reversed<F: Family>(
+    ctx: &SockAddrContext,
+    hook: u8,
+    proto: u8,
+    (addr, port_be): (F::Addr, u16),
+    (vip, vport, sid): (F::Addr, u16, u32),
+) {
     count(STAT_CONNECT4 + hook as u32);
-    trace(
-        ctx,
-        &Decision {
-            hook,
-            verdict: VERDICT_REVERSED,
-            proto,
-            orig_addr_be: addr_be,
-            orig_port_be: port_be,
-            new_addr_be: rv.addr_be,
-            new_port_be: rv.port_be,
-            service_id: rv.service_id,
-            backend_id: 0,
-        },
-    );
+    let mut d = Decision::new::<F>(hook, VERDICT_REVERSED, proto, addr, port_be);
+    F::note(&mut d, addr, vip);
+    d.new_port_be = vport;
+    d.service_id = sid;
+    trace(ctx, &d);
 }
 
 #[inline(always)]
@@ -644,9 +866,9 @@ fn rev4(ctx: &SockAddrContext, hook: u8) -> i32 {
     };
     let sa = ctx.sock_addr;
     let (addr_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
-    if let Some(rv) = reverse(ctx, addr_be, port_be, proto) {
-        set_addr4(ctx, rv.addr_be, rv.port_be);
-        reversed(ctx, hook, proto, addr_be, port_be, &rv);
+    if let Some(rv) = reverse::<V4>(ctx, addr_be, port_be, proto) {
+        set_addr4(ctx, rv.0, rv.1);
+        reversed::<V4>(ctx, hook, proto, (addr_be, port_be), rv);
     }
     SYS_PROCEED
 }
@@ -659,15 +881,18 @@ fn rev6(ctx: &SockAddrContext, hook: u8) -> i32 {
     let Some(proto) = proto_of(ctx) else {
         return SYS_PROCEED;
     };
-    let sa = ctx.sock_addr;
-    let ip6 = unsafe { (*sa).user_ip6 };
+    let ip6 = addr6_of(ctx);
+    let port_be = unsafe { (*ctx.sock_addr).user_port } as u16;
     let Some(addr_be) = mapped_v4(&ip6) else {
+        if let Some(rv) = reverse::<V6>(ctx, ip6, port_be, proto) {
+            set_addr6(ctx, rv.0, rv.1);
+            reversed::<V6>(ctx, hook, proto, (ip6, port_be), rv);
+        }
         return SYS_PROCEED;
     };
-    let port_be = unsafe { (*sa).user_port } as u16;
-    if let Some(rv) = reverse(ctx, addr_be, port_be, proto) {
-        set_addr6_mapped(ctx, rv.addr_be, rv.port_be);
-        reversed(ctx, hook, proto, addr_be, port_be, &rv);
+    if let Some(rv) = reverse::<V4>(ctx, addr_be, port_be, proto) {
+        set_addr6_mapped(ctx, rv.0, rv.1);
+        reversed::<V4>(ctx, hook, proto, (addr_be, port_be), rv);
     }
     SYS_PROCEED
 }
@@ -678,7 +903,7 @@ pub fn pxa_connect4(ctx: SockAddrContext) -> i32 {
     fwd4(&ctx, HOOK_CONNECT4)
 }
 
-/// TCP and connected UDP sockets, IPv6 (IPv4-mapped destinations).
+/// TCP and connected UDP sockets, IPv6 (native, and IPv4-mapped destinations).
 #[cgroup_sock_addr(connect6)]
 pub fn pxa_connect6(ctx: SockAddrContext) -> i32 {
     fwd6(&ctx, HOOK_CONNECT6)
@@ -690,7 +915,7 @@ pub fn pxa_sendmsg4(ctx: SockAddrContext) -> i32 {
     fwd4(&ctx, HOOK_SENDMSG4)
 }
 
-/// Unconnected UDP sends, IPv6 (IPv4-mapped destinations).
+/// Unconnected UDP sends, IPv6 (native, and IPv4-mapped destinations).
 #[cgroup_sock_addr(sendmsg6)]
 pub fn pxa_sendmsg6(ctx: SockAddrContext) -> i32 {
     fwd6(&ctx, HOOK_SENDMSG6)
@@ -702,7 +927,7 @@ pub fn pxa_recvmsg4(ctx: SockAddrContext) -> i32 {
     rev4(&ctx, HOOK_RECVMSG4)
 }
 
-/// UDP receives on IPv6 sockets (IPv4-mapped sources).
+/// UDP receives on IPv6 sockets.
 #[cgroup_sock_addr(recvmsg6)]
 pub fn pxa_recvmsg6(ctx: SockAddrContext) -> i32 {
     rev6(&ctx, HOOK_RECVMSG6)
@@ -714,7 +939,7 @@ pub fn pxa_getpeername4(ctx: SockAddrContext) -> i32 {
     rev4(&ctx, HOOK_GETPEERNAME4)
 }
 
-/// getpeername() on IPv6 sockets (IPv4-mapped peers).
+/// getpeername() on IPv6 sockets.
 #[cgroup_sock_addr(getpeername6)]
 pub fn pxa_getpeername6(ctx: SockAddrContext) -> i32 {
     rev6(&ctx, HOOK_GETPEERNAME6)

@@ -227,10 +227,12 @@ fn trace(p: &Pkt, verdict: u8, service_id: u32, backend_id: u32, to: (u32, u16),
         hook: HOOK_NS_INGRESS,
         verdict,
         proto: p.proto,
-        _pad: 0,
+        family: 4,
         backend_id,
         comm: [0; 16],
         client_addr_be: p.saddr,
+        orig_addr6_be: [0; 4],
+        new_addr6_be: [0; 4],
     });
     entry.submit(0);
     count(STAT_EVENTS);

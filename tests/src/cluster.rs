@@ -72,6 +72,8 @@ impl SimCluster {
             external: Pod {
                 name: "external".into(),
                 ip: EXTERNAL_IP,
+                // The underlay is IPv4 only.
+                ip6: std::net::Ipv6Addr::UNSPECIFIED,
                 place: Place {
                     netns: PathBuf::from(format!("/run/netns/{external_ns}")),
                     cgroup: ext_cgroup,

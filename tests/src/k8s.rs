@@ -1,7 +1,7 @@
 //! Builders for the Kubernetes YAML the tests write into a node's manifests directory.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// An endpoint condition as EndpointSlices carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,8 +39,32 @@ pub fn slice(
     protocol: &str,
     endpoints: &[(Ipv4Addr, Cond)],
 ) -> String {
+    let eps: Vec<(IpAddr, Cond)> = endpoints.iter().map(|(a, c)| ((*a).into(), *c)).collect();
+    slice_of("IPv4", name, service, port, protocol, &eps)
+}
+
+/// An IPv6 EndpointSlice (`addressType: IPv6`) for `service` with one port.
+pub fn slice6(
+    name: &str,
+    service: &str,
+    port: u16,
+    protocol: &str,
+    endpoints: &[(Ipv6Addr, Cond)],
+) -> String {
+    let eps: Vec<(IpAddr, Cond)> = endpoints.iter().map(|(a, c)| ((*a).into(), *c)).collect();
+    slice_of("IPv6", name, service, port, protocol, &eps)
+}
+
+fn slice_of(
+    family: &str,
+    name: &str,
+    service: &str,
+    port: u16,
+    protocol: &str,
+    endpoints: &[(IpAddr, Cond)],
+) -> String {
     let mut s = format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: p\n  port: {port}\n  protocol: {protocol}\nendpoints:\n"
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: {family}\nports:\n- name: p\n  port: {port}\n  protocol: {protocol}\nendpoints:\n"
     );
     if endpoints.is_empty() {
         s = s.replace("endpoints:\n", "endpoints: []\n");

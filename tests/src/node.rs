@@ -1,6 +1,6 @@
 //! A simulated node: its network namespace, bridge, pods, cgroup subtree, pins and scratch files.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -41,6 +41,9 @@ pub struct Pod {
     pub name: String,
     /// Pod address.
     pub ip: Ipv4Addr,
+    /// Pod IPv6 address (every pod is dual-stack): `2001:2:0:K::N` (K the node number, N the
+    /// host part of `ip`).
+    pub ip6: Ipv6Addr,
     /// Where its processes run.
     pub place: Place,
 }
@@ -98,8 +101,24 @@ impl SimNode {
             "dev",
             "br0",
         ]);
+        ip(&[
+            "-n",
+            &node.netns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", node.node_ip6()),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         ip(&["-n", &node.netns, "link", "set", "br0", "up"]);
         node
+    }
+
+    /// The node's IPv6 address on its pod bridge: `2001:2:0:K::1`.
+    pub fn node_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0x2001, 2, 0, self.subnet.0 as u16, 0, 0, 0, 1)
     }
 
     /// Where node-level processes (the agent) run: the node netns, cgroup `<node>/system`.
@@ -175,6 +194,28 @@ impl SimNode {
             "dev",
             "eth0",
         ]);
+        let addr6 = Ipv6Addr::new(
+            0x2001,
+            2,
+            0,
+            self.subnet.0 as u16,
+            0,
+            0,
+            (n >> 16) as u16,
+            n as u16,
+        );
+        // No duplicate address detection: the address is usable at once.
+        ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", &netns, "link", "set", "eth0", "up"]);
         ip(&[
             "-n",
@@ -185,11 +226,22 @@ impl SimNode {
             "via",
             &self.node_ip.to_string(),
         ]);
+        ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.node_ip6().to_string(),
+        ]);
         let cgroup = self.cgroup.join(format!("pod-{name}"));
         std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("create {}: {e}", cgroup.display()));
         Pod {
             name: name.to_string(),
             ip: addr,
+            ip6: addr6,
             place: Place {
                 netns: PathBuf::from(format!("/run/netns/{netns}")),
                 cgroup,

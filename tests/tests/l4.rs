@@ -641,6 +641,7 @@ fn a_host_network_client_is_served_like_a_pod() {
     let host = Pod {
         name: "host".into(),
         ip: node.node_ip,
+        ip6: node.node_ip6(),
         place: node.host_place(),
     };
     let out = tcp(&host, "198.19.0.10:80", 40);
@@ -669,6 +670,7 @@ fn socket_lb_hostns_only_serves_the_host_and_leaves_pods_alone() {
     let host = Pod {
         name: "host".into(),
         ip: node.node_ip,
+        ip6: node.node_ip6(),
         place: node.host_place(),
     };
     let out = tcp(&host, "198.19.0.10:80", 20);
@@ -747,5 +749,154 @@ fn prefer_close_keeps_clients_in_their_zone() {
         tally(&out, "reads").keys().cloned().collect::<Vec<_>>(),
         ["a", "b"],
         "without PreferClose both zones: {out}"
+    );
+}
+
+/// The IPv6 ClusterIPs of the tests (a service range in the benchmarking prefix 2001:2::/48).
+const VIP6: &str = "2001:2:0:ff::10";
+
+/// A node whose pods `web1..n` serve `tcp-id` and `udp-echo` on both families (`[::]` sockets),
+/// a client pod, and no Service yet.
+fn dual_stack_node(n: usize) -> (SimNode, Vec<Pod>, Pod, Vec<Proc>) {
+    let mut node = SimNode::new();
+    let webs: Vec<Pod> = (1..=n).map(|i| node.add_pod(&format!("web{i}"))).collect();
+    let client = node.add_pod("client");
+    let mut servers = Vec::new();
+    for p in &webs {
+        servers.push(p.fixture_server("tcp-id", &["--listen", "[::]:8080"]));
+        servers.push(p.fixture_server("udp-echo", &["--listen", "[::]:5353"]));
+    }
+    (node, webs, client, servers)
+}
+
+/// A Service `name` with a TCP port 80 → 8080 and a UDP port 53 → 5353, on `cluster_ips` (the
+/// primary first), and one EndpointSlice per family of them over `webs`.
+fn dual_stack_service(name: &str, cluster_ips: &[&str], webs: &[Pod]) -> String {
+    let families: Vec<&str> = cluster_ips
+        .iter()
+        .map(|ip| if ip.contains(':') { "IPv6" } else { "IPv4" })
+        .collect();
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {}\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  ipFamilyPolicy: {}\n  ports:\n  - {{name: tcp, port: 80, protocol: TCP, targetPort: 8080}}\n  - {{name: udp, port: 53, protocol: UDP, targetPort: 5353}}\n",
+        cluster_ips[0],
+        cluster_ips.join(", "),
+        families.join(", "),
+        if cluster_ips.len() == 2 {
+            "RequireDualStack"
+        } else {
+            "SingleStack"
+        },
+    );
+    for family in &families {
+        let addrs: Vec<String> = webs
+            .iter()
+            .map(|p| {
+                if *family == "IPv6" {
+                    format!("\"{}\"", p.ip6)
+                } else {
+                    format!("\"{}\"", p.ip)
+                }
+            })
+            .collect();
+        let _ = write!(
+            y,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-{}\n  namespace: default\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: {family}\nports:\n- {{name: tcp, port: 8080, protocol: TCP}}\n- {{name: udp, port: 5353, protocol: UDP}}\nendpoints:\n",
+            family.to_ascii_lowercase()
+        );
+        for a in addrs {
+            let _ = writeln!(y, "- addresses: [{a}]\n  conditions: {{ready: true}}");
+        }
+    }
+    y
+}
+
+/// Checks TCP (spread, getpeername) and UDP (unconnected and connected: recvfrom) through
+/// `vip` (an `ip` or `[ip]` literal without port).
+fn check_both_protocols(client: &Pod, vip: &str, webs: usize) {
+    let out = tcp(client, &format!("{vip}:80"), 60);
+    assert_eq!(out["ok"], 60, "TCP through {vip}: {out}");
+    assert_eq!(
+        tally(&out, "reads").len(),
+        webs,
+        "TCP spread over {vip}: {out}"
+    );
+    assert_eq!(
+        tally(&out, "peers").keys().cloned().collect::<Vec<_>>(),
+        [format!("{vip}:80")],
+        "getpeername must report the VIP: {out}"
+    );
+    for mode in [&[][..], &["--connected"][..]] {
+        let to = format!("{vip}:53");
+        let mut args = vec!["--to", &to, "--count", "20"];
+        args.extend_from_slice(mode);
+        let out = client.probe("udp-probe", &args, T);
+        assert_eq!(out["ok"], 20, "UDP through {vip} {mode:?}: {out}");
+        assert_eq!(
+            tally(&out, "sources").keys().cloned().collect::<Vec<_>>(),
+            [format!("{vip}:53")],
+            "recvfrom must report the VIP ({mode:?}): {out}"
+        );
+    }
+}
+
+/// An IPv6-only Service: connect6/sendmsg6 translate a native IPv6 ClusterIP to IPv6 pod
+/// addresses, recvmsg6/getpeername6 show the IPv6 VIP, and the maps and CLI show it.
+#[test]
+fn an_ipv6_only_service_is_balanced_over_ipv6_endpoints() {
+    let (node, webs, client, _servers) = dual_stack_node(2);
+    node.write_manifest("web6.yaml", &dual_stack_service("web6", &[VIP6], &webs));
+    let _agent = node.start_agent(&[]);
+    node.wait_status("2 frontends", T, |s| s["frontends"] == 2);
+    check_both_protocols(&client, &format!("[{VIP6}]"), 2);
+    let st = node.status();
+    assert!(
+        st["datapath_counters"]["connect6"].as_u64().unwrap_or(0) >= 60,
+        "connect6 counted the IPv6 translations: {}",
+        st["datapath_counters"]
+    );
+    let dump = node.dump();
+    assert!(
+        dump.contains(&format!("SVC [{VIP6}]:80/TCP"))
+            && dump.contains(&format!("[{}]:8080 active", webs[0].ip6)),
+        "the IPv6 frontend and backends are in the maps:\n{dump}"
+    );
+    // An IPv6 EndpointSlice change is applied like an IPv4 one: web2 removed.
+    node.write_manifest(
+        "web6.yaml",
+        &dual_stack_service("web6", &[VIP6], &webs[..1]),
+    );
+    node.wait_status("web2 removed", T, |_| {
+        !node.dump().contains(&format!("[{}]:8080", webs[1].ip6))
+    });
+    let out = tcp(&client, &format!("[{VIP6}]:80"), 20);
+    assert_eq!(out["ok"], 20, "{out}");
+    assert_eq!(
+        tally(&out, "reads").keys().cloned().collect::<Vec<_>>(),
+        ["web1"],
+        "{out}"
+    );
+}
+
+/// A dual-stack Service (`clusterIPs` of both families, one EndpointSlice per family): each
+/// family's ClusterIP balances over that family's endpoints, TCP and UDP, and each shows its
+/// own VIP back; an IPv4-mapped IPv6 socket still reaches the IPv4 ClusterIP.
+#[test]
+fn a_dual_stack_service_serves_both_families_with_their_own_endpoints() {
+    let (node, webs, client, _servers) = dual_stack_node(2);
+    node.write_manifest(
+        "web.yaml",
+        &dual_stack_service("web", &["198.19.0.20", "2001:2:0:ff::20"], &webs),
+    );
+    let _agent = node.start_agent(&[]);
+    node.wait_status("4 frontends", T, |s| s["frontends"] == 4);
+    check_both_protocols(&client, "198.19.0.20", 2);
+    check_both_protocols(&client, "[2001:2:0:ff::20]", 2);
+    let out = tcp(&client, "[::ffff:198.19.0.20]:80", 20);
+    assert_eq!(out["ok"], 20, "{out}");
+    // The CLI lists both ClusterIPs of the Service.
+    let services = node.cli(&["services"]);
+    assert!(
+        services.contains("198.19.0.20") && services.contains("2001:2:0:ff::20"),
+        "{services}"
     );
 }

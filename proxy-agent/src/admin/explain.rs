@@ -57,7 +57,7 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
     } else {
         "connect4"
     };
-    let from = json!({"ip": q.from.to_string(), "pod": pods.get(&q.from)});
+    let from = json!({"ip": q.from.to_string(), "pod": pods.get(&IpAddr::V4(q.from))});
     let mut steps = Vec::new();
     // What the socket hooks use: scope-0 entries (not the tc programs' Local entries), by
     // address, or a NodePort on one of this node's addresses.
@@ -370,7 +370,7 @@ pub fn explain(hub: &Hub, q: &Query) -> Value {
 }
 
 /// What connect4 does in the kernel for `fe`, in a sentence.
-fn kernel_choice(fe: &Frontend, pods: &HashMap<Ipv4Addr, String>, _local: bool) -> String {
+fn kernel_choice(fe: &Frontend, pods: &HashMap<IpAddr, String>, _local: bool) -> String {
     let ready: Vec<_> = fe.backends.iter().filter(|b| !b.terminating).collect();
     let name = |b: &crate::model::Backend| {
         let pod = pods
@@ -402,7 +402,7 @@ fn kernel_choice(fe: &Frontend, pods: &HashMap<Ipv4Addr, String>, _local: bool) 
 
 fn kernel_step(
     fe: &Frontend,
-    pods: &HashMap<Ipv4Addr, String>,
+    pods: &HashMap<IpAddr, String>,
     local: bool,
     s: &super::Snapshot,
 ) -> Value {
@@ -410,7 +410,7 @@ fn kernel_step(
         .backends
         .iter()
         .filter(|b| !b.terminating || fe.backends.iter().all(|x| x.terminating))
-        .map(|b| json!({"address": format!("{}:{}", b.addr, b.port), "pod": pods.get(&b.addr)}))
+        .map(|b| json!({"address": std::net::SocketAddr::new(b.addr, b.port).to_string(), "pod": pods.get(&b.addr)}))
         .collect();
     let excluded = excluded_endpoints(fe, s, local, |_| None);
     json!({
@@ -485,7 +485,7 @@ fn destination(
     total: u32,
     fe: &Frontend,
     s: &super::Snapshot,
-    pods: &HashMap<Ipv4Addr, String>,
+    pods: &HashMap<IpAddr, String>,
     headers: &HashMap<String, String>,
     _q: &Query,
 ) -> Value {
@@ -511,7 +511,7 @@ fn destination(
             continue;
         }
         let pod = match b.addr.ip() {
-            IpAddr::V4(ip) => pods.get(&ip).cloned(),
+            IpAddr::V4(ip) => pods.get(&IpAddr::V4(ip)).cloned(),
             IpAddr::V6(_) => None,
         };
         eligible.push(json!({

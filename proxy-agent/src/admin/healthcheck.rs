@@ -163,7 +163,7 @@ mod tests {
             svc.clone(),
             Arc::new(Service {
                 id: svc.clone(),
-                cluster_ip: Ipv4Addr::new(198, 19, 0, 1),
+                cluster_ips: vec![Ipv4Addr::new(198, 19, 0, 1).into()],
                 ports: vec![],
                 affinity_timeout_s: None,
                 mode: None,
@@ -178,7 +178,7 @@ mod tests {
             }),
         );
         let ep = |last: u8, node: &str, state| Endpoint {
-            addr: Ipv4Addr::new(198, 18, 1, last),
+            addr: Ipv4Addr::new(198, 18, 1, last).into(),
             state,
             node_name: Some(node.into()),
             pod: None,

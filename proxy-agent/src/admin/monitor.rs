@@ -215,10 +215,24 @@ fn addr(a_be: u32, p_be: u16) -> String {
 
 /// Decodes a kernel event; `service` names the Service of a ClusterIP:port.
 pub fn kernel_event(ev: &TraceEvent, service: impl Fn(&str) -> Option<String>) -> KernelEvent {
-    let (from, to) = (
-        addr(ev.orig_addr_be, ev.orig_port_be),
-        addr(ev.new_addr_be, ev.new_port_be),
-    );
+    let (from, to) = if ev.family == 6 {
+        let at = |w: [u32; 4], p_be: u16| {
+            std::net::SocketAddr::new(
+                crate::datapath::maps::from_words(w).into(),
+                u16::from_be(p_be),
+            )
+            .to_string()
+        };
+        (
+            at(ev.orig_addr6_be, ev.orig_port_be),
+            at(ev.new_addr6_be, ev.new_port_be),
+        )
+    } else {
+        (
+            addr(ev.orig_addr_be, ev.orig_port_be),
+            addr(ev.new_addr_be, ev.new_port_be),
+        )
+    };
     // For reverse translations the ClusterIP is where the socket's peer went back to.
     let vip = if ev.verdict == proxy_common::VERDICT_REVERSED {
         &to

@@ -79,15 +79,15 @@ fn counters(hub: &Hub) -> Value {
 
 /// The Service that owns a ClusterIP:port, for monitor lines.
 pub fn service_of_vip(s: &Snapshot, vip: &str) -> Option<String> {
-    let addr: std::net::SocketAddrV4 = vip.parse().ok()?;
-    let at = |ip: &Ipv4Addr| {
+    let addr: std::net::SocketAddr = vip.parse().ok()?;
+    let at = |ip: IpAddr| {
         s.frontends
             .iter()
-            .find(|f| f.vip == *ip && f.port == addr.port())
+            .find(|f| f.vip == ip && f.port == addr.port())
     };
     // A NodePort is keyed by 0.0.0.0: any node address.
     at(addr.ip())
-        .or_else(|| at(&Ipv4Addr::UNSPECIFIED))
+        .or_else(|| at(Ipv4Addr::UNSPECIFIED.into()))
         .map(|f| f.service.to_string())
 }
 
@@ -125,8 +125,8 @@ fn mode_reason(svc: &Service, f: &Frontend) -> String {
 }
 
 /// Pod names by address, from the Pods and the EndpointSlices' targetRefs.
-pub fn pod_names(s: &Snapshot) -> HashMap<Ipv4Addr, String> {
-    let mut m: HashMap<Ipv4Addr, String> = s
+pub fn pod_names(s: &Snapshot) -> HashMap<IpAddr, String> {
+    let mut m: HashMap<IpAddr, String> = s
         .state
         .pods
         .iter()
@@ -151,21 +151,20 @@ fn kernel_slots(hub: &Hub, f: &Frontend) -> Value {
         Err(e) => return json!({"error": e.to_string()}),
     };
     let key = |slot| {
-        proxy_common::ServiceKey::new(u32::from(f.vip), f.port, f.protocol.number(), slot)
-            .in_scope(f.map_scope())
+        crate::datapath::maps::SvcKey::new(f.vip, f.port, f.protocol.number(), f.map_scope(), slot)
     };
-    let Ok(master) = maps.services.get(&key(0), 0) else {
+    let Some(master) = maps.service(&key(0)) else {
         return json!({"present": false});
     };
     let mut slots = Vec::new();
     for slot in 1..=(master.count + master.terminating_count) {
-        let entry = maps.services.get(&key(slot), 0).ok();
-        let backend = entry.and_then(|e| maps.backends.get(&e.backend_id, 0).ok());
+        let entry = maps.service(&key(slot));
+        let backend = entry.and_then(|e| maps.backend(e.backend_id, f.vip));
         slots.push(json!({
             "slot": slot,
             "backend_id": entry.map(|e| e.backend_id),
-            "address": backend.map(|b| format!("{}:{}", Ipv4Addr::from(u32::from_be(b.addr_be)), u16::from_be(b.port_be))),
-            "state": backend.map(|b| if b.state == proxy_common::BACKEND_TERMINATING { "terminating" } else { "active" }),
+            "address": backend.map(|b| b.endpoint()),
+            "state": backend.map(|b| b.state_text()),
         }));
     }
     json!({
@@ -189,7 +188,10 @@ pub fn service(hub: &Hub, id: &ObjectRef) -> Option<Value> {
         let route = s
             .routes
             .routes
-            .get(&std::net::SocketAddrV4::new(f.vip, f.port))
+            .get(&match f.vip {
+                IpAddr::V4(vip) => std::net::SocketAddrV4::new(vip, f.port),
+                IpAddr::V6(_) => std::net::SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+            })
             .filter(|_| f.l7);
         ports.push(json!({
             "port": f.port,
@@ -199,7 +201,7 @@ pub fn service(hub: &Hub, id: &ObjectRef) -> Option<Value> {
             "mode_reason": mode_reason(svc, f),
             "detection": detection(f),
             "backends": f.backends.iter().map(|b| json!({
-                "address": format!("{}:{}", b.addr, b.port),
+                "address": std::net::SocketAddr::new(b.addr, b.port).to_string(),
                 "pod": pods.get(&b.addr),
                 "state": if b.terminating { "serving-terminating" } else { "ready" },
             })).collect::<Vec<_>>(),
@@ -227,7 +229,8 @@ pub fn service(hub: &Hub, id: &ObjectRef) -> Option<Value> {
     Some(json!({
         "namespace": id.namespace,
         "name": id.name,
-        "cluster_ip": svc.cluster_ip.to_string(),
+        "cluster_ip": svc.cluster_ips.first().map(|ip| ip.to_string()),
+        "cluster_ips": svc.cluster_ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
         "internal_traffic_policy": if svc.internal_local { "Local" } else { "Cluster" },
         "affinity_timeout_s": svc.affinity_timeout_s,
         "ports": ports,
@@ -400,7 +403,7 @@ pub fn rule_json(r: &Rule) -> Value {
 }
 
 /// One route.
-pub fn route_json(r: &Route, _pods: &HashMap<Ipv4Addr, String>) -> Value {
+pub fn route_json(r: &Route, _pods: &HashMap<IpAddr, String>) -> Value {
     json!({
         "service": r.service.to_string(),
         "virtual_service": r.virtual_service.as_ref().map(|v| v.to_string()),
@@ -446,12 +449,12 @@ pub fn routes(hub: &Hub) -> Value {
 }
 
 /// The live view of one backend.
-pub fn backend_json(b: &Backend, c: &Cluster, pods: &HashMap<Ipv4Addr, String>) -> Value {
+pub fn backend_json(b: &Backend, c: &Cluster, pods: &HashMap<IpAddr, String>) -> Value {
     use std::sync::atomic::Ordering::Relaxed;
     let od = c.policy().outlier.as_ref();
     let ejected_for = b.ejected_for(od);
     let pod = match b.addr.ip() {
-        IpAddr::V4(ip) => pods.get(&ip).cloned(),
+        IpAddr::V4(ip) => pods.get(&IpAddr::V4(ip)).cloned(),
         IpAddr::V6(_) => None,
     };
     json!({
@@ -487,7 +490,7 @@ pub fn all_clusters(s: &Snapshot) -> Vec<Arc<Cluster>> {
 }
 
 /// One cluster with its policy and live backends.
-pub fn cluster_json(c: &Cluster, pods: &HashMap<Ipv4Addr, String>) -> Value {
+pub fn cluster_json(c: &Cluster, pods: &HashMap<IpAddr, String>) -> Value {
     let p = c.policy();
     json!({
         "name": c.name,

@@ -324,6 +324,8 @@ impl Datapath {
         let maps = AyaMaps {
             services: take_hash(&mut ebpf, proxy_common::MAP_SERVICES)?,
             backends: take_hash(&mut ebpf, proxy_common::MAP_BACKENDS)?,
+            services6: take_hash(&mut ebpf, proxy_common::MAP_SERVICES6)?,
+            backends6: take_hash(&mut ebpf, proxy_common::MAP_BACKENDS6)?,
             affinity_match: take_hash(&mut ebpf, proxy_common::MAP_AFFINITY_MATCH)?,
             source_ranges: aya::maps::lpm_trie::LpmTrie::try_from(take(
                 &mut ebpf,
@@ -565,6 +567,8 @@ pub fn open_pinned_maps(bpffs: &Path) -> Result<AyaMaps, DatapathError> {
     Ok(AyaMaps {
         services: open(&dir, proxy_common::MAP_SERVICES)?,
         backends: open(&dir, proxy_common::MAP_BACKENDS)?,
+        services6: open(&dir, proxy_common::MAP_SERVICES6)?,
+        backends6: open(&dir, proxy_common::MAP_BACKENDS6)?,
         affinity_match: open(&dir, proxy_common::MAP_AFFINITY_MATCH)?,
         source_ranges,
     })

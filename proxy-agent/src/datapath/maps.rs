@@ -5,9 +5,140 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use proxy_common::{AffinityMatchKey, BackendValue, ServiceKey, ServiceValue, SourceRangeKey};
+use proxy_common::{
+    AffinityMatchKey, BackendValue, BackendValue6, ServiceKey, ServiceKey6, ServiceValue,
+    SourceRangeKey,
+};
+
+/// A service map key in either family: the kernel keeps one service map per family
+/// ([`ServiceKey`] in `PXA_SVC_V1`, [`ServiceKey6`] in `PXA_SVC6_V1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    /// The frontend address (0.0.0.0 for a NodePort).
+    pub addr: IpAddr,
+    /// The frontend port.
+    pub port: u16,
+    /// Protocol number.
+    pub proto: u8,
+    /// `ServiceKey::scope`.
+    pub scope: u8,
+    /// 0 for the master entry, 1..=n for backend slots.
+    pub slot: u16,
+}
+
+impl SvcKey {
+    /// The key of `slot` of the frontend (addr, port, proto, scope).
+    pub fn new(addr: IpAddr, port: u16, proto: u8, scope: u8, slot: u16) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            scope,
+            slot,
+        }
+    }
+
+    fn v4(a: Ipv4Addr, k: &Self) -> ServiceKey {
+        ServiceKey::new(u32::from(a), k.port, k.proto, k.slot).in_scope(k.scope)
+    }
+
+    fn v6(a: Ipv6Addr, k: &Self) -> ServiceKey6 {
+        ServiceKey6 {
+            addr_be: words(a),
+            port_be: k.port.to_be(),
+            proto: k.proto,
+            scope: k.scope,
+            slot: k.slot,
+            _pad1: 0,
+        }
+    }
+
+    fn from_v4(k: &ServiceKey) -> Self {
+        Self::new(
+            Ipv4Addr::from(u32::from_be(k.addr_be)).into(),
+            u16::from_be(k.port_be),
+            k.proto,
+            k.scope,
+            k.slot,
+        )
+    }
+
+    fn from_v6(k: &ServiceKey6) -> Self {
+        Self::new(
+            from_words(k.addr_be).into(),
+            u16::from_be(k.port_be),
+            k.proto,
+            k.scope,
+            k.slot,
+        )
+    }
+}
+
+/// A backend map entry in either family ([`BackendValue`] or [`BackendValue6`]; one id space).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendEntry {
+    /// Pod address.
+    pub addr: IpAddr,
+    /// Target port.
+    pub port: u16,
+    /// Protocol number.
+    pub proto: u8,
+    /// `BACKEND_ACTIVE` or `BACKEND_TERMINATING`.
+    pub state: u8,
+}
+
+impl BackendEntry {
+    fn from_v4(v: &BackendValue) -> Self {
+        Self {
+            addr: Ipv4Addr::from(u32::from_be(v.addr_be)).into(),
+            port: u16::from_be(v.port_be),
+            proto: v.proto,
+            state: v.state,
+        }
+    }
+
+    fn from_v6(v: &BackendValue6) -> Self {
+        Self {
+            addr: from_words(v.addr_be).into(),
+            port: u16::from_be(v.port_be),
+            proto: v.proto,
+            state: v.state,
+        }
+    }
+
+    /// `ip:port` (`[ip]:port` for IPv6).
+    pub fn endpoint(&self) -> String {
+        std::net::SocketAddr::new(self.addr, self.port).to_string()
+    }
+
+    /// `active` or `terminating`.
+    pub fn state_text(&self) -> &'static str {
+        if self.state == proxy_common::BACKEND_TERMINATING {
+            "terminating"
+        } else {
+            "active"
+        }
+    }
+}
+
+/// An IPv6 address as the kernel maps hold it: four words in network byte order.
+pub fn words(a: Ipv6Addr) -> [u32; 4] {
+    let o = a.octets();
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+/// The inverse of [`words`].
+pub fn from_words(w: [u32; 4]) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, x) in w.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&x.to_ne_bytes());
+    }
+    Ipv6Addr::from(o)
+}
 
 /// One `loadBalancerSourceRanges` prefix of a service: (service id, network address, length).
 pub type SourceRange = (u32, Ipv4Addr, u8);
@@ -27,19 +158,19 @@ pub struct MapError {
 /// The operations the reconciler needs on the datapath maps.
 pub trait LbMaps {
     /// All backends.
-    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError>;
+    fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, MapError>;
     /// All service entries (master and slots).
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError>;
+    fn services(&self) -> Result<Vec<(SvcKey, ServiceValue)>, MapError>;
     /// All affinity membership entries.
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError>;
     /// Inserts or replaces a backend.
-    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError>;
-    /// Removes a backend (absent is fine).
-    fn del_backend(&mut self, id: u32) -> Result<(), MapError>;
+    fn put_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), MapError>;
+    /// Removes a backend of the address family of `addr` (absent is fine).
+    fn del_backend(&mut self, id: u32, addr: IpAddr) -> Result<(), MapError>;
     /// Inserts or replaces a service entry.
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError>;
+    fn put_service(&mut self, key: &SvcKey, value: &ServiceValue) -> Result<(), MapError>;
     /// Removes a service entry (absent is fine).
-    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
+    fn del_service(&mut self, key: &SvcKey) -> Result<(), MapError>;
     /// Inserts an affinity membership entry.
     fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError>;
     /// Removes an affinity membership entry (absent is fine).
@@ -56,9 +187,9 @@ pub trait LbMaps {
 #[derive(Debug, Default, Clone)]
 pub struct MemMaps {
     /// Backend map.
-    pub backends: BTreeMap<u32, BackendValue>,
+    pub backends: BTreeMap<u32, BackendEntry>,
     /// Service map.
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub services: BTreeMap<SvcKey, ServiceValue>,
     /// Affinity membership map.
     pub affinity_match: BTreeMap<AffinityMatchKey, ()>,
     /// Source-range trie.
@@ -87,26 +218,26 @@ impl MemMaps {
 }
 
 impl LbMaps for MemMaps {
-    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError> {
+    fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, MapError> {
         Ok(self.backends.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
+    fn services(&self) -> Result<Vec<(SvcKey, ServiceValue)>, MapError> {
         Ok(self.services.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError> {
         Ok(self.affinity_match.keys().copied().collect())
     }
-    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
+    fn put_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), MapError> {
         self.write(format!("put backend {id}"), "backends")?;
         self.backends.insert(id, *value);
         Ok(())
     }
-    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+    fn del_backend(&mut self, id: u32, _addr: IpAddr) -> Result<(), MapError> {
         self.write(format!("del backend {id}"), "backends")?;
         self.backends.remove(&id);
         Ok(())
     }
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+    fn put_service(&mut self, key: &SvcKey, value: &ServiceValue) -> Result<(), MapError> {
         self.write(
             format!("put {} slot {}", frontend_text(key), key.slot),
             "services",
@@ -114,7 +245,7 @@ impl LbMaps for MemMaps {
         self.services.insert(*key, *value);
         Ok(())
     }
-    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+    fn del_service(&mut self, key: &SvcKey) -> Result<(), MapError> {
         self.write(
             format!("del {} slot {}", frontend_text(key), key.slot),
             "services",
@@ -155,10 +286,14 @@ impl LbMaps for MemMaps {
 
 /// The pinned kernel maps, opened by the loader.
 pub struct AyaMaps {
-    /// Backend map.
+    /// Backend map (IPv4).
     pub backends: aya::maps::HashMap<aya::maps::MapData, u32, BackendValue>,
-    /// Service map.
+    /// Service map (IPv4).
     pub services: aya::maps::HashMap<aya::maps::MapData, ServiceKey, ServiceValue>,
+    /// Backend map (IPv6).
+    pub backends6: aya::maps::HashMap<aya::maps::MapData, u32, BackendValue6>,
+    /// Service map (IPv6).
+    pub services6: aya::maps::HashMap<aya::maps::MapData, ServiceKey6, ServiceValue>,
     /// Affinity membership map.
     pub affinity_match: aya::maps::HashMap<aya::maps::MapData, AffinityMatchKey, u32>,
     /// `loadBalancerSourceRanges` trie.
@@ -195,18 +330,56 @@ fn ignore_missing(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::M
     }
 }
 
-impl LbMaps for AyaMaps {
-    fn backends(&self) -> Result<Vec<(u32, BackendValue)>, MapError> {
-        self.backends
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| kerr("iterate", proxy_common::MAP_BACKENDS, e))
+impl AyaMaps {
+    /// One service map entry.
+    pub fn service(&self, key: &SvcKey) -> Option<ServiceValue> {
+        match key.addr {
+            IpAddr::V4(a) => self.services.get(&SvcKey::v4(a, key), 0).ok(),
+            IpAddr::V6(a) => self.services6.get(&SvcKey::v6(a, key), 0).ok(),
+        }
     }
-    fn services(&self) -> Result<Vec<(ServiceKey, ServiceValue)>, MapError> {
-        self.services
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| kerr("iterate", proxy_common::MAP_SERVICES, e))
+
+    /// One backend of the family of `family_of`.
+    pub fn backend(&self, id: u32, family_of: IpAddr) -> Option<BackendEntry> {
+        match family_of {
+            IpAddr::V4(_) => self
+                .backends
+                .get(&id, 0)
+                .ok()
+                .map(|v| BackendEntry::from_v4(&v)),
+            IpAddr::V6(_) => self
+                .backends6
+                .get(&id, 0)
+                .ok()
+                .map(|v| BackendEntry::from_v6(&v)),
+        }
+    }
+}
+
+impl LbMaps for AyaMaps {
+    fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, MapError> {
+        let mut out: Vec<(u32, BackendEntry)> = Vec::new();
+        for e in self.backends.iter() {
+            let (id, v) = e.map_err(|e| kerr("iterate", proxy_common::MAP_BACKENDS, e))?;
+            out.push((id, BackendEntry::from_v4(&v)));
+        }
+        for e in self.backends6.iter() {
+            let (id, v) = e.map_err(|e| kerr("iterate", proxy_common::MAP_BACKENDS6, e))?;
+            out.push((id, BackendEntry::from_v6(&v)));
+        }
+        Ok(out)
+    }
+    fn services(&self) -> Result<Vec<(SvcKey, ServiceValue)>, MapError> {
+        let mut out: Vec<(SvcKey, ServiceValue)> = Vec::new();
+        for e in self.services.iter() {
+            let (k, v) = e.map_err(|e| kerr("iterate", proxy_common::MAP_SERVICES, e))?;
+            out.push((SvcKey::from_v4(&k), v));
+        }
+        for e in self.services6.iter() {
+            let (k, v) = e.map_err(|e| kerr("iterate", proxy_common::MAP_SERVICES6, e))?;
+            out.push((SvcKey::from_v6(&k), v));
+        }
+        Ok(out)
     }
     fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError> {
         self.affinity_match
@@ -214,23 +387,59 @@ impl LbMaps for AyaMaps {
             .collect::<Result<_, _>>()
             .map_err(|e| kerr("iterate", proxy_common::MAP_AFFINITY_MATCH, e))
     }
-    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
-        self.backends
-            .insert(id, value, 0)
-            .map_err(|e| kerr("insert", proxy_common::MAP_BACKENDS, e))
+    fn put_backend(&mut self, id: u32, b: &BackendEntry) -> Result<(), MapError> {
+        match b.addr {
+            IpAddr::V4(a) => {
+                let v = BackendValue {
+                    addr_be: u32::from(a).to_be(),
+                    port_be: b.port.to_be(),
+                    proto: b.proto,
+                    state: b.state,
+                };
+                self.backends
+                    .insert(id, v, 0)
+                    .map_err(|e| kerr("insert", proxy_common::MAP_BACKENDS, e))
+            }
+            IpAddr::V6(a) => {
+                let v = BackendValue6 {
+                    addr_be: words(a),
+                    port_be: b.port.to_be(),
+                    proto: b.proto,
+                    state: b.state,
+                };
+                self.backends6
+                    .insert(id, v, 0)
+                    .map_err(|e| kerr("insert", proxy_common::MAP_BACKENDS6, e))
+            }
+        }
     }
-    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
-        ignore_missing(self.backends.remove(&id))
-            .map_err(|e| kerr("remove", proxy_common::MAP_BACKENDS, e))
+    fn del_backend(&mut self, id: u32, addr: IpAddr) -> Result<(), MapError> {
+        match addr {
+            IpAddr::V4(_) => ignore_missing(self.backends.remove(&id))
+                .map_err(|e| kerr("remove", proxy_common::MAP_BACKENDS, e)),
+            IpAddr::V6(_) => ignore_missing(self.backends6.remove(&id))
+                .map_err(|e| kerr("remove", proxy_common::MAP_BACKENDS6, e)),
+        }
     }
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
-        self.services
-            .insert(key, value, 0)
-            .map_err(|e| kerr("insert", proxy_common::MAP_SERVICES, e))
+    fn put_service(&mut self, key: &SvcKey, value: &ServiceValue) -> Result<(), MapError> {
+        match key.addr {
+            IpAddr::V4(a) => self
+                .services
+                .insert(SvcKey::v4(a, key), value, 0)
+                .map_err(|e| kerr("insert", proxy_common::MAP_SERVICES, e)),
+            IpAddr::V6(a) => self
+                .services6
+                .insert(SvcKey::v6(a, key), value, 0)
+                .map_err(|e| kerr("insert", proxy_common::MAP_SERVICES6, e)),
+        }
     }
-    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        ignore_missing(self.services.remove(key))
-            .map_err(|e| kerr("remove", proxy_common::MAP_SERVICES, e))
+    fn del_service(&mut self, key: &SvcKey) -> Result<(), MapError> {
+        match key.addr {
+            IpAddr::V4(a) => ignore_missing(self.services.remove(&SvcKey::v4(a, key)))
+                .map_err(|e| kerr("remove", proxy_common::MAP_SERVICES, e)),
+            IpAddr::V6(a) => ignore_missing(self.services6.remove(&SvcKey::v6(a, key)))
+                .map_err(|e| kerr("remove", proxy_common::MAP_SERVICES6, e)),
+        }
     }
     fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError> {
         self.affinity_match
@@ -276,11 +485,10 @@ fn proto_text(p: u8) -> String {
     }
 }
 
-fn frontend_text(k: &ServiceKey) -> String {
+fn frontend_text(k: &SvcKey) -> String {
     format!(
-        "{}:{}/{}{}",
-        Ipv4Addr::from(u32::from_be(k.addr_be)),
-        u16::from_be(k.port_be),
+        "{}/{}{}",
+        std::net::SocketAddr::new(k.addr, k.port),
         proto_text(k.proto),
         if k.scope == proxy_common::SCOPE_EXTERNAL_LOCAL {
             " (external, Local)"
@@ -293,16 +501,9 @@ fn frontend_text(k: &ServiceKey) -> String {
 /// Renders the maps as sorted, stable text (one line per entry) for tests and `proxy-agent dump`.
 pub fn dump(maps: &impl LbMaps) -> Result<String, MapError> {
     let mut out = String::new();
-    let backends: BTreeMap<u32, BackendValue> = maps.backends()?.into_iter().collect();
+    let backends: BTreeMap<u32, BackendEntry> = maps.backends()?.into_iter().collect();
     let mut services = maps.services()?;
-    services.sort_by_key(|(k, _)| {
-        (
-            u32::from_be(k.addr_be),
-            u16::from_be(k.port_be),
-            k.proto,
-            k.slot,
-        )
-    });
+    services.sort_by_key(|(k, _)| *k);
     for (k, v) in &services {
         if k.slot == 0 {
             let _ = writeln!(
@@ -318,16 +519,7 @@ pub fn dump(maps: &impl LbMaps) -> Result<String, MapError> {
         } else {
             let b = backends.get(&v.backend_id);
             let target = b.map_or("MISSING".to_string(), |b| {
-                format!(
-                    "{}:{} {}",
-                    Ipv4Addr::from(u32::from_be(b.addr_be)),
-                    u16::from_be(b.port_be),
-                    if b.state == proxy_common::BACKEND_TERMINATING {
-                        "terminating"
-                    } else {
-                        "active"
-                    }
-                )
+                format!("{} {}", b.endpoint(), b.state_text())
             });
             let _ = writeln!(
                 out,
@@ -356,19 +548,12 @@ pub fn dump_json(
     services: Option<&serde_json::Value>,
 ) -> Result<serde_json::Value, MapError> {
     use serde_json::json;
-    let backends: BTreeMap<u32, BackendValue> = maps.backends()?.into_iter().collect();
+    let backends: BTreeMap<u32, BackendEntry> = maps.backends()?.into_iter().collect();
     let mut entries = maps.services()?;
-    entries.sort_by_key(|(k, _)| {
-        (
-            u32::from_be(k.addr_be),
-            u16::from_be(k.port_be),
-            k.proto,
-            k.slot,
-        )
-    });
-    let name_of = |k: &ServiceKey| -> Option<String> {
-        let ip = Ipv4Addr::from(u32::from_be(k.addr_be)).to_string();
-        let port = u16::from_be(k.port_be);
+    entries.sort_by_key(|(k, _)| *k);
+    let name_of = |k: &SvcKey| -> Option<String> {
+        let ip = k.addr.to_string();
+        let port = k.port;
         services?.as_array()?.iter().find_map(|s| {
             if s["cluster_ip"] == ip.as_str()
                 && s["port"] == port
@@ -405,8 +590,8 @@ pub fn dump_json(
                 slots.push(json!({
                     "slot": k.slot,
                     "backend_id": v.backend_id,
-                    "backend": b.map(|b| format!("{}:{}", Ipv4Addr::from(u32::from_be(b.addr_be)), u16::from_be(b.port_be))),
-                    "state": b.map(|b| if b.state == proxy_common::BACKEND_TERMINATING { "terminating" } else { "active" }),
+                    "backend": b.map(|b| b.endpoint()),
+                    "state": b.map(|b| b.state_text()),
                 }));
             }
         }

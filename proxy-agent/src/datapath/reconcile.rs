@@ -10,26 +10,26 @@
 //! service ids are kept, so applying an unchanged state after an agent restart writes nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use proxy_common::{
-    AffinityMatchKey, BACKEND_ACTIVE, BACKEND_TERMINATING, BackendValue, SVC_F_AFFINITY,
-    SVC_F_EXT_LOCAL, SVC_F_EXTERNAL, SVC_F_L7, SVC_F_SRC_RANGES, ServiceKey, ServiceValue,
+    AffinityMatchKey, BACKEND_ACTIVE, BACKEND_TERMINATING, SVC_F_AFFINITY, SVC_F_EXT_LOCAL,
+    SVC_F_EXTERNAL, SVC_F_L7, SVC_F_SRC_RANGES, ServiceValue,
 };
 use tracing::warn;
 
-use super::maps::{LbMaps, MapError, SourceRange};
+use super::maps::{BackendEntry, LbMaps, MapError, SourceRange, SvcKey};
 use crate::model::Frontend;
 
 /// (address, port, protocol number, scope) — see `ServiceKey::scope`.
-type FrontendKey = (Ipv4Addr, u16, u8, u8);
+type FrontendKey = (IpAddr, u16, u8, u8);
 
 /// The map key of a frontend.
 fn key_of(f: &Frontend) -> FrontendKey {
     (f.vip, f.port, f.protocol.number(), f.map_scope())
 }
 /// (pod address, port, protocol number).
-type BackendAddr = (Ipv4Addr, u16, u8);
+type BackendAddr = (IpAddr, u16, u8);
 
 #[derive(Debug, Clone, Default)]
 struct Applied {
@@ -60,13 +60,13 @@ pub struct ApplyStats {
 /// Keeps the datapath maps equal to the desired frontends.
 pub struct Reconciler<M: LbMaps> {
     maps: M,
-    backends: HashMap<BackendAddr, (u32, BackendValue)>,
+    backends: HashMap<BackendAddr, (u32, BackendEntry)>,
     next_backend_id: u32,
     frontends: BTreeMap<FrontendKey, Applied>,
     service_ids: HashMap<FrontendKey, u32>,
     next_service_id: u32,
     /// Entries found at restore that belong to no frontend (interrupted create or delete).
-    orphan_slots: Vec<ServiceKey>,
+    orphan_slots: Vec<SvcKey>,
     orphan_members: Vec<AffinityMatchKey>,
     orphan_ranges: Vec<SourceRange>,
     writes: usize,
@@ -103,17 +103,12 @@ fn dec(refs: &mut HashMap<u32, u32>, freed: &mut Vec<u32>, id: u32) {
     }
 }
 
-fn fkey(k: &ServiceKey) -> FrontendKey {
-    (
-        Ipv4Addr::from(u32::from_be(k.addr_be)),
-        u16::from_be(k.port_be),
-        k.proto,
-        k.scope,
-    )
+fn fkey(k: &SvcKey) -> FrontendKey {
+    (k.addr, k.port, k.proto, k.scope)
 }
 
-fn skey(k: FrontendKey, slot: u16) -> ServiceKey {
-    ServiceKey::new(u32::from(k.0), k.1, k.2, slot).in_scope(k.3)
+fn skey(k: FrontendKey, slot: u16) -> SvcKey {
+    SvcKey::new(k.0, k.1, k.2, k.3, slot)
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -138,11 +133,7 @@ impl<M: LbMaps> Reconciler<M> {
             maps,
         };
         for (id, v) in r.maps.backends()? {
-            let addr = (
-                Ipv4Addr::from(u32::from_be(v.addr_be)),
-                u16::from_be(v.port_be),
-                v.proto,
-            );
+            let addr = (v.addr, v.port, v.proto);
             r.next_backend_id = r.next_backend_id.max(id.wrapping_add(1));
             // A duplicate (same address twice) is left unreferenced and collected by apply.
             r.backends.entry(addr).or_insert((id, v));
@@ -234,7 +225,7 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// The backends (pod address, port, protocol number) deleted from the maps since the last
     /// call: no service balances to them any more.
-    pub fn take_removed(&mut self) -> Vec<(Ipv4Addr, u16, u8)> {
+    pub fn take_removed(&mut self) -> Vec<(IpAddr, u16, u8)> {
         std::mem::take(&mut self.removed)
     }
 
@@ -312,9 +303,9 @@ impl<M: LbMaps> Reconciler<M> {
     }
 
     fn backend_id(&mut self, addr: BackendAddr, terminating: bool) -> Result<u32, MapError> {
-        let value = BackendValue {
-            addr_be: u32::from(addr.0).to_be(),
-            port_be: addr.1.to_be(),
+        let value = BackendEntry {
+            addr: addr.0,
+            port: addr.1,
             proto: addr.2,
             state: if terminating {
                 BACKEND_TERMINATING
@@ -530,7 +521,7 @@ impl<M: LbMaps> Reconciler<M> {
             let Some(addr) = self.addr_of.get(&id).copied() else {
                 continue;
             };
-            if let Err(e) = self.maps.del_backend(id) {
+            if let Err(e) = self.maps.del_backend(id, addr.0) {
                 freed.push(id);
                 self.freed.extend(freed);
                 return Err(e);
@@ -546,13 +537,13 @@ impl<M: LbMaps> Reconciler<M> {
             return Ok(());
         }
         let known: BTreeSet<u32> = self.backends.values().map(|(id, _)| *id).collect();
-        for (id, _) in self.maps.backends()? {
+        for (id, b) in self.maps.backends()? {
             if !known.contains(&id) {
                 warn!(
                     backend_id = id,
                     "removing a backend entry no service references"
                 );
-                self.maps.del_backend(id)?;
+                self.maps.del_backend(id, b.addr)?;
                 self.writes += 1;
             }
         }
@@ -571,7 +562,7 @@ mod tests {
         Frontend {
             service: ObjectRef::new("default", format!("svc{vip}")),
             port_name: String::new(),
-            vip: Ipv4Addr::new(198, 19, 0, vip),
+            vip: Ipv4Addr::new(198, 19, 0, vip).into(),
             port,
             protocol: Protocol::Tcp,
             affinity_timeout_s: None,
@@ -581,7 +572,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|&(last, terminating)| Backend {
-                    addr: Ipv4Addr::new(198, 18, 0, last),
+                    addr: Ipv4Addr::new(198, 18, 0, last).into(),
                     port: 8080,
                     terminating,
                 })
@@ -591,6 +582,46 @@ mod tests {
             socket_only: false,
             source_ranges: Vec::new(),
         }
+    }
+
+    /// `fe` with IPv6 addresses: VIP `2001:2:0:ff::<vip>`, backends `2001:2::<last>`.
+    fn fe6(vip: u8, port: u16, backends: &[(u8, bool)]) -> Frontend {
+        let mut f = fe(vip, port, backends);
+        f.vip = format!("2001:2:0:ff::{vip:x}").parse().unwrap();
+        for b in &mut f.backends {
+            let IpAddr::V4(a) = b.addr else { continue };
+            b.addr = format!("2001:2::{:x}", a.octets()[3]).parse().unwrap();
+        }
+        f
+    }
+
+    #[test]
+    fn ipv6_frontends_share_the_id_spaces_and_survive_a_restore() {
+        let desired = [
+            fe(10, 80, &[(2, false)]),
+            fe6(10, 80, &[(2, false), (3, true)]),
+        ];
+        let mut r = Reconciler::restore(MemMaps::default()).unwrap();
+        r.apply(&desired).unwrap();
+        let d = dump(r.maps()).unwrap();
+        assert_eq!(
+            d,
+            "SVC 198.19.0.10:80/TCP id=1 count=1 terminating=0 flags=0x0 affinity=0s\n\
+             \x20 slot 1 -> backend 1 198.18.0.2:8080 active\n\
+             SVC [2001:2:0:ff::a]:80/TCP id=2 count=1 terminating=1 flags=0x0 affinity=0s\n\
+             \x20 slot 1 -> backend 2 [2001:2::2]:8080 active\n\
+             \x20 slot 2 -> backend 3 [2001:2::3]:8080 terminating\n\
+             BACKENDS 3\n"
+        );
+        // A restarted agent adopts both families and writes nothing for the same state.
+        let mut again = Reconciler::restore(r.maps().clone()).unwrap();
+        assert_eq!(again.apply(&desired).unwrap().writes, 0);
+        // Removing the IPv6 frontend removes its backends and reports them.
+        again.apply(&desired[..1]).unwrap();
+        let removed = again.take_removed();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(removed.iter().all(|b| b.0.is_ipv6()), "{removed:?}");
+        assert_eq!(again.maps().backends.len(), 1);
     }
 
     #[test]
@@ -604,7 +635,7 @@ mod tests {
         let range = j.iter().position(|w| w.starts_with("put range")).unwrap();
         let master = j.iter().position(|w| w.ends_with("slot 0")).unwrap();
         assert!(range < master, "{j:?}");
-        let m = r.maps().services[&ServiceKey::new(0xc613_000a, 80, 6, 0)];
+        let m = r.maps().services[&SvcKey::new(Ipv4Addr::new(198, 19, 0, 10).into(), 80, 6, 0, 0)];
         assert_eq!(
             m.flags & (SVC_F_EXTERNAL | SVC_F_SRC_RANGES),
             SVC_F_EXTERNAL | SVC_F_SRC_RANGES
@@ -779,11 +810,7 @@ mod tests {
             for (k, v) in &r.maps().services {
                 if k.slot == 0 {
                     for s in 1..=v.count {
-                        assert!(
-                            r.maps()
-                                .services
-                                .contains_key(&ServiceKey { slot: s, ..*k })
-                        );
+                        assert!(r.maps().services.contains_key(&SvcKey { slot: s, ..*k }));
                     }
                 }
             }
@@ -806,7 +833,7 @@ mod tests {
         let mut maps = MemMaps::default();
         // A slot without master (interrupted create) and a slot past the count.
         maps.services.insert(
-            ServiceKey::new(0xc613_0063, 80, 6, 1),
+            SvcKey::new(Ipv4Addr::new(198, 19, 0, 99).into(), 80, 6, 0, 1),
             ServiceValue {
                 backend_id: 7,
                 ..Default::default()
@@ -814,9 +841,9 @@ mod tests {
         );
         maps.backends.insert(
             7,
-            BackendValue {
-                addr_be: 0xc612_0007u32.to_be(),
-                port_be: 80u16.to_be(),
+            BackendEntry {
+                addr: Ipv4Addr::new(198, 18, 0, 7).into(),
+                port: 80,
                 proto: 6,
                 state: 0,
             },

@@ -39,13 +39,22 @@ pub const COUNTER_NAMES: [&str; 23] = [
 ];
 
 /// The maps whose occupancy is reported, with what they hold.
-pub const SIZED_MAPS: [(&str, &str); 8] = [
+pub const SIZED_MAPS: [(&str, &str); 11] = [
     (
         proxy_common::MAP_SERVICES,
         "service entries (masters and slots)",
     ),
     (proxy_common::MAP_BACKENDS, "backends"),
     (proxy_common::MAP_REVERSE, "reverse translations (LRU)"),
+    (
+        proxy_common::MAP_SERVICES6,
+        "IPv6 service entries (masters and slots)",
+    ),
+    (proxy_common::MAP_BACKENDS6, "IPv6 backends"),
+    (
+        proxy_common::MAP_REVERSE6,
+        "IPv6 reverse translations (LRU)",
+    ),
     (
         proxy_common::MAP_AFFINITY,
         "ClientIP affinity entries (LRU)",

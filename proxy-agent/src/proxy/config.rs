@@ -467,7 +467,7 @@ fn sources(
             .filter(|(id, _)| namespace.is_none_or(|ns| &id.namespace == ns))
             .filter(|(id, _)| exported.is_none_or(|e| e.iter().any(|ns| ns == &id.namespace)))
             .filter(|(_, p)| labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-            .map(|(_, p)| IpAddr::V4(p.ip))
+            .map(|(_, p)| p.ip)
             .collect(),
     )
 }
@@ -574,7 +574,14 @@ impl Registry {
         }
         // Problems that do not make a route fall back to its last good version.
         let mut notes: Vec<ConfigProblem> = Vec::new();
-        let pod_labels = state.pods.values().map(|p| (p.ip, &p.labels)).collect();
+        let pod_labels = state
+            .pods
+            .values()
+            .filter_map(|p| match p.ip {
+                IpAddr::V4(ip) => Some((ip, &p.labels)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
         let ctx = Ctx {
             state,
             by_service,
@@ -627,7 +634,9 @@ impl Registry {
         let mut used = Used::default();
         let mut table = RouteTable::default();
         for fe in frontends.iter().filter(|f| f.l7) {
-            let key = SocketAddrV4::new(fe.vip, fe.port);
+            // The node proxy serves IPv4 frontends (IPv6 ones are balanced in the kernel).
+            let IpAddr::V4(vip) = fe.vip else { continue };
+            let key = SocketAddrV4::new(vip, fe.port);
             if policy_same
                 && let Some(c) = cache.remove(&key)
                 && Arc::ptr_eq(&c.frontend, fe)
@@ -1112,7 +1121,7 @@ impl Registry {
                     .pods
                     .iter()
                     .filter(|(id, _)| id.namespace == ns)
-                    .map(|(_, p)| IpAddr::V4(p.ip))
+                    .map(|(_, p)| p.ip)
                     .collect()
             });
             rules.push(Rule {
@@ -1258,7 +1267,7 @@ pub fn bench_select(requests: u32, rules: usize) -> (f64, f64) {
         id.clone(),
         Arc::new(Service {
             id: id.clone(),
-            cluster_ip: Ipv4Addr::new(198, 19, 0, 10),
+            cluster_ips: vec![Ipv4Addr::new(198, 19, 0, 10).into()],
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
@@ -1286,7 +1295,7 @@ pub fn bench_select(requests: u32, rules: usize) -> (f64, f64) {
                 protocol: Protocol::Tcp,
             }],
             endpoints: vec![Endpoint {
-                addr: Ipv4Addr::new(198, 18, 1, 1),
+                addr: Ipv4Addr::new(198, 18, 1, 1).into(),
                 state: EndpointState::Ready,
                 node_name: None,
                 pod: None,
@@ -1349,7 +1358,7 @@ mod tests {
         let id = ObjectRef::new("default", name);
         let s = Service {
             id: id.clone(),
-            cluster_ip: std::net::Ipv4Addr::new(198, 19, 0, last),
+            cluster_ips: vec![std::net::Ipv4Addr::new(198, 19, 0, last).into()],
             ports: vec![ServicePort {
                 name: "http".into(),
                 port: 80,
@@ -1373,7 +1382,7 @@ mod tests {
                 protocol: Protocol::Tcp,
             }],
             endpoints: vec![Endpoint {
-                addr: std::net::Ipv4Addr::new(198, 18, 1, last),
+                addr: std::net::Ipv4Addr::new(198, 18, 1, last).into(),
                 state: EndpointState::Ready,
                 node_name: None,
                 pod: None,
@@ -1413,13 +1422,15 @@ mod tests {
         let a = SocketAddrV4::new(std::net::Ipv4Addr::new(198, 19, 0, 1), 80);
         // An unrelated Service changes: A's route is the very same object.
         let (_, mut c_slice) = svc("c", 3);
-        Arc::make_mut(&mut c_slice).endpoints[0].addr = std::net::Ipv4Addr::new(198, 18, 9, 9);
+        Arc::make_mut(&mut c_slice).endpoints[0].addr =
+            std::net::Ipv4Addr::new(198, 18, 9, 9).into();
         st.slices.insert(c_slice.id.clone(), c_slice);
         let (t2, _) = reg.build(&st, &cache.frontends(&st, None), &t1);
         assert!(Arc::ptr_eq(&t1.routes[&a], &t2.routes[&a]));
         // B (A's mirror) changes: A's mirror cluster sees B's new backend.
         let (_, mut b_slice) = svc("b", 2);
-        Arc::make_mut(&mut b_slice).endpoints[0].addr = std::net::Ipv4Addr::new(198, 18, 7, 7);
+        Arc::make_mut(&mut b_slice).endpoints[0].addr =
+            std::net::Ipv4Addr::new(198, 18, 7, 7).into();
         st.slices.insert(b_slice.id.clone(), b_slice);
         let (t3, _) = reg.build(&st, &cache.frontends(&st, None), &t2);
         let mirror = t3.routes[&a].rules[0].mirror.as_ref().unwrap();
@@ -1479,7 +1490,7 @@ http:
         st.pods.insert(
             ObjectRef::new("default", "frontend-1"),
             crate::model::PodInfo {
-                ip: std::net::Ipv4Addr::new(198, 18, 5, 5),
+                ip: std::net::Ipv4Addr::new(198, 18, 5, 5).into(),
                 labels: [("app".to_string(), "frontend".to_string())].into(),
             },
         );
@@ -1561,7 +1572,7 @@ http:
             st.pods.insert(
                 ObjectRef::new(ns, name),
                 crate::model::PodInfo {
-                    ip: std::net::Ipv4Addr::new(198, 18, 5, last),
+                    ip: std::net::Ipv4Addr::new(198, 18, 5, last).into(),
                     labels: Default::default(),
                 },
             );

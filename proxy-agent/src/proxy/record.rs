@@ -245,7 +245,7 @@ pub fn bench(n: u32, metrics: bool, access_log: bool) -> anyhow::Result<(Duratio
         st.pods.insert(
             crate::model::ObjectRef::new("default", *name),
             crate::model::PodInfo {
-                ip: std::net::Ipv4Addr::new(198, 18, 0, 10 + i as u8),
+                ip: std::net::Ipv4Addr::new(198, 18, 0, 10 + i as u8).into(),
                 labels,
             },
         );

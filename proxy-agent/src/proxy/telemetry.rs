@@ -218,7 +218,7 @@ impl Peers {
             .pods
             .iter()
             .filter(|(_, p)| !p.ip.is_unspecified())
-            .map(|(id, p)| (IpAddr::V4(p.ip), peer_id(Peer::of_pod(id, &p.labels))))
+            .map(|(id, p)| (p.ip, peer_id(Peer::of_pod(id, &p.labels))))
             .collect();
         Self { by_ip }
     }

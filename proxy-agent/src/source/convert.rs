@@ -240,14 +240,14 @@ pub fn pod(p: &core::Pod) -> FieldResult<(ObjectRef, PodInfo)> {
         return Ok((
             id,
             PodInfo {
-                ip: Ipv4Addr::UNSPECIFIED,
+                ip: Ipv4Addr::UNSPECIFIED.into(),
                 labels,
             },
         ));
     };
-    let ip: Ipv4Addr = ip
+    let ip: IpAddr = ip
         .parse()
-        .map_err(|_| FieldError::new("status.podIP", format!("{ip:?} is not an IPv4 address")))?;
+        .map_err(|_| FieldError::new("status.podIP", format!("{ip:?} is not an IP address")))?;
     Ok((id, PodInfo { ip, labels }))
 }
 
@@ -280,21 +280,7 @@ pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
         "spec.clusterIP",
         "required in manifests mode (no API server allocates one); set an address from the service CIDR",
     ))?;
-    let cluster_ip: Ipv4Addr = match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(v4)) => v4,
-        Ok(IpAddr::V6(_)) => {
-            return Err(FieldError::new(
-                "spec.clusterIP",
-                format!("{ip}: IPv6 ClusterIPs are not supported yet"),
-            ));
-        }
-        Err(e) => {
-            return Err(FieldError::new(
-                "spec.clusterIP",
-                format!("{ip:?} is not an IP address: {e}"),
-            ));
-        }
-    };
+    let cluster_ips = cluster_ips(ip, spec.cluster_ips.as_deref())?;
     let mut ports = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let name = p.name.clone().unwrap_or_default();
@@ -429,7 +415,7 @@ pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
         .is_some_and(|m| m.eq_ignore_ascii_case("auto"));
     Ok(Ok(Service {
         id,
-        cluster_ip,
+        cluster_ips,
         ports,
         affinity_timeout_s,
         mode,
@@ -441,6 +427,53 @@ pub fn service(s: &core::Service) -> FieldResult<Result<Service, NotOurs>> {
         prefer_close,
         north_south,
     }))
+}
+
+/// `spec.clusterIP` with `spec.clusterIPs` (dual-stack: one address per family, the primary
+/// first, equal to `clusterIP`).
+fn cluster_ips(primary: &str, all: Option<&[String]>) -> FieldResult<Vec<IpAddr>> {
+    let parse = |field: &str, ip: &str| {
+        ip.parse::<IpAddr>()
+            .map_err(|e| FieldError::new(field, format!("{ip:?} is not an IP address: {e}")))
+    };
+    let first = parse("spec.clusterIP", primary)?;
+    let mut out = vec![first];
+    let all = all.unwrap_or_default();
+    if let Some(p) = all.first()
+        && parse("spec.clusterIPs[0]", p)? != first
+    {
+        return Err(FieldError::new(
+            "spec.clusterIPs[0]",
+            format!("{p} must equal spec.clusterIP ({primary})"),
+        ));
+    }
+    if all.len() > 2 {
+        return Err(FieldError::new(
+            "spec.clusterIPs",
+            format!("{} addresses: at most one per family (2)", all.len()),
+        ));
+    }
+    if let Some(second) = all.get(1) {
+        let second = parse("spec.clusterIPs[1]", second)?;
+        if second.is_ipv6() == first.is_ipv6() {
+            return Err(FieldError::new(
+                "spec.clusterIPs[1]",
+                format!(
+                    "{second} is of the same family as {first}: dual-stack needs one IPv4 and one IPv6 address"
+                ),
+            ));
+        }
+        out.push(second);
+    }
+    for ip in &out {
+        if ip.is_unspecified() || ip.is_loopback() {
+            return Err(FieldError::new(
+                "spec.clusterIP",
+                format!("{ip} is not a usable ClusterIP"),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 /// The north-south part of a Service: LoadBalancer ingress IPs, externalIPs and their policies.
@@ -544,12 +577,16 @@ fn north_south(s: &core::Service, spec: &core::ServiceSpec) -> FieldResult<North
 /// Validates a discovery.k8s.io/v1 EndpointSlice into the model.
 pub fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
     let id = meta_ref(&s.metadata, NameRule::Dns1123Subdomain)?;
-    if s.address_type != "IPv4" {
-        return Err(FieldError::new(
-            "addressType",
-            format!("{:?} is not supported (IPv4)", s.address_type),
-        ));
-    }
+    let v6 = match s.address_type.as_str() {
+        "IPv4" => false,
+        "IPv6" => true,
+        other => {
+            return Err(FieldError::new(
+                "addressType",
+                format!("{other:?} is not supported (IPv4 or IPv6)"),
+            ));
+        }
+    };
     let svc_name = s
         .metadata
         .labels
@@ -604,12 +641,16 @@ pub fn slice(s: &discovery::EndpointSlice) -> FieldResult<EndpointSlice> {
         }
         // Kubernetes consumers use the first address (the others are fungible duplicates).
         let a = &ep.addresses[0];
-        let addr: Ipv4Addr = a.parse().map_err(|_| {
-            FieldError::new(
-                format!("endpoints[{i}].addresses[0]"),
-                format!("{a:?} is not an IPv4 address"),
-            )
-        })?;
+        let addr: IpAddr = a
+            .parse()
+            .ok()
+            .filter(|ip: &IpAddr| ip.is_ipv6() == v6)
+            .ok_or_else(|| {
+                FieldError::new(
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!("{a:?} is not an {} address", s.address_type),
+                )
+            })?;
         let pod = ep
             .target_ref
             .as_ref()
@@ -665,6 +706,59 @@ mod tests {
         ))
         .unwrap();
         service(&s).map(|r| r.unwrap())
+    }
+
+    fn with_ips(ips: &str) -> FieldResult<Service> {
+        let s: core::Service = serde_yaml::from_str(&format!(
+            "metadata: {{name: web, namespace: default}}\nspec:\n{ips}  ports: [{{port: 80}}]\n"
+        ))
+        .unwrap();
+        service(&s).map(|r| r.unwrap())
+    }
+
+    #[test]
+    fn cluster_ips_of_both_families_are_read_and_checked() {
+        let v6 = with_ips("  clusterIP: \"2001:2:0:ff::10\"\n").unwrap();
+        assert_eq!(
+            v6.cluster_ips,
+            ["2001:2:0:ff::10".parse::<IpAddr>().unwrap()]
+        );
+        let dual = with_ips(
+            "  clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, \"2001:2:0:ff::10\"]\n",
+        )
+        .unwrap();
+        assert_eq!(dual.cluster_ips.len(), 2);
+        assert!(dual.cluster_ips[0].is_ipv4() && dual.cluster_ips[1].is_ipv6());
+        let e = with_ips("  clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, 198.19.0.11]\n")
+            .unwrap_err();
+        assert_eq!(e.field, "spec.clusterIPs[1]", "{e:?}");
+        let e = with_ips(
+            "  clusterIP: 198.19.0.10\n  clusterIPs: [\"2001:2:0:ff::10\", 198.19.0.10]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "spec.clusterIPs[0]", "{e:?}");
+        let e = with_ips("  clusterIP: \"::1\"\n").unwrap_err();
+        assert_eq!(e.field, "spec.clusterIP", "{e:?}");
+    }
+
+    #[test]
+    fn ipv6_slices_hold_ipv6_addresses_only() {
+        let parse = |family: &str, addr: &str| {
+            let s: discovery::EndpointSlice = serde_yaml::from_str(&format!(
+                "metadata:\n  name: web-a\n  labels: {{kubernetes.io/service-name: web}}\naddressType: {family}\nendpoints: [{{addresses: [\"{addr}\"]}}]\n"
+            ))
+            .unwrap();
+            slice(&s)
+        };
+        let ok = parse("IPv6", "2001:2::a").unwrap();
+        assert_eq!(ok.endpoints[0].addr, "2001:2::a".parse::<IpAddr>().unwrap());
+        let e = parse("IPv6", "198.18.0.10").unwrap_err();
+        assert_eq!(e.field, "endpoints[0].addresses[0]", "{e:?}");
+        assert!(e.message.contains("IPv6"), "{e:?}");
+        let e = parse("IPv4", "2001:2::a").unwrap_err();
+        assert_eq!(e.field, "endpoints[0].addresses[0]", "{e:?}");
+        let e = parse("FQDN", "example.com").unwrap_err();
+        assert_eq!(e.field, "addressType", "{e:?}");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -96,7 +96,7 @@ pub struct ManifestDir {
     files: BTreeMap<PathBuf, FileEntry>,
     max_file_bytes: u64,
     /// Which Service owns each ClusterIP port, so a second claimant never takes it over.
-    owners: HashMap<(Ipv4Addr, u16, Protocol), ObjectRef>,
+    owners: HashMap<(IpAddr, u16, Protocol), ObjectRef>,
 }
 
 /// Result of a rescan.
@@ -273,7 +273,7 @@ impl ManifestDir {
                 })
                 .map_or("-".to_string(), |(p, _)| p.display().to_string())
         };
-        let mut owners: HashMap<(Ipv4Addr, u16, Protocol), ObjectRef> = HashMap::new();
+        let mut owners: HashMap<(IpAddr, u16, Protocol), ObjectRef> = HashMap::new();
         let mut refused: BTreeMap<ObjectRef, (&'static str, String)> = BTreeMap::new();
         // Previous owners claim first, then the others in name order.
         let mut order: Vec<&Arc<Service>> = st.services.values().collect();
@@ -331,21 +331,26 @@ impl ManifestDir {
 
 /// Every (address, port, protocol) a Service answers on, with the field that claims it: its
 /// ClusterIP ports, NodePorts (address 0.0.0.0), LoadBalancer ingress IPs and externalIPs.
-fn claims(s: &Service) -> Vec<((Ipv4Addr, u16, Protocol), &'static str)> {
+fn claims(s: &Service) -> Vec<((IpAddr, u16, Protocol), &'static str)> {
     let mut out = Vec::new();
     for p in &s.ports {
-        out.push(((s.cluster_ip, p.port, p.protocol), "spec.clusterIP"));
+        for ip in &s.cluster_ips {
+            out.push(((*ip, p.port, p.protocol), "spec.clusterIP"));
+        }
         if let Some(np) = p.node_port {
             out.push((
-                (Ipv4Addr::UNSPECIFIED, np, p.protocol),
+                (Ipv4Addr::UNSPECIFIED.into(), np, p.protocol),
                 "spec.ports[].nodePort",
             ));
         }
         for ip in &s.north_south.lb_ips {
-            out.push(((*ip, p.port, p.protocol), "status.loadBalancer.ingress"));
+            out.push((
+                ((*ip).into(), p.port, p.protocol),
+                "status.loadBalancer.ingress",
+            ));
         }
         for ip in &s.north_south.external_ips {
-            out.push(((*ip, p.port, p.protocol), "spec.externalIPs"));
+            out.push((((*ip).into(), p.port, p.protocol), "spec.externalIPs"));
         }
     }
     out
