@@ -539,17 +539,12 @@ fn stale_udp_run(terminate: bool) -> (Vec<(u64, String)>, u64) {
     node.write_manifest("dns.yaml", &svc(dns1.ip));
     let flag = terminate.to_string();
     let _agent = node.start_agent(&["--terminate-stale-udp", &flag]);
-    let resolver = client.spawn_probe(
+    let mut resolver = client.spawn_probe(
         "udp-resolver",
         &["--to", "198.19.0.53:53", "--duration-ms", "4000"],
     );
-    // The resolver's socket is connected (and pinned to dns1) once connect4 counted it.
-    tests::sys::poll("the resolver to connect", T, || {
-        let c = node.status()["datapath_counters"]["connect4"]
-            .as_u64()
-            .unwrap_or(0);
-        (c >= 1).then_some(())
-    });
+    // The resolver's socket is connected and pinned to dns1 once dns1 answered it.
+    resolver.wait_log_count("outcome now dns1", 1, T);
     // The pod is deleted: its server and its interface go, and its endpoint with it.
     drop(server1);
     let ns = dns1
