@@ -321,6 +321,16 @@ trait Family {
     fn recall(cookie: u64, addr: Self::Addr, port_be: u16) -> Option<(Self::Addr, u16, u32)>;
     /// Puts the addresses of a decision in the monitor fields of this family.
     fn note(d: &mut Decision, orig: Self::Addr, new: Self::Addr);
+    /// Debug log (with `--bpf-log`) of a translation; `fallback`: the proxy was down.
+    fn log_to(
+        ctx: &SockAddrContext,
+        hook: u8,
+        from: (Self::Addr, u16),
+        to: &Target<Self::Addr>,
+        fallback: bool,
+    );
+    /// Debug log of a refusal (no usable backend).
+    fn log_refused(ctx: &SockAddrContext, at: (Self::Addr, u16), service_id: u32);
 }
 
 /// IPv4 (and IPv4-mapped IPv6) sockets.
@@ -386,6 +396,52 @@ impl Family for V4 {
         d.orig_addr_be = orig;
         d.new_addr_be = new;
     }
+    #[inline(always)]
+    fn log_to(
+        ctx: &SockAddrContext,
+        hook: u8,
+        (a, p): (u32, u16),
+        to: &Target<u32>,
+        fallback: bool,
+    ) {
+        if fallback {
+            debug!(
+                ctx,
+                "proxy down: {:i}:{} balanced in the kernel to {:i}:{}",
+                u32::from_be(a),
+                u16::from_be(p),
+                u32::from_be(to.addr),
+                u16::from_be(to.port_be)
+            );
+        } else {
+            trace!(
+                ctx,
+                "hook {} {:i}:{} -> {:i}:{}",
+                hook,
+                u32::from_be(a),
+                u16::from_be(p),
+                u32::from_be(to.addr),
+                u16::from_be(to.port_be)
+            );
+        }
+    }
+    #[inline(always)]
+    fn log_refused(ctx: &SockAddrContext, (a, p): (u32, u16), service_id: u32) {
+        debug!(
+            ctx,
+            "refused {:i}:{}: service {} has no usable backend",
+            u32::from_be(a),
+            u16::from_be(p),
+            service_id
+        );
+    }
+}
+
+/// The 16 bytes of an IPv6 address held as four network-order words, for aya-log's `{:i}`.
+#[inline(always)]
+fn bytes6(w: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern valid; the words hold the bytes in address order.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w) }
 }
 
 impl Family for V6 {
@@ -456,6 +512,34 @@ impl Family for V6 {
         d.family = 6;
         d.orig_addr6_be = orig;
         d.new_addr6_be = new;
+    }
+    #[inline(always)]
+    fn log_to(
+        ctx: &SockAddrContext,
+        hook: u8,
+        (a, p): ([u32; 4], u16),
+        to: &Target<[u32; 4]>,
+        _fallback: bool,
+    ) {
+        trace!(
+            ctx,
+            "hook {} [{:i}]:{} -> [{:i}]:{}",
+            hook,
+            bytes6(a),
+            u16::from_be(p),
+            bytes6(to.addr),
+            u16::from_be(to.port_be)
+        );
+    }
+    #[inline(always)]
+    fn log_refused(ctx: &SockAddrContext, (a, p): ([u32; 4], u16), service_id: u32) {
+        debug!(
+            ctx,
+            "refused [{:i}]:{}: service {} has no usable backend",
+            bytes6(a),
+            u16::from_be(p),
+            service_id
+        );
     }
 }
 
@@ -723,35 +807,21 @@ fn decide<F: Family>(
             });
             if verdict == VERDICT_L7_FALLBACK {
                 count(STAT_CONNECT4 + hook as u32);
-                debug!(
-                    ctx,
-                    "proxy down: service {} balanced in the kernel to backend {} port {}",
-                    service_id,
-                    backend_id,
-                    u16::from_be(b.port_be)
-                );
-            } else {
-                trace!(
-                    ctx,
-                    "hook {} service {} -> backend {} port {}",
-                    hook,
-                    service_id,
-                    backend_id,
-                    u16::from_be(b.port_be)
-                );
             }
+            F::log_to(
+                ctx,
+                hook,
+                (addr, port_be),
+                &b,
+                verdict == VERDICT_L7_FALLBACK,
+            );
             (SYS_PROCEED, Some(b))
         }
         Fwd::Refuse(service_id) => {
             d.verdict = VERDICT_REFUSED;
             d.service_id = service_id;
             count(STAT_REFUSED);
-            debug!(
-                ctx,
-                "refused port {}: service {} has no usable backend",
-                u16::from_be(port_be),
-                service_id
-            );
+            F::log_refused(ctx, (addr, port_be), service_id);
             (refuse(), None)
         }
     };
