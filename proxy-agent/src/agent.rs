@@ -223,33 +223,42 @@ impl Syncer {
         let Some((cgroup, bpffs)) = &self.terminate_udp else {
             return;
         };
-        let gone: std::collections::BTreeSet<(Ipv4Addr, u16)> = removed
+        let gone: std::collections::BTreeSet<(std::net::IpAddr, u16)> = removed
             .into_iter()
             .filter(|b| b.2 == proxy_common::PROTO_UDP)
-            .filter_map(|b| match b.0 {
-                // Connected IPv6 UDP sockets are not scanned yet.
-                std::net::IpAddr::V4(ip) => Some((ip, b.1)),
-                std::net::IpAddr::V6(_) => None,
-            })
+            .map(|b| (b.0, b.1))
             .collect();
         if gone.is_empty() {
             return;
         }
-        let reverse = match crate::datapath::loader::open_reverse_map(bpffs) {
+        let maps = crate::datapath::loader::open_reverse_map(bpffs)
+            .and_then(|v4| Ok((v4, crate::datapath::loader::open_reverse_map6(bpffs)?)));
+        let (reverse, reverse6) = match maps {
             Ok(m) => m,
             Err(e) => {
-                warn!(error = %e, "cannot read the reverse map; stale UDP sockets stay");
+                warn!(error = %e, "cannot read the reverse maps; stale UDP sockets stay");
                 return;
             }
         };
-        let translated = |cookie: u64, addr: Ipv4Addr, port: u16| {
-            let key = proxy_common::RevKey {
-                cookie,
-                addr_be: u32::from(addr).to_be(),
-                port_be: port.to_be(),
-                _pad: 0,
-            };
-            reverse.get(&key, 0).is_ok()
+        let translated = |cookie: u64, addr: std::net::IpAddr, port: u16| match addr {
+            std::net::IpAddr::V4(a) => {
+                let key = proxy_common::RevKey {
+                    cookie,
+                    addr_be: u32::from(a).to_be(),
+                    port_be: port.to_be(),
+                    _pad: 0,
+                };
+                reverse.get(&key, 0).is_ok()
+            }
+            std::net::IpAddr::V6(a) => {
+                let key = proxy_common::RevKey6 {
+                    cookie,
+                    addr_be: crate::datapath::maps::words(a),
+                    port_be: port.to_be(),
+                    _pad: [0; 3],
+                };
+                reverse6.get(&key, 0).is_ok()
+            }
         };
         crate::datapath::sockets::terminate_udp(cgroup, &gone, &translated);
     }

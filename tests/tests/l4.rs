@@ -527,22 +527,33 @@ fn clusterip_crosses_nodes_over_the_underlay_and_internal_local_stays_on_the_nod
 /// ClusterIP, pinned to dns1; dns1 is deleted (server gone, interface gone) and the
 /// EndpointSlice moves to dns2. Returns the resolver's events after the change and its socket
 /// count, with the change time.
-fn stale_udp_run(terminate: bool) -> (Vec<(u64, String)>, u64) {
+fn stale_udp_run(terminate: bool, v6: bool) -> (Vec<(u64, String)>, u64) {
     let mut node = SimNode::new();
     let dns1 = node.add_pod("dns1");
     let dns2 = node.add_pod("dns2");
     let client = node.add_pod("client");
-    let server1 = dns1.fixture_server("udp-echo", &["--listen", "0.0.0.0:5353"]);
-    let _server2 = dns2.fixture_server("udp-echo", &["--listen", "0.0.0.0:5353"]);
-    let svc =
-        |ip: Ipv4Addr| k8s::service_with_endpoints("dns", "198.19.0.53", 53, "UDP", 5353, &[ip]);
-    node.write_manifest("dns.yaml", &svc(dns1.ip));
+    let server1 = dns1.fixture_server("udp-echo", &["--listen", "[::]:5353"]);
+    let _server2 = dns2.fixture_server("udp-echo", &["--listen", "[::]:5353"]);
+    let svc = |pod: &Pod| {
+        if v6 {
+            format!(
+                "{}---\n{}",
+                k8s::service("dns", "2001:2:0:ff::53", 53, "UDP", ""),
+                k8s::slice6("dns-1", "dns", 5353, "UDP", &[(pod.ip6, Cond::Ready)])
+            )
+        } else {
+            k8s::service_with_endpoints("dns", "198.19.0.53", 53, "UDP", 5353, &[pod.ip])
+        }
+    };
+    node.write_manifest("dns.yaml", &svc(&dns1));
     let flag = terminate.to_string();
     let _agent = node.start_agent(&["--terminate-stale-udp", &flag]);
-    let mut resolver = client.spawn_probe(
-        "udp-resolver",
-        &["--to", "198.19.0.53:53", "--duration-ms", "4000"],
-    );
+    let to = if v6 {
+        "[2001:2:0:ff::53]:53"
+    } else {
+        "198.19.0.53:53"
+    };
+    let mut resolver = client.spawn_probe("udp-resolver", &["--to", to, "--duration-ms", "4000"]);
     // The resolver's socket is connected and pinned to dns1 once dns1 answered it.
     resolver.wait_log_count("outcome now dns1", 1, T);
     // The pod is deleted: its server and its interface go, and its endpoint with it.
@@ -563,7 +574,7 @@ fn stale_udp_run(terminate: bool) -> (Vec<(u64, String)>, u64) {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64;
-    node.write_manifest("dns.yaml", &svc(dns2.ip));
+    node.write_manifest("dns.yaml", &svc(&dns2));
     let out = Pod::finish_probe(resolver, T);
     let before: Vec<&Value> = out["events"]
         .as_array()
@@ -594,14 +605,14 @@ fn stale_udp_run(terminate: bool) -> (Vec<(u64, String)>, u64) {
 /// new pod within 1 s of the EndpointSlice change.
 #[test]
 fn a_resolver_pinned_to_a_deleted_dns_pod_reconnects_to_the_new_one_within_a_second() {
-    let (after, sockets) = stale_udp_run(false);
+    let (after, sockets) = stale_udp_run(false, false);
     let first_dns2 = after.iter().find(|(_, o)| o == "dns2").map(|(t, _)| *t);
     eprintln!("termination off: first dns2 answer after {first_dns2:?} ms, {sockets} sockets");
     assert!(
         first_dns2.is_none_or(|t| t >= 2000),
         "without termination the socket stays on the deleted pod (the failure reproduced): first dns2 answer at {first_dns2:?} ms, {sockets} sockets: {after:?}"
     );
-    let (after, sockets) = stale_udp_run(true);
+    let (after, sockets) = stale_udp_run(true, false);
     let first_dns2 = after.iter().find(|(_, o)| o == "dns2").map(|(t, _)| *t);
     eprintln!("termination on: first dns2 answer after {first_dns2:?} ms, {sockets} sockets");
     assert!(
@@ -894,4 +905,18 @@ fn a_dual_stack_service_serves_both_families_with_their_own_endpoints() {
         services.contains("198.19.0.20") && services.contains("2001:2:0:ff::20"),
         "{services}"
     );
+}
+
+/// The same re-pinning for an IPv6 resolver on an IPv6 ClusterIP: the connected IPv6 UDP
+/// socket is found (sock_diag, AF_INET6), matched in the IPv6 reverse map and destroyed.
+#[test]
+fn an_ipv6_resolver_pinned_to_a_deleted_dns_pod_reconnects_too() {
+    let (after, sockets) = stale_udp_run(true, true);
+    let first_dns2 = after.iter().find(|(_, o)| o == "dns2").map(|(t, _)| *t);
+    eprintln!("IPv6, termination on: first dns2 answer after {first_dns2:?} ms, {sockets} sockets");
+    assert!(
+        first_dns2.is_some_and(|t| t < 1000),
+        "the IPv6 resolver reaches dns2 within 1 s: first answer at {first_dns2:?} ms: {after:?}"
+    );
+    assert!(sockets >= 2, "it reconnected: {after:?}");
 }

@@ -607,6 +607,17 @@ pub fn open_reverse_map(
     AyaHashMap::try_from(Map::LruHashMap(data)).map_err(|e| DatapathError::Map(name, e.to_string()))
 }
 
+/// The pinned IPv6 reverse-translation map (see [`open_reverse_map`]).
+pub fn open_reverse_map6(
+    bpffs: &Path,
+) -> Result<AyaHashMap<MapData, proxy_common::RevKey6, proxy_common::RevValue6>, DatapathError> {
+    let name = proxy_common::MAP_REVERSE6;
+    let path = bpffs.join("maps").join(name);
+    let data = MapData::from_pin(&path)
+        .map_err(|e| DatapathError::Map(name, format!("{}: {e}", path.display())))?;
+    AyaHashMap::try_from(Map::LruHashMap(data)).map_err(|e| DatapathError::Map(name, e.to_string()))
+}
+
 /// Detaches and removes everything pinned under `bpffs` (links first, then maps).
 ///
 /// Returns the number of pins removed. Safe to run when nothing is pinned.

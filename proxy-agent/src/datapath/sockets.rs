@@ -16,7 +16,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
@@ -85,8 +85,9 @@ struct DiagMsg {
 pub struct Found {
     /// Socket cookie.
     pub cookie: u64,
-    /// Peer (the backend after translation).
-    pub peer: (Ipv4Addr, u16),
+    /// Peer (the backend after translation); IPv4 for an IPv4-mapped peer of an IPv6 socket.
+    pub peer: (IpAddr, u16),
+    family: u8,
     id: SockId,
 }
 
@@ -185,10 +186,10 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<()> {
     }
 }
 
-/// Connected IPv4 UDP sockets of the current network namespace.
-fn connected_udp(fd: &OwnedFd) -> io::Result<Vec<Found>> {
+/// Connected UDP sockets of `family` (`AF_INET`, `AF_INET6`) in the current network namespace.
+fn connected_udp(fd: &OwnedFd, family: u8) -> io::Result<Vec<Found>> {
     let req = DiagReq {
-        family: libc::AF_INET as u8,
+        family,
         protocol: libc::IPPROTO_UDP as u8,
         states: 1 << UDP_CONNECTED,
         ..Default::default()
@@ -204,12 +205,16 @@ fn connected_udp(fd: &OwnedFd) -> io::Result<Vec<Found>> {
         }
         // SAFETY: length checked.
         let m: DiagMsg = unsafe { std::ptr::read_unaligned(p.as_ptr().cast()) };
+        let addr: IpAddr = if family == libc::AF_INET as u8 {
+            Ipv4Addr::from(u32::from_be(m.id.dst[0])).into()
+        } else {
+            let a = crate::datapath::maps::from_words(m.id.dst);
+            a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
+        };
         out.push(Found {
             cookie: m.id.cookie[0] as u64 | (m.id.cookie[1] as u64) << 32,
-            peer: (
-                Ipv4Addr::from(u32::from_be(m.id.dst[0])),
-                u16::from_be(m.id.dport_be),
-            ),
+            peer: (addr, u16::from_be(m.id.dport_be)),
+            family,
             id: m.id,
         });
     })?;
@@ -218,7 +223,7 @@ fn connected_udp(fd: &OwnedFd) -> io::Result<Vec<Found>> {
 
 fn destroy(fd: &OwnedFd, s: &Found) -> io::Result<()> {
     let req = DiagReq {
-        family: libc::AF_INET as u8,
+        family: s.family,
         protocol: libc::IPPROTO_UDP as u8,
         states: u32::MAX,
         id: s.id,
@@ -260,8 +265,8 @@ fn namespaces(cgroup: &Path) -> Vec<File> {
 /// `translated` (a REVNAT lookup by cookie and peer) says we pinned there. Returns how many.
 pub fn terminate_udp(
     cgroup: &Path,
-    gone: &BTreeSet<(Ipv4Addr, u16)>,
-    translated: &(dyn Fn(u64, Ipv4Addr, u16) -> bool + Sync),
+    gone: &BTreeSet<(IpAddr, u16)>,
+    translated: &(dyn Fn(u64, IpAddr, u16) -> bool + Sync),
 ) -> usize {
     if gone.is_empty() {
         return 0;
@@ -278,13 +283,15 @@ pub fn terminate_udp(
                 }
                 let fd = diag_socket()?;
                 let mut n = 0;
-                for s in connected_udp(&fd)? {
+                let mut found = connected_udp(&fd, libc::AF_INET as u8)?;
+                found.extend(connected_udp(&fd, libc::AF_INET6 as u8)?);
+                for s in found {
                     if !gone.contains(&s.peer) || !translated(s.cookie, s.peer.0, s.peer.1) {
                         continue;
                     }
                     match destroy(&fd, &s) {
                         Ok(()) => {
-                            debug!(cookie = s.cookie, peer = %format!("{}:{}", s.peer.0, s.peer.1), "destroyed a UDP socket pinned to a removed backend");
+                            debug!(cookie = s.cookie, peer = %std::net::SocketAddr::new(s.peer.0, s.peer.1), "destroyed a UDP socket pinned to a removed backend");
                             n += 1;
                         }
                         Err(e) => warn!(error = %e, "SOCK_DESTROY failed (is CONFIG_INET_DIAG_DESTROY set?)"),
