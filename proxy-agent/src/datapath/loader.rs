@@ -596,26 +596,29 @@ fn own_netns_cookie() -> std::io::Result<u64> {
     Ok(cookie)
 }
 
-/// The pinned reverse-translation map, read-only use (which sockets we translated).
-pub fn open_reverse_map(
+/// A pinned LRU map under `bpffs` by name.
+fn open_lru<K: aya::Pod, V: aya::Pod>(
     bpffs: &Path,
-) -> Result<AyaHashMap<MapData, proxy_common::RevKey, proxy_common::RevValue>, DatapathError> {
-    let name = proxy_common::MAP_REVERSE;
+    name: &'static str,
+) -> Result<AyaHashMap<MapData, K, V>, DatapathError> {
     let path = bpffs.join("maps").join(name);
     let data = MapData::from_pin(&path)
         .map_err(|e| DatapathError::Map(name, format!("{}: {e}", path.display())))?;
     AyaHashMap::try_from(Map::LruHashMap(data)).map_err(|e| DatapathError::Map(name, e.to_string()))
 }
 
+/// The pinned reverse-translation map, read-only use (which sockets we translated).
+pub fn open_reverse_map(
+    bpffs: &Path,
+) -> Result<AyaHashMap<MapData, proxy_common::RevKey, proxy_common::RevValue>, DatapathError> {
+    open_lru(bpffs, proxy_common::MAP_REVERSE)
+}
+
 /// The pinned IPv6 reverse-translation map (see [`open_reverse_map`]).
 pub fn open_reverse_map6(
     bpffs: &Path,
 ) -> Result<AyaHashMap<MapData, proxy_common::RevKey6, proxy_common::RevValue6>, DatapathError> {
-    let name = proxy_common::MAP_REVERSE6;
-    let path = bpffs.join("maps").join(name);
-    let data = MapData::from_pin(&path)
-        .map_err(|e| DatapathError::Map(name, format!("{}: {e}", path.display())))?;
-    AyaHashMap::try_from(Map::LruHashMap(data)).map_err(|e| DatapathError::Map(name, e.to_string()))
+    open_lru(bpffs, proxy_common::MAP_REVERSE6)
 }
 
 /// Detaches and removes everything pinned under `bpffs` (links first, then maps).
