@@ -338,7 +338,8 @@ impl Cluster {
         InFlight(self.rt.clone())
     }
 
-    /// Picks a backend for one attempt, preferring ones not in `tried`. `key` is the consistent
+    /// Picks a backend for one attempt, preferring ones not in `tried` (else the one tried
+    /// longest ago). `key` is the consistent
     /// hash of the request when the policy hashes. `None`: no healthy backend.
     pub fn pick(&self, key: Option<u64>, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
         let n = self.backends.len();
@@ -364,10 +365,14 @@ impl Cluster {
         if candidates.is_empty() {
             return None;
         }
+        // Not tried yet; once every backend was, the one tried longest ago (the last n-1
+        // tries are avoided), so a retry never goes straight back to a backend that just
+        // failed, hung or is dying.
+        let recent = &tried[tried.len().saturating_sub(n - 1)..];
         let untried: Vec<usize> = candidates
             .iter()
             .copied()
-            .filter(|&i| !tried.contains(&self.backends[i].addr))
+            .filter(|&i| !recent.contains(&self.backends[i].addr))
             .collect();
         if !untried.is_empty() {
             candidates = untried;
@@ -631,8 +636,14 @@ mod tests {
             let tried = [addrs(3)[0], addrs(3)[1]];
             assert_eq!(c.pick(None, &tried).unwrap().addr, addrs(3)[2]);
         }
-        // All tried: any backend again.
-        assert!(c.pick(None, &addrs(3)).is_some());
+        // All tried: the one tried longest ago, never the one that just failed.
+        for _ in 0..100 {
+            let a = addrs(3);
+            assert_eq!(c.pick(None, &a).unwrap().addr, a[0]);
+            assert_eq!(c.pick(None, &[a[0], a[1], a[2], a[0]]).unwrap().addr, a[1]);
+        }
+        let one = Cluster::new("t".into(), &addrs(1), policy(LoadBalancer::Random, None));
+        assert_eq!(one.pick(None, &addrs(1)).unwrap().addr, addrs(1)[0]);
     }
 
     #[test]

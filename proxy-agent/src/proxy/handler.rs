@@ -4,7 +4,8 @@
 //! A retry needs all of: a matching `retryOn` condition, attempts left, time left, a body whose
 //! part sent so far is still in the 64 KiB replay buffer, an idempotent method or a request the
 //! backend never saw, and a slot in the retry budget (20% of active requests, at least 3).
-//! Retries go to a backend not tried yet when one exists, after a jittered exponential backoff
+//! Retries go to a backend not tried yet when one exists (else to the one tried longest ago),
+//! after a jittered exponential backoff
 //! (25 ms base, 250 ms cap). Timeouts count from the end of the request body, as Envoy's do.
 //! Upgrades and CONNECT go to [`super::upgrade`].
 
