@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::admin::{ApplyReport, Hub, Snapshot};
-use crate::datapath::{AyaMaps, Datapath, L7Maps, Opened, Reconciler};
+use crate::datapath::{AyaMaps, Datapath, L7Maps, Opened, Publication, Reconciler};
 use crate::model::{FrontendCache, State};
 use crate::proxy::config::ConfigProblem;
 use crate::proxy::telemetry::Peers;
@@ -84,16 +84,25 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<::k
 }
 
 /// Binds the proxy listeners, publishes them to the datapath (redirect target and liveness)
-/// and starts the workers.
+/// and starts the workers. Called once the first state's routes are in the table: a proxy
+/// that listens joins the `SO_REUSEPORT` group, and an earlier agent's redirected connections
+/// may reach it at once (a hand-over), so it must never answer "no route" for a lack of
+/// configuration.
 fn start_proxy(
     cfg: &RunConfig,
     node_ip: Ipv4Addr,
     l7: L7Maps,
     table: Arc<ArcSwap<RouteTable>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Arc<Proxy>, Publication)> {
     let addr = SocketAddrV4::new(node_ip, cfg.proxy_port);
+    // A listener that closes while another agent's listens on the same address hands its
+    // queued connections over instead of resetting them (Linux >= 5.14).
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1") {
+        warn!(error = %e, "could not set net.ipv4.tcp_migrate_req=1: connections queued at the proxy during an agent hand-over may be reset");
+    }
     let listeners = proxy::workers::listeners(addr, cfg.proxy_workers.len())?;
-    let orig: Arc<dyn OrigDst> = Arc::new(l7.publish(addr, &listeners[0])?);
+    let (orig, publication) = l7.publish(addr, &listeners)?;
+    let orig: Arc<dyn OrigDst> = Arc::new(orig);
     let proxy = Proxy::new(table, orig, cfg.proxy.clone(), cfg.hub.telemetry.clone());
     for (i, (l, rt)) in listeners.into_iter().zip(&cfg.proxy_workers).enumerate() {
         let listener = {
@@ -102,9 +111,51 @@ fn start_proxy(
         };
         rt.spawn(proxy::serve(listener, proxy.clone(), i == 0));
     }
-    cfg.hub.set_proxy(proxy);
+    cfg.hub.set_proxy(proxy.clone());
     info!(%addr, workers = cfg.proxy_workers.len(), "L7 proxy listening");
-    Ok(())
+    Ok((proxy, publication))
+}
+
+/// The graceful shutdown of the proxy: out of the redirect map (new connects are balanced in
+/// the kernel, or reach the agent that took over), listeners closed, connections finished
+/// for at most `--drain-timeout`.
+async fn drain(proxy: &Proxy, publication: &mut Publication) {
+    let t0 = tokio::time::Instant::now();
+    let withdrawn = publication.withdraw();
+    // The accept loops linger from here.
+    proxy.drain();
+    match withdrawn {
+        Ok(true) => info!("draining the L7 proxy: new connections are balanced in the kernel"),
+        Ok(false) => info!(
+            "draining the L7 proxy: another agent's proxy listens on the same address and takes the new connections"
+        ),
+        Err(e) => warn!(
+            error = format!("{e:#}"),
+            "draining the L7 proxy: could not withdraw it from the redirect map; connections arriving during the drain may be reset"
+        ),
+    }
+    let t0_linger = tokio::time::Instant::now();
+    let limit = proxy.config().drain_timeout;
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        let open = proxy.active_connections();
+        if open == 0 && t0_linger.elapsed() >= proxy::limits::DRAIN_ACCEPT_LINGER {
+            info!(
+                ms = t0.elapsed().as_millis() as u64,
+                "the L7 proxy drained: no connection left"
+            );
+            return;
+        }
+        if t0.elapsed() >= limit {
+            warn!(
+                open,
+                timeout_s = limit.as_secs_f64(),
+                "drain timeout: closing the proxy's remaining connections (--drain-timeout)"
+            );
+            return;
+        }
+    }
 }
 
 /// A route problem as the reporter lists it.
@@ -331,15 +382,18 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         idle_timeout: cfg.proxy.pool_idle_timeout,
         max_idle: cfg.proxy.pool_max_idle,
     });
-    match cfg.node_ip {
-        Some(ip) => start_proxy(&cfg, ip, l7, table.clone())?,
+    // The proxy starts after the first sync (its routes are in the table by then).
+    let mut l7 = match cfg.node_ip {
+        Some(ip) => Some((ip, l7)),
         None => {
             l7.disable()?;
             warn!(
                 "no --node-ip (or NODE_IP): the L7 proxy is off and HTTP Services are balanced in the kernel"
             );
+            None
         }
-    }
+    };
+    let mut proxy: Option<(Arc<Proxy>, Publication)> = None;
     info!(
         frontends = reconciler.frontend_count(),
         "restored datapath state from pinned maps"
@@ -410,21 +464,29 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 }
             }
             _ = tokio::time::sleep_until(retry_at), if retry.is_some() => {}
-            _ = term.recv() => { info!("SIGTERM: exiting, the datapath stays pinned and serving"); return Ok(()); }
-            _ = int.recv() => { info!("SIGINT: exiting, the datapath stays pinned and serving"); return Ok(()); }
+            sig = async { tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" } } => {
+                info!("{sig}: exiting, the datapath stays pinned and serving");
+                if let Some((p, publication)) = &mut proxy {
+                    drain(p, publication).await;
+                }
+                return Ok(());
+            }
         }
         let Some(state) = rx.borrow_and_update().clone() else {
             continue;
         };
         let mut s = syncer.take().context("the syncer is gone")?;
-        let (table, hub) = (table.clone(), hub.clone());
+        let (routes, hub) = (table.clone(), hub.clone());
         let (s, ok) = tokio::task::spawn_blocking(move || {
-            let ok = s.sync(state, &table, &hub);
+            let ok = s.sync(state, &routes, &hub);
             (s, ok)
         })
         .await
         .context("the sync task panicked")?;
         syncer = Some(s);
         retry = (!ok).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
+        if let Some((ip, maps)) = l7.take() {
+            proxy = Some(start_proxy(&cfg, ip, maps, table.clone())?);
+        }
     }
 }

@@ -249,6 +249,10 @@ struct ProxyArgs {
     /// Opaque TCP and upgraded connections without a byte either way for this long close.
     #[arg(long, default_value = "1h", value_parser = duration)]
     stream_idle_timeout: Duration,
+    /// On SIGTERM: how long requests in flight and busy keep-alive connections may finish
+    /// before the agent exits (keep below terminationGracePeriodSeconds).
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    drain_timeout: Duration,
     /// Pooled upstream HTTP/1.1 connections idle for this long are closed.
     #[arg(long, default_value = "90s", value_parser = duration)]
     pool_idle_timeout: Duration,
@@ -273,6 +277,7 @@ impl From<ProxyArgs> for ProxyConfig {
             pool_idle_timeout: a.pool_idle_timeout,
             pool_max_idle: a.pool_max_idle,
             x_forwarded_for: a.x_forwarded_for,
+            drain_timeout: a.drain_timeout,
         }
     }
 }

@@ -22,15 +22,17 @@ pub struct L7Maps {
 }
 
 impl L7Maps {
-    /// Redirects HTTP Services to `addr` and publishes `listener` as the proxy's socket. From
-    /// here on the kernel sends L7 connects to the proxy; it removes the socket from the map
-    /// when the process dies (closing every listener of its group), and connects fall back to
-    /// in-kernel balancing at once. Returns the original-destination lookup for the proxy.
+    /// Redirects HTTP Services to `addr` and publishes `listener` as the proxy's socket
+    /// (replacing an earlier agent's: a hand-over). From here on the kernel sends L7 connects
+    /// to the proxy; it removes the socket from the map when the process dies (closing every
+    /// listener of its group), and connects fall back to in-kernel balancing at once. Returns
+    /// the original-destination lookup for the proxy and the handle that withdraws it.
     pub fn publish(
         mut self,
         addr: SocketAddrV4,
-        listener: &std::net::TcpListener,
-    ) -> anyhow::Result<MapOrigDst> {
+        listeners: &[std::net::TcpListener],
+    ) -> anyhow::Result<(MapOrigDst, Publication)> {
+        let listener = listeners.first().context("no proxy listener")?;
         let redirect = L7Config {
             proxy_addr_be: u32::from(*addr.ip()).to_be(),
             proxy_port_be: addr.port().to_be(),
@@ -42,7 +44,19 @@ impl L7Maps {
         self.proxy_sock
             .set(0, listener, 0)
             .context("publishing the proxy listener to the datapath")?;
-        Ok(MapOrigDst(self.orig_dst))
+        let own = listeners
+            .iter()
+            .map(|l| socket_inode(l.as_raw_fd()))
+            .collect::<std::io::Result<_>>()
+            .context("reading the proxy listeners' inodes")?;
+        Ok((
+            MapOrigDst(self.orig_dst),
+            Publication {
+                sock: self.proxy_sock,
+                addr,
+                own,
+            },
+        ))
     }
 
     /// Turns the redirect off: every Service is balanced in the kernel.
@@ -51,6 +65,48 @@ impl L7Maps {
             .set(0, L7Config::default(), 0)
             .context("clearing the L7 redirect configuration")
     }
+}
+
+/// The proxy's entry in the redirect sockmap, to withdraw when the proxy drains.
+pub struct Publication {
+    sock: SockMap<MapData>,
+    addr: SocketAddrV4,
+    /// Socket inodes of this process's listeners.
+    own: Vec<u64>,
+}
+
+impl Publication {
+    /// Stops new connects from being redirected to this proxy, unless another agent's proxy
+    /// listens on the same address (a hand-over: the entry is, or will be, the new one's, and
+    /// the kernel migrates what our listeners still queue when they close). Returns whether
+    /// the entry was withdrawn (connects now go to in-kernel balancing).
+    pub fn withdraw(&mut self) -> anyhow::Result<bool> {
+        let listening = super::sockets::tcp_listeners(self.addr)
+            .context("listing the TCP listeners (sock_diag)")?;
+        if listening.iter().any(|i| !self.own.contains(i)) {
+            return Ok(false);
+        }
+        match self.sock.clear_index(&0) {
+            Ok(()) => Ok(true),
+            // Gone already (the socket closed).
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(true)
+            }
+            Err(e) => Err(e).context("removing the proxy listener from the redirect map"),
+        }
+    }
+}
+
+/// The inode of the socket behind `fd` (as sock_diag reports it).
+fn socket_inode(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
+    // SAFETY: fstat on an open descriptor into a zeroed local struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
 }
 
 /// The original-destination map of the datapath, read once after each accept: one
@@ -98,5 +154,23 @@ impl OrigDst for MapOrigDst {
                 u16::from_be(v.port_be),
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sock_diag_finds_the_listeners_on_an_address() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = match a.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            other => panic!("{other}"),
+        };
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let found = super::super::sockets::tcp_listeners(addr).unwrap();
+        assert_eq!(found, vec![socket_inode(a.as_raw_fd()).unwrap()]);
+        assert!(!found.contains(&socket_inode(other.as_raw_fd()).unwrap()));
     }
 }

@@ -9,7 +9,7 @@ pub mod reconcile;
 pub mod sockets;
 pub mod telemetry;
 
-pub use l7::{L7Maps, MapOrigDst};
+pub use l7::{L7Maps, MapOrigDst, Publication};
 pub use loader::{Datapath, DatapathError, Opened, cleanup};
 pub use maps::{AyaMaps, LbMaps, MapError, MemMaps, dump};
 pub use reconcile::{ApplyStats, Reconciler};

@@ -78,6 +78,11 @@ struct DiagMsg {
     timer: u8,
     retrans: u8,
     id: SockId,
+    expires: u32,
+    rqueue: u32,
+    wqueue: u32,
+    uid: u32,
+    inode: u32,
 }
 
 /// A connected UDP socket found in a namespace.
@@ -217,6 +222,42 @@ fn connected_udp(fd: &OwnedFd, family: u8) -> io::Result<Vec<Found>> {
             family,
             id: m.id,
         });
+    })?;
+    Ok(out)
+}
+
+/// `TCP_LISTEN` in sock_diag's state numbering.
+const TCP_LISTEN: u32 = 10;
+
+/// Socket inodes of the TCP listeners on `addr` in the current network namespace (the
+/// kernel filters by state: no walk over established or TIME_WAIT sockets, unlike
+/// `/proc/net/tcp`).
+pub fn tcp_listeners(addr: std::net::SocketAddrV4) -> io::Result<Vec<u64>> {
+    let fd = diag_socket()?;
+    let req = DiagReq {
+        family: libc::AF_INET as u8,
+        protocol: libc::IPPROTO_TCP as u8,
+        states: 1 << TCP_LISTEN,
+        ..Default::default()
+    };
+    send(
+        &fd,
+        &request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req),
+    )?;
+    let mut out = Vec::new();
+    receive(&fd, |p| {
+        if p.len() < std::mem::size_of::<DiagMsg>() {
+            return;
+        }
+        // SAFETY: length checked.
+        let m: DiagMsg = unsafe { std::ptr::read_unaligned(p.as_ptr().cast()) };
+        let local = std::net::SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(m.id.src[0])),
+            u16::from_be(m.id.sport_be),
+        );
+        if local == addr {
+            out.push(u64::from(m.inode));
+        }
     })?;
     Ok(out)
 }

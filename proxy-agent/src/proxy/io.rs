@@ -14,7 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::limits::{
-    H2_CONTROL_FRAME_BUDGET, H2_CONTROL_WINDOW, H2_PREMATURE_RESET_MIN_STREAMS, ProxyConfig,
+    DRAIN_IDLE_GRACE, H2_CONTROL_FRAME_BUDGET, H2_CONTROL_WINDOW, H2_PREMATURE_RESET_MIN_STREAMS,
+    ProxyConfig,
 };
 
 /// Bytes already read from a stream, returned again before the stream's own.
@@ -122,6 +123,9 @@ pub struct ConnState {
     close: OnceLock<&'static str>,
     /// Reads are paused: an abusive client gets nothing more read from its socket.
     paused: AtomicBool,
+    /// The proxy is shutting down: finish what is in flight, then close (HTTP/1: `Connection:
+    /// close` on the next response; HTTP/2: GOAWAY).
+    draining: AtomicBool,
     wake: Notify,
     /// The connection's slot under `max_connections`, released when the last user is gone.
     _permit: Option<OwnedSemaphorePermit>,
@@ -159,6 +163,7 @@ impl ConnState {
             idle_since: AtomicU64::new(0),
             close: OnceLock::new(),
             paused: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             wake: Notify::new(),
             _permit: permit,
             client: OnceLock::new(),
@@ -207,6 +212,18 @@ impl ConnState {
         }
     }
 
+    /// Asks the connection to finish gracefully: the proxy is shutting down.
+    pub fn drain(&self) {
+        if !self.draining.swap(true, Relaxed) {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Whether the connection is draining.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
     /// Why the connection is being closed, if it is.
     pub fn closing(&self) -> Option<&'static str> {
         self.close.get().copied()
@@ -238,13 +255,25 @@ impl ConnState {
     /// finds the precise deadline then.
     pub fn next_deadline(&self, cfg: &ProxyConfig) -> (Instant, Option<&'static str>) {
         let now = Instant::now();
-        let recheck = now + cfg.header_read_timeout.min(cfg.http_idle_timeout);
+        let mut every = cfg.header_read_timeout.min(cfg.http_idle_timeout);
+        if self.draining() {
+            every = every.min(DRAIN_IDLE_GRACE);
+        }
+        let recheck = now + every;
         if self.in_flight.load(Relaxed) > 0 {
             return (recheck, None);
         }
         let head = self.head_since.load(Relaxed);
         let (since_ms, after, why) = if head > 0 {
             (head - 1, cfg.header_read_timeout, "header-read-timeout")
+        } else if self.draining() && self.kind() == ConnKind::Http1 {
+            // Draining: an idle HTTP/1 connection closes after a short grace (a request the
+            // client is sending right now still gets its answer, with `Connection: close`).
+            (
+                self.idle_since.load(Relaxed),
+                DRAIN_IDLE_GRACE.min(cfg.http_idle_timeout),
+                "drain",
+            )
         } else {
             (
                 self.idle_since.load(Relaxed),

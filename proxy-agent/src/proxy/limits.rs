@@ -37,6 +37,10 @@ pub struct ProxyConfig {
     /// Append the client pod's IP to `x-forwarded-for` (`--x-forwarded-for`, true). Through
     /// the proxy a backend sees the node IP as the source, not the pod IP as under kube-proxy.
     pub x_forwarded_for: bool,
+    /// On SIGTERM the proxy stops accepting and lets requests in flight and busy keep-alive
+    /// connections finish for at most this long, then exits (`--drain-timeout`, 30s; keep it
+    /// below the DaemonSet's `terminationGracePeriodSeconds`).
+    pub drain_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -51,6 +55,7 @@ impl Default for ProxyConfig {
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle: 64,
             x_forwarded_for: true,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -83,6 +88,12 @@ pub const H2_PREMATURE_RESET_MIN_STREAMS: u64 = 100;
 pub const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 /// After a GOAWAY to an idle connection (nothing in flight), it is dropped this long later.
 pub const GOAWAY_IDLE_GRACE: Duration = Duration::from_millis(10);
+/// While draining, an HTTP/1 connection idle this long is closed (one that is busy gets
+/// `Connection: close` on its next response instead).
+pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+/// While draining, the listeners keep accepting this long after the proxy left the redirect
+/// map (connects the datapath sent before that are still arriving), then close.
+pub const DRAIN_ACCEPT_LINGER: Duration = Duration::from_millis(250);
 /// First pause after a failed accept (EMFILE, ENFILE, ENOBUFS); doubles up to
 /// [`ACCEPT_BACKOFF_MAX`] while accepts keep failing.
 pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(1);

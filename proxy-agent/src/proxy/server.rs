@@ -70,11 +70,13 @@ pub struct ProxyStats {
     pub idle_closed: AtomicU64,
     /// Closed for HTTP/2 abuse (rapid reset, ping/settings floods).
     pub abusive: AtomicU64,
+    /// Idle HTTP/1 connections closed while the proxy drained.
+    pub drained: AtomicU64,
 }
 
 impl ProxyStats {
     /// Every counter with its name.
-    pub fn summary(&self) -> [(&'static str, u64); 11] {
+    pub fn summary(&self) -> [(&'static str, u64); 12] {
         [
             ("accepted", self.accepted.load(Relaxed)),
             ("rejected_limit", self.rejected_limit.load(Relaxed)),
@@ -87,6 +89,7 @@ impl ProxyStats {
             ("header_timeouts", self.header_timeouts.load(Relaxed)),
             ("idle_closed", self.idle_closed.load(Relaxed)),
             ("abusive", self.abusive.load(Relaxed)),
+            ("drained", self.drained.load(Relaxed)),
         ]
     }
 }
@@ -111,6 +114,8 @@ pub struct Proxy {
     /// workers.
     accept_log: Mutex<RateLimitedLog>,
     limit_log: Mutex<RateLimitedLog>,
+    /// `true` once the proxy drains (SIGTERM): the accept loops stop, connections finish.
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -149,6 +154,7 @@ impl Proxy {
             clients: Mutex::new(Clients::default()),
             accept_log: Mutex::new(RateLimitedLog::every(limits::WARN_EVERY)),
             limit_log: Mutex::new(RateLimitedLog::every(limits::WARN_EVERY)),
+            drain: tokio::sync::watch::Sender::new(false),
             cfg: Arc::new(cfg),
         })
     }
@@ -165,6 +171,28 @@ impl Proxy {
         self.cfg
             .max_connections
             .saturating_sub(self.limit.available_permits())
+    }
+
+    /// Starts the graceful shutdown: the accept loops stop after
+    /// [`limits::DRAIN_ACCEPT_LINGER`] and every connection finishes what it has in flight
+    /// (HTTP/1: `Connection: close` on its next response, closed after
+    /// [`limits::DRAIN_IDLE_GRACE`] idle; HTTP/2: GOAWAY). Opaque and upgraded connections go
+    /// on until they end or the process exits.
+    pub fn drain(&self) {
+        self.drain.send_replace(true);
+        let Ok(clients) = self.clients.lock() else {
+            return;
+        };
+        for c in clients.by_ip.values() {
+            for conn in c.conns.iter().filter_map(Weak::upgrade) {
+                conn.drain();
+            }
+        }
+    }
+
+    /// Whether the proxy drains.
+    pub fn draining(&self) -> bool {
+        *self.drain.borrow()
     }
 }
 
@@ -280,9 +308,25 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, sweeper: bool) {
     if sweeper {
         tokio::spawn(sweep(Arc::downgrade(&proxy)));
     }
+    let stop = {
+        let mut rx = proxy.drain.subscribe();
+        async move {
+            let _ = rx.wait_for(|d| *d).await;
+            tokio::time::sleep(limits::DRAIN_ACCEPT_LINGER).await;
+        }
+    };
+    tokio::pin!(stop);
     let mut backoff = limits::ACCEPT_BACKOFF_MIN;
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut stop => {
+                debug!("draining: the listener stops accepting");
+                return;
+            }
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
             Ok(c) => {
                 backoff = limits::ACCEPT_BACKOFF_MIN;
                 c
@@ -326,6 +370,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, sweeper: bool) {
                     "a client opens idle connections faster than they are shed: closing its new ones (--max-idle-per-client)");
             }
             continue;
+        }
+        if proxy.draining() {
+            conn.drain();
         }
         tokio::spawn(serve_conn(stream, peer, dst, conn, proxy.clone()));
     }
@@ -454,11 +501,27 @@ async fn serve_conn(
                 let ds = ds.clone();
                 let route = table.load().routes.get(&ds.orig).cloned();
                 let mut guard = ds.conn.request();
+                let version = req.version();
                 async move {
-                    let resp = match route {
+                    let mut resp = match route {
                         Some(route) => handler::handle(req, &ds, route).await,
                         None => no_route(ds.orig),
                     };
+                    if !h2
+                        && ds.conn.draining()
+                        && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        // hyper closes the connection once this response is written. To an
+                        // HTTP/1.0 client it must be a 1.0 response, or hyper would add
+                        // `keep-alive` to this header.
+                        resp.headers_mut().insert(
+                            hyper::header::CONNECTION,
+                            hyper::header::HeaderValue::from_static("close"),
+                        );
+                        if version == hyper::Version::HTTP_10 {
+                            *resp.version_mut() = hyper::Version::HTTP_10;
+                        }
+                    }
                     guard.answered();
                     Ok::<_, Infallible>(resp.map(|b| Holding::new(b, guard)))
                 }
@@ -478,6 +541,7 @@ async fn serve_conn(
                     "header-read-timeout" => &p.stats.header_timeouts,
                     "idle-timeout" => &p.stats.idle_closed,
                     "idle-shed" => return,
+                    "drain" => &p.stats.drained,
                     _ => {
                         warn!(%peer, %dst, reason = why, "closed an abusive HTTP/2 connection with GOAWAY");
                         &p.stats.abusive
@@ -540,7 +604,17 @@ async fn drive<C: Graceful>(
     tokio::pin!(c);
     let timer = tokio::time::sleep_until(conn.next_deadline(cfg).0.into());
     tokio::pin!(timer);
+    let mut drain_seen = false;
     loop {
+        if conn.draining() && !drain_seen {
+            drain_seen = true;
+            if conn.kind() == ConnKind::Http2 {
+                // GOAWAY: streams in flight finish, then hyper ends the connection.
+                c.as_mut().shutdown();
+            } else {
+                timer.as_mut().reset(conn.next_deadline(cfg).0.into());
+            }
+        }
         tokio::select! {
             r = c.as_mut() => {
                 if let Err(e) = r {
