@@ -466,6 +466,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(retry_at), if retry.is_some() => {}
             sig = async { tokio::select! { _ = term.recv() => "SIGTERM", _ = int.recv() => "SIGINT" } } => {
                 info!("{sig}: exiting, the datapath stays pinned and serving");
+                hub.set_draining();
                 if let Some((p, publication)) = &mut proxy {
                     drain(p, publication).await;
                 }

@@ -152,9 +152,20 @@ fn the_rendered_daemonset_serves_a_clusterip_with_least_privilege() {
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["priorityClassName"], "system-node-critical");
     assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+    // Surge updates: the new agent takes over before the old one drains.
+    assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"], 1);
     assert_eq!(
         ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
-        1
+        0
+    );
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+    assert!(
+        grace > 30,
+        "terminationGracePeriodSeconds {grace} must exceed the 30 s drain timeout"
+    );
+    assert!(
+        pod["containers"][0].get("ports").is_none(),
+        "container ports become hostPorts under hostNetwork and block the surge pod"
     );
     let c = &pod["containers"][0];
     let sc = &c["securityContext"];

@@ -132,14 +132,19 @@ pub async fn serve(hub: Arc<Hub>) {
             if running.contains_key(port) {
                 continue;
             }
-            match TcpListener::bind(("0.0.0.0", *port)).await {
+            let bound = crate::proxy::workers::reuseport_listener(
+                std::net::SocketAddr::from(([0, 0, 0, 0], *port)),
+                1024,
+            )
+            .and_then(|l| Ok(TcpListener::from_std(l)?));
+            match bound {
                 Ok(l) => {
                     info!(port, service = %svc, "serving the Service's healthCheckNodePort");
                     running.insert(*port, tokio::spawn(serve_port(hub.clone(), l, *port)));
                 }
                 // Tried again at the next generation.
                 Err(e) => {
-                    warn!(port, service = %svc, error = %e, "cannot listen on the healthCheckNodePort")
+                    warn!(port, service = %svc, error = format!("{e:#}"), "cannot listen on the healthCheckNodePort")
                 }
             }
         }

@@ -173,6 +173,8 @@ pub struct Hub {
     proxy: OnceLock<Arc<Proxy>>,
     counters: Mutex<Option<Counters>>,
     proxy_listening: AtomicBool,
+    /// SIGTERM received: the agent drains and leaves.
+    draining: AtomicBool,
     /// The eBPF object's hash and whether its links were adopted from an earlier agent.
     datapath: OnceLock<(String, bool)>,
     /// The addresses a NodePort answers on (the north-south devices' and the node IP).
@@ -216,6 +218,7 @@ impl Hub {
             proxy: OnceLock::new(),
             counters: Mutex::new(None),
             proxy_listening: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             datapath: OnceLock::new(),
             node_addrs: OnceLock::new(),
             heartbeat_ms: AtomicU64::new(0),
@@ -245,6 +248,12 @@ impl Hub {
     pub fn set_proxy(&self, p: Arc<Proxy>) {
         let _ = self.proxy.set(p);
         self.proxy_listening.store(true, Relaxed);
+    }
+
+    /// The agent drains (SIGTERM): `/ready` fails from now on, so that a probe of the agent
+    /// replacing it (the admin listeners are shared during a hand-over) never counts this one.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Relaxed);
     }
 
     /// Notes the datapath's object hash and whether it was adopted.
@@ -296,6 +305,9 @@ impl Hub {
                     s.apply.error.clone().unwrap_or_default()
                 )
             });
+        }
+        if self.draining.load(Relaxed) {
+            return Err("draining: SIGTERM received, this agent is leaving".into());
         }
         if self.info.proxy_addr.is_some() && !self.proxy_listening.load(Relaxed) {
             return Err("the L7 proxy is not listening yet".into());

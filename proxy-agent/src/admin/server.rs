@@ -394,11 +394,10 @@ async fn metrics_only(
 }
 
 fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr).with_context(|| {
-        format!("binding the {what} to {addr} (another agent on this node? choose another address with the flag)")
-    })?;
-    l.set_nonblocking(true)?;
-    Ok(l)
+    // SO_REUSEPORT: during a hand-over the next agent listens next to this one.
+    crate::proxy::workers::reuseport_listener(addr, 1024).with_context(|| {
+        format!("binding the {what} to {addr} (a process other than an agent holds it? choose another address with the flag)")
+    })
 }
 
 /// Checks the admin address: loopback unless `unsafe_ok`.

@@ -89,29 +89,43 @@ impl Workers {
 }
 
 /// `n` listeners on `addr` in one `SO_REUSEPORT` group: the kernel spreads new connections
-/// over them.
+/// over them (and over those of another agent taking over the node).
 pub fn listeners(addr: SocketAddrV4, n: usize) -> anyhow::Result<Vec<std::net::TcpListener>> {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
-        sockopt,
-    };
     (0..n.max(1))
         .map(|_| {
-            let fd = socket(
-                AddressFamily::Inet,
-                SockType::Stream,
-                SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .context("creating the proxy listener socket")?;
-            setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
-            setsockopt(&fd, sockopt::ReusePort, &true).context("SO_REUSEPORT")?;
-            bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).with_context(|| {
+            reuseport_listener(addr.into(), 4096).with_context(|| {
                 format!("binding the L7 proxy to {addr} (is --node-ip an address of this node, and the port free?)")
-            })?;
-            listen(&fd, Backlog::new(4096).unwrap_or(Backlog::MAXCONN))
-                .context("listening on the proxy socket")?;
-            Ok(std::net::TcpListener::from(fd))
+            })
         })
         .collect()
+}
+
+/// A non-blocking listener on `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`: a second agent
+/// on the node (a surge rollout) can listen next to this one.
+pub fn reuseport_listener(
+    addr: std::net::SocketAddr,
+    backlog: i32,
+) -> anyhow::Result<std::net::TcpListener> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt,
+        socket, sockopt,
+    };
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("creating a listening socket")?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).context("SO_REUSEADDR")?;
+    setsockopt(&fd, sockopt::ReusePort, &true).context("SO_REUSEPORT")?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .with_context(|| format!("binding {addr}"))?;
+    listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN)).context("listen")?;
+    Ok(std::net::TcpListener::from(fd))
 }
