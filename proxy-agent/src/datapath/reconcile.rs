@@ -878,4 +878,135 @@ mod tests {
         r.apply(std::slice::from_ref(&a)).unwrap();
         assert!(r.maps().affinity_match.is_empty());
     }
+
+    /// [`MemMaps`] that checks, after every single write, that the maps are valid for the
+    /// datapath: a master's `count + terminating_count` slots all exist, carry its service id
+    /// and name a backend that exists.
+    struct Checked(MemMaps);
+
+    impl Checked {
+        fn check(&self, after: &str) {
+            for (k, master) in self.0.services.iter().filter(|(k, _)| k.slot == 0) {
+                let n = master.count + master.terminating_count;
+                for slot in 1..=n {
+                    let key = SvcKey { slot, ..*k };
+                    let s = self.0.services.get(&key).unwrap_or_else(|| {
+                        panic!("after {after}: {k:?} counts {n} slots but slot {slot} is missing")
+                    });
+                    assert_eq!(
+                        s.service_id, master.service_id,
+                        "after {after}: slot {slot} of {k:?} belongs to another service"
+                    );
+                    assert!(
+                        self.0.backends.contains_key(&s.backend_id),
+                        "after {after}: slot {slot} of {k:?} names missing backend {}",
+                        s.backend_id
+                    );
+                }
+            }
+        }
+    }
+
+    impl LbMaps for Checked {
+        fn backends(&self) -> Result<Vec<(u32, BackendEntry)>, MapError> {
+            self.0.backends()
+        }
+        fn services(&self) -> Result<Vec<(SvcKey, ServiceValue)>, MapError> {
+            self.0.services()
+        }
+        fn affinity_matches(&self) -> Result<Vec<AffinityMatchKey>, MapError> {
+            self.0.affinity_matches()
+        }
+        fn put_backend(&mut self, id: u32, value: &BackendEntry) -> Result<(), MapError> {
+            self.0.put_backend(id, value)?;
+            self.check(&format!("put backend {id}"));
+            Ok(())
+        }
+        fn del_backend(&mut self, id: u32, addr: IpAddr) -> Result<(), MapError> {
+            self.0.del_backend(id, addr)?;
+            self.check(&format!("del backend {id}"));
+            Ok(())
+        }
+        fn put_service(&mut self, key: &SvcKey, value: &ServiceValue) -> Result<(), MapError> {
+            self.0.put_service(key, value)?;
+            self.check(&format!("put {key:?}"));
+            Ok(())
+        }
+        fn del_service(&mut self, key: &SvcKey) -> Result<(), MapError> {
+            self.0.del_service(key)?;
+            self.check(&format!("del {key:?}"));
+            Ok(())
+        }
+        fn put_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError> {
+            self.0.put_affinity_match(key)
+        }
+        fn del_affinity_match(&mut self, key: &AffinityMatchKey) -> Result<(), MapError> {
+            self.0.del_affinity_match(key)
+        }
+        fn source_ranges(&self) -> Result<Vec<SourceRange>, MapError> {
+            self.0.source_ranges()
+        }
+        fn put_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
+            self.0.put_source_range(r)
+        }
+        fn del_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
+            self.0.del_source_range(r)
+        }
+    }
+
+    /// What the datapath would do with the maps, without ids: per frontend, its active and
+    /// terminating backends (address, port).
+    fn logical(m: &MemMaps) -> BTreeMap<String, (Vec<String>, Vec<String>)> {
+        let name = |k: &SvcKey, slot: u16| {
+            let s = &m.services[&SvcKey { slot, ..*k }];
+            let b = &m.backends[&s.backend_id];
+            format!("{}:{}", b.addr, b.port)
+        };
+        m.services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .map(|(k, v)| {
+                let mut active: Vec<String> = (1..=v.count).map(|s| name(k, s)).collect();
+                let mut term: Vec<String> = (v.count + 1..=v.count + v.terminating_count)
+                    .map(|s| name(k, s))
+                    .collect();
+                active.sort();
+                term.sort();
+                (format!("{}:{}/{}", k.addr, k.port, k.proto), (active, term))
+            })
+            .collect()
+    }
+
+    fn state() -> impl proptest::strategy::Strategy<Value = Vec<Frontend>> {
+        use proptest::prelude::*;
+        proptest::collection::btree_map(
+            10u8..16,
+            proptest::collection::btree_map(2u8..12, any::<bool>(), 0..6),
+            0..6,
+        )
+        .prop_map(|m| {
+            m.into_iter()
+                .map(|(vip, bs)| fe(vip, 80, &bs.into_iter().collect::<Vec<_>>()))
+                .collect()
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+        /// Any sequence of desired states: every intermediate map state is valid for the
+        /// datapath, and after each apply the maps say exactly what was desired.
+        #[test]
+        fn every_write_leaves_valid_maps_and_the_last_apply_wins(
+            states in proptest::collection::vec(state(), 1..8)
+        ) {
+            let mut r = Reconciler::restore(Checked(MemMaps::default())).unwrap();
+            for desired in &states {
+                r.apply(desired).unwrap();
+                let mut fresh = Reconciler::restore(MemMaps::default()).unwrap();
+                fresh.apply(desired).unwrap();
+                proptest::prop_assert_eq!(logical(&r.maps.0), logical(&fresh.maps));
+            }
+        }
+    }
 }
