@@ -22,9 +22,9 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns,
         generated::{bpf_map_lookup_elem, bpf_set_retval, bpf_sk_release},
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, trace};
 use proxy_common::{
@@ -1013,6 +1013,70 @@ pub fn pxa_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn pxa_getpeername6(ctx: SockAddrContext) -> i32 {
     rev6(&ctx, HOOK_GETPEERNAME6)
+}
+
+/// Reads a field of the `bpf_sock` context with a volatile read of the reloaded context
+/// pointer (see `ops_field!`).
+macro_rules! sock_field {
+    ($ctx:expr, $($field:tt)+) => {{
+        // SAFETY: the context pointer is valid for the whole program; the field is readable.
+        unsafe {
+            let sk = core::ptr::read_volatile(&$ctx.sock);
+            core::ptr::read_volatile(&raw const (*sk).$($field)+)
+        }
+    }};
+}
+
+/// A socket is released: its reverse entry (cookie, the backend or proxy it was connected to)
+/// goes with it, so the reverse LRU holds live sockets only instead of filling up with one
+/// entry per connection ever made (and evicting the entries of long-lived ones). Entries of
+/// unconnected UDP sends (no destination here) are left to the LRU.
+#[cgroup_sock(sock_release)]
+pub fn pxa_sock_release(ctx: SockContext) -> i32 {
+    let port_be = sock_field!(ctx, dst_port);
+    if port_be == 0 {
+        return 1;
+    }
+    // SAFETY: the helper takes the program's socket context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock as *mut core::ffi::c_void) };
+    match sock_field!(ctx, family) {
+        AF_INET => {
+            let key = RevKey {
+                cookie,
+                addr_be: sock_field!(ctx, dst_ip4),
+                port_be,
+                _pad: 0,
+            };
+            let _ = REVERSE.remove(&key);
+        }
+        AF_INET6 => {
+            let ip6 = [
+                sock_field!(ctx, dst_ip6[0]),
+                sock_field!(ctx, dst_ip6[1]),
+                sock_field!(ctx, dst_ip6[2]),
+                sock_field!(ctx, dst_ip6[3]),
+            ];
+            if let Some(v4) = mapped_v4(&ip6) {
+                let key = RevKey {
+                    cookie,
+                    addr_be: v4,
+                    port_be,
+                    _pad: 0,
+                };
+                let _ = REVERSE.remove(&key);
+            } else {
+                let key = RevKey6 {
+                    cookie,
+                    addr_be: ip6,
+                    port_be,
+                    _pad: [0; 3],
+                };
+                let _ = REVERSE6.remove(&key);
+            }
+        }
+        _ => {}
+    }
+    1
 }
 
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;

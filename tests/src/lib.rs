@@ -15,6 +15,7 @@ pub mod leftovers;
 pub mod node;
 pub mod proc;
 pub mod scenarios;
+pub mod soak;
 pub mod sys;
 
 pub use cluster::SimCluster;

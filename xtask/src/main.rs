@@ -38,6 +38,13 @@ enum Cmd {
         /// Which benchmark.
         name: String,
     },
+    /// Soak the release build on a simulated node: churn, routing changes, failing backends
+    /// under steady L4 and L7 load; prints the thresholds table (the suite runs 1 minute).
+    Soak {
+        /// How long, warm-up included.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Build the container image (buildah, FROM scratch, static binary) and its OCI archive.
     Image {
         /// Package the debug binary `cargo xtask test` builds instead of a release build.
@@ -85,6 +92,34 @@ fn cargo_streamed(args: &[&str]) -> Result<(bool, String)> {
         captured.push('\n');
     }
     Ok((child.wait()?.success(), captured))
+}
+
+/// Builds the release binaries and points the harness at them (benchmarks and the soak run
+/// what ships).
+fn release_bins() -> Result<()> {
+    setup::setup()?;
+    let out = cargo(&[
+        "build",
+        "--release",
+        "-p",
+        "proxy-agent",
+        "-p",
+        "tests",
+        "--bins",
+    ])?;
+    if !out.status.success() {
+        bail!(
+            "release build failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(TARGET)
+        .join("release");
+    // SAFETY: single-threaded at this point; the harness reads it to find the binaries.
+    unsafe { std::env::set_var("PXT_BIN_DIR", dir) };
+    Ok(())
 }
 
 /// Builds the binaries the harness runs.
@@ -355,31 +390,23 @@ fn main() -> Result<()> {
         Cmd::Kind => kind::run_suite(),
         Cmd::Codegen { check } => codegen(check),
         Cmd::Bench { name } => {
-            setup::setup()?;
-            let out = cargo(&[
-                "build",
-                "--release",
-                "-p",
-                "proxy-agent",
-                "-p",
-                "tests",
-                "--bins",
-            ])?;
-            if !out.status.success() {
-                bail!(
-                    "release build failed:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../target")
-                .join(TARGET)
-                .join("release");
-            // SAFETY: single-threaded at this point; the harness reads it to find the binaries.
-            unsafe { std::env::set_var("PXT_BIN_DIR", dir) };
+            release_bins()?;
             let r = bench::run(&name);
             let leaks = leak_check();
             r.and(leaks)
+        }
+        Cmd::Soak { minutes } => {
+            release_bins()?;
+            let report = tests::soak::run(std::time::Duration::from_secs(minutes * 60));
+            println!(
+                "\n{minutes}-minute soak (release build):\n{}",
+                report.table()
+            );
+            let leaks = leak_check();
+            if !report.passed() {
+                bail!("the soak missed a threshold (the NO rows above)");
+            }
+            leaks
         }
     }
 }

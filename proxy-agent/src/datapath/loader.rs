@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, PerCpuArray, RingBuf, SockMap};
 use aya::maps::{HashMap as AyaHashMap, Map, MapData};
 use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType, links::FdLink,
-    links::PinnedLink,
+    CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, SockOps, TcAttachType,
+    links::FdLink, links::PinnedLink,
 };
 use aya::{Ebpf, EbpfLoader};
 use tracing::{info, warn};
@@ -34,8 +34,9 @@ use super::telemetry::{Counters, Monitor};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
 /// The programs of the object, all attached to the cgroup.
-pub const PROGRAMS: [&str; 9] = [
+pub const PROGRAMS: [&str; 10] = [
     "pxa_sockops",
+    "pxa_sock_release",
     "pxa_connect4",
     "pxa_connect6",
     "pxa_sendmsg4",
@@ -506,7 +507,17 @@ fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup_fd: &File) -> Result<FdLin
     // the kernel rejects any flag, so the mode must be `Single` (flags 0) even though the link
     // sits next to others.
     tracing::debug!(name, kind = ?program.prog_type(), "attaching");
-    if name == "pxa_sockops" {
+    if name == "pxa_sock_release" {
+        let prog: &mut CgroupSock = program.try_into().map_err(prog_err)?;
+        prog.load().map_err(prog_err)?;
+        let id = prog
+            .attach(cgroup_fd, CgroupAttachMode::Single)
+            .map_err(prog_err)?;
+        prog.take_link(id)
+            .map_err(prog_err)?
+            .try_into()
+            .map_err(link_err)
+    } else if name == "pxa_sockops" {
         let prog: &mut SockOps = program.try_into().map_err(prog_err)?;
         prog.load().map_err(prog_err)?;
         let id = prog
