@@ -280,6 +280,15 @@ pub fn run(duration: Duration) -> Report {
             let mut failing: Option<(Ipv4Addr, Instant)> = None;
             let t0 = Instant::now();
             let mut tick = 0u64;
+            // Switches a webapp pod's error mode, directly to the pod.
+            let mode = |ip: Ipv4Addr, m: &str| {
+                let url = format!("http://{ip}:8080/{m}");
+                admin_ns.run(
+                    crate::sys::bin("fixture"),
+                    &["http-probe", "--url", &url, "--count", "1"],
+                    T,
+                );
+            };
             let write = |name: &str, body: &str| {
                 let tmp = manifests.join(format!(".{name}.tmp"));
                 std::fs::write(&tmp, body).expect("write manifest");
@@ -297,32 +306,12 @@ pub fn run(duration: Duration) -> Report {
                 }
                 match failing {
                     Some((ip, since)) if since.elapsed() >= Duration::from_secs(1) => {
-                        admin_ns.run(
-                            crate::sys::bin("fixture"),
-                            &[
-                                "http-probe",
-                                "--url",
-                                &format!("http://{ip}:8080/ok"),
-                                "--count",
-                                "1",
-                            ],
-                            T,
-                        );
+                        mode(ip, "ok");
                         failing = None;
                     }
                     None if tick.is_multiple_of(30) => {
                         let ip = web_ips[rng.below(web_ips.len() as u64) as usize];
-                        admin_ns.run(
-                            crate::sys::bin("fixture"),
-                            &[
-                                "http-probe",
-                                "--url",
-                                &format!("http://{ip}:8080/err"),
-                                "--count",
-                                "1",
-                            ],
-                            T,
-                        );
+                        mode(ip, "err");
                         failing = Some((ip, Instant::now()));
                         failures += 1;
                     }
@@ -332,17 +321,7 @@ pub fn run(duration: Duration) -> Report {
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
             }
             if let Some((ip, _)) = failing {
-                admin_ns.run(
-                    crate::sys::bin("fixture"),
-                    &[
-                        "http-probe",
-                        "--url",
-                        &format!("http://{ip}:8080/ok"),
-                        "--count",
-                        "1",
-                    ],
-                    T,
-                );
+                mode(ip, "ok");
             }
             (slices, routing, failures)
         })

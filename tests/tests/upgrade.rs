@@ -60,18 +60,8 @@ fn restart_under_ab(keep_alive: bool, new_flags: &[&str]) {
         )
     };
     let before = fallbacks();
-    let n = REQUESTS.to_string();
     let url = format!("http://{VIP}/");
-    let mut ab_args = vec!["-c", "20", "-n", &n];
-    if keep_alive {
-        ab_args.push("-k");
-    }
-    ab_args.push(&url);
-    let mut ab = Proc::spawn(
-        "ab",
-        client.place.command("ab", &ab_args),
-        client.place.logs.join("ab.log"),
-    );
+    let ab = spawn_ab(&client, keep_alive);
     tests::sys::poll("ab to be under way", T, || {
         (served(&servers) >= 5_000).then_some(())
     });
@@ -94,9 +84,7 @@ fn restart_under_ab(keep_alive: bool, new_flags: &[&str]) {
         restarted < REQUESTS,
         "ab finished before the restart was over ({restarted} served): nothing was tested"
     );
-    assert!(ab.wait_exit(T).success(), "ab failed: {}", ab.log_text());
-    let out = ab.all_stdout(T).join("\n");
-    let r = scenarios::parse_ab(&out).unwrap_or_else(|| panic!("ab printed no report: {out}"));
+    let (r, out) = finish_ab(ab);
     eprintln!(
         "restart under ab (keep-alive {keep_alive}): {r:?}; drained and exited in {drained_in:?}; {at_restart} served before, {} until the new proxy was ready",
         restarted - at_restart
